@@ -1,0 +1,7 @@
+"""Attribution methods, one per module, behind :class:`worker.attribution.base.Attribution`."""
+
+from worker.attribution.base import Attribution, Explanation, UnguidedReluError
+from worker.attribution.gradient import Gradient
+from worker.attribution.guided_backprop import GuidedBackprop
+
+__all__ = ["Attribution", "Explanation", "Gradient", "GuidedBackprop", "UnguidedReluError"]

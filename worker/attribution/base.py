@@ -1,0 +1,275 @@
+"""The small base every attribution method shares: build once, compile once, explain batches.
+
+A method only says which graph scope its forward pass is traced in
+(:meth:`Attribution._scope`).  The base does the rest inside one
+``tf.function`` with a fixed batch shape: uint8 images in, preprocessing on the
+device, forward pass, target selection, one backward pass per map, channel
+reduction on the device, and only the reduced maps back to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from worker import reduction as reduction_ops
+from worker.coverage import CoverageReport, inspect_ops
+from worker.models import load_model
+from worker.preprocessing import Preprocessing
+from worker.runtime import configure_tensorflow, default_jit_compile
+from worker.targets import Target
+
+log = logging.getLogger(__name__)
+
+SCORES = ("logits", "probability")
+RELU_POLICIES = ("error", "warn")
+
+
+class UnguidedReluError(RuntimeError):
+    """A model has a ReLU the method could not guide, or no ReLU at all."""
+
+
+@dataclass
+class Explanation:
+    """Maps and what they explain, for N images and K maps per image.
+
+    maps: (N, K, H, W) reduced or (N, K, H, W, C) full, float16/float32.
+    predicted_class, predicted_prob: (N,).  target_class, target_score: (N, K);
+    target_class is -1 for layer targets.
+    """
+
+    maps: np.ndarray
+    predicted_class: np.ndarray
+    predicted_prob: np.ndarray
+    target_class: np.ndarray
+    target_score: np.ndarray
+    report: dict = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+
+class Attribution:
+    """Build a model's attribution function once; call :meth:`explain` on uint8 batches.
+
+    Args:
+        model: a ``keras.Model``, a ``.keras``/``.h5`` path or a SavedModel directory.
+        target: what to differentiate, see :mod:`worker.targets` (default ``predicted``).
+        batch_size: the fixed compiled batch; a short batch is padded, the padding dropped.
+        preprocessing: a preset name or :class:`~worker.preprocessing.Preprocessing`.
+        reduction: ``max_abs`` (default), ``sum_abs``, ``l2`` or ``none`` (full H x W x C).
+        map_dtype: ``float16`` (default) or ``float32``.
+        score: ``logits`` (default; a final softmax is stripped) or ``probability``.
+        relu_policy: ``error`` (default) refuses a model with an unguided or no ReLU; ``warn`` warns.
+        precision: ``float32`` (default), ``bfloat16`` or ``float16`` compute; maps are float32 before
+            the final cast.
+        jit_compile: ``auto`` (XLA on GPU, plain graph on CPU, where XLA measured slower), True or False.
+        safe_mode: Keras safe mode when loading (default on).
+        output, signature, input_size: pick an output / SavedModel signature / size of a resizable model.
+        threads: TensorFlow intra-op threads (match the CPUs the scheduler gave this process).
+        warmup: run the compiled function once when built.
+    """
+
+    method = "base"
+    requires_relu = False
+
+    def __init__(self, model, *, target="predicted", batch_size: int = 16, preprocessing="none",
+                 reduction: str = "max_abs", map_dtype: str = "float16", score: str = "logits",
+                 relu_policy: str = "error", precision: str = "float32", jit_compile="auto",
+                 safe_mode: bool = True, output: int | None = None, signature: str | None = None,
+                 input_size=None, threads: int | None = None, warmup: bool = True):
+        configure_tensorflow(threads)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if score not in SCORES:
+            raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
+        if relu_policy not in RELU_POLICIES:
+            raise ValueError(f"unknown relu_policy {relu_policy!r}; choose one of {RELU_POLICIES}")
+        reduction_ops.check(reduction, map_dtype)
+        self.target = Target.parse(target)
+        self.preprocessing = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing(preprocessing)
+        self.batch_size = int(batch_size)
+        self.reduction, self.map_dtype, self.score, self.relu_policy = reduction, map_dtype, score, relu_policy
+        self.precision = precision
+        self.jit_compile = default_jit_compile() if jit_compile == "auto" else bool(jit_compile)
+        self.source = load_model(model, safe_mode=safe_mode, output=output, signature=signature,
+                                 input_size=input_size, precision=precision)
+        if self.target.kind == "class" and self.target.index >= self.source.num_classes:
+            raise ValueError(f"target class {self.target.index} out of range: the model has "
+                             f"{self.source.num_classes} classes")
+        if self.target.kind == "top" and self.target.index > self.source.num_classes:
+            raise ValueError(f"top:{self.target.index} asks for more classes than the model's "
+                             f"{self.source.num_classes}")
+        self.coverage: CoverageReport | None = None
+        self._score_note = ""
+        self._function = tf.function(self._compute, jit_compile=self.jit_compile, autograph=False)
+        self._concrete: dict[tuple[int, int], object] = {}
+        self._concrete_for(self.source.input_size)
+        if warmup:
+            h, w = self.source.input_size
+            self._run(np.zeros((self.batch_size, h, w, 3), np.uint8), np.zeros(self.batch_size, np.int32))
+
+    # -- what a method decides -------------------------------------------------------------
+    def _scope(self):
+        raise NotImplementedError
+
+    # -- the compiled function ---------------------------------------------------------------
+    def _compute(self, images, labels):
+        x = self.preprocessing.apply(images, self.source.input_size, self.source.channels)
+        graph = tf.compat.v1.get_default_graph()
+        first_op = len(graph.get_operations())
+        layer = self.target.layer if self.target.kind == "layer" else None
+        with self._scope():
+            output, activation = self.source.forward(x, layer)
+        self.coverage = inspect_ops(graph.get_operations()[first_op:], graph)
+
+        logits, had_softmax = _strip_softmax(output)
+        logits = tf.cast(logits, tf.float32)
+        probs = tf.nn.softmax(logits) if had_softmax or self.score == "logits" else tf.cast(output, tf.float32)
+        if self.score == "probability":
+            if not had_softmax:
+                raise ValueError("score='probability' needs a model whose output is a softmax; this one is not")
+            differentiated, self._score_note = tf.cast(output, tf.float32), "probability (model softmax output)"
+        else:
+            differentiated = logits
+            self._score_note = "logits (final softmax stripped)" if had_softmax else "logits (model output, no softmax)"
+        predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        predicted_prob = tf.gather(probs, predicted, batch_dims=1)
+
+        if self.target.kind == "layer":
+            act = tf.cast(activation, tf.float32)
+            if self.target.index is not None:
+                if not 0 <= self.target.index < act.shape[-1]:
+                    raise ValueError(f"channel {self.target.index} out of range: layer {layer!r} has "
+                                     f"{act.shape[-1]} channels")
+                act = act[..., self.target.index]
+            scores = tf.reshape(tf.reduce_sum(tf.reshape(act, [tf.shape(act)[0], -1]), axis=1), [-1, 1])
+            classes = tf.fill(tf.shape(scores), -1)
+        else:
+            if self.target.kind == "predicted":
+                classes = predicted[:, None]
+            elif self.target.kind == "label":
+                classes = labels[:, None]
+            elif self.target.kind == "class":
+                classes = tf.fill([tf.shape(logits)[0], 1], self.target.index)
+            else:
+                classes = tf.math.top_k(logits, k=self.target.index).indices
+            scores = tf.gather(differentiated, classes, batch_dims=1)
+
+        grads = [tf.gradients(tf.reduce_sum(scores[:, k]), x)[0] for k in range(scores.shape[1])]
+        grads = tf.stack([tf.cast(g, tf.float32) for g in grads], axis=1)
+        return {
+            "maps": reduction_ops.reduce_map(grads, self.reduction, self.map_dtype),
+            "predicted_class": predicted,
+            "predicted_prob": predicted_prob,
+            "target_class": classes,
+            "target_score": scores,
+        }
+
+    def _concrete_for(self, size):
+        size = tuple(int(s) for s in size)
+        if size not in self._concrete:
+            if self._concrete:
+                log.warning("tracing %s again for image size %s (model input %s)", self.method, size,
+                            self.source.input_size)
+            spec = (tf.TensorSpec((self.batch_size, *size, 3), tf.uint8),
+                    tf.TensorSpec((self.batch_size,), tf.int32))
+            concrete = self._function.get_concrete_function(*spec)
+            if len(self._concrete) == 0:
+                self._check_coverage()
+            self._concrete[size] = concrete
+        return self._concrete[size]
+
+    def _check_coverage(self):
+        if not self.requires_relu:
+            return
+        problems = self.coverage.problems()
+        if problems:
+            message = f"{self.method}: " + "; ".join(problems)
+            if self.relu_policy == "error":
+                raise UnguidedReluError(message + " (pass relu_policy='warn' to explain it anyway)")
+            warnings.warn(message, stacklevel=3)
+
+    def _run(self, images, labels):
+        out = self._concrete_for(images.shape[1:3])(tf.constant(images), tf.constant(labels))
+        return {k: v.numpy() for k, v in out.items()}
+
+    # -- public --------------------------------------------------------------------------------
+    @property
+    def report(self) -> dict:
+        """What was computed and how: recorded next to every output."""
+        return {
+            "method": self.method,
+            "model": self.source.describe(),
+            "target": str(self.target),
+            "score": self._score_note,
+            "preprocessing": self.preprocessing.describe(),
+            "reduction": self.reduction,
+            "map_dtype": self.map_dtype,
+            "precision": self.precision,
+            "batch_size": self.batch_size,
+            "jit_compile": self.jit_compile,
+            "map_is_gradient_wrt": "model input (after resize and normalisation)",
+            "coverage": self.coverage.to_dict() if self.coverage else None,
+            "versions": {"tensorflow": tf.__version__, "numpy": np.__version__},
+        }
+
+    def explain(self, images: np.ndarray, labels=None) -> Explanation:
+        """Explain ``images``: uint8 (N, H, W, 3); ``labels`` (N,) ints for ``target='label'``."""
+        images = self._check_images(images)
+        labels = self._check_labels(labels, len(images))
+        n, b = len(images), self.batch_size
+        parts = []
+        for start in range(0, n, b):
+            chunk, chunk_labels = images[start:start + b], labels[start:start + b]
+            short = b - len(chunk)
+            if short:
+                chunk = np.concatenate([chunk, np.zeros((short, *chunk.shape[1:]), np.uint8)])
+                chunk_labels = np.concatenate([chunk_labels, np.zeros(short, np.int32)])
+            out = self._run(chunk, chunk_labels)
+            parts.append({k: v[: b - short] for k, v in out.items()})
+        if not parts:
+            h, w = self.source.input_size
+            k = self.target.maps_per_image
+            shape = (0, k, h, w) + ((self.source.channels,) if self.reduction == "none" else ())
+            return Explanation(np.zeros(shape, self.map_dtype), np.zeros(0, np.int32), np.zeros(0, np.float32),
+                               np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), self.report)
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return Explanation(**merged, report=self.report)
+
+    def _check_images(self, images) -> np.ndarray:
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise TypeError(f"images must be uint8 (N, H, W, 3); got dtype {images.dtype} "
+                            "(convert float images with np.clip(x, 0, 255).astype(np.uint8))")
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must have shape (N, H, W, 3); got {images.shape}")
+        return images
+
+    def _check_labels(self, labels, n) -> np.ndarray:
+        if self.target.kind != "label":
+            return np.zeros(n, np.int32)
+        if labels is None:
+            raise ValueError("target='label' needs labels: one class index per image")
+        labels = np.asarray(labels)
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be {n} integers; got shape {labels.shape}, dtype {labels.dtype}")
+        bad = np.flatnonzero((labels < 0) | (labels >= self.source.num_classes))
+        if bad.size:
+            raise ValueError(f"labels out of range [0, {self.source.num_classes}) at positions "
+                             f"{bad[:10].tolist()}: {labels[bad[:10]].tolist()}")
+        return labels.astype(np.int32)
+
+
+def _strip_softmax(output: tf.Tensor) -> tuple[tf.Tensor, bool]:
+    """If ``output`` is a softmax (through Identity/Cast ops), return its input logits."""
+    tensor = output
+    while tensor.op.type in ("Identity", "Cast") and tensor.op.inputs:
+        tensor = tensor.op.inputs[0]
+    if tensor.op.type == "Softmax":
+        return tensor.op.inputs[0], True
+    return output, False

@@ -1,0 +1,23 @@
+"""Plain gradient saliency (Simonyan et al., 2013): the control guided backprop is compared to.
+
+Example:
+    >>> import numpy as np, keras
+    >>> from worker import Gradient
+    >>> model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    >>> Gradient(model, batch_size=1).explain(np.ones((1, 4, 4, 3), np.uint8)).maps.shape
+    (1, 1, 4, 4)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from worker.attribution.base import Attribution
+
+
+class Gradient(Attribution):
+    method = "gradient"
+    requires_relu = False
+
+    def _scope(self):
+        return contextlib.nullcontext()

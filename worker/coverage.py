@@ -1,0 +1,77 @@
+"""Which nonlinearities of a traced model were guided: the coverage report.
+
+Guided backprop is exact only if *every* ReLU is guided.  After the model is
+traced inside :func:`worker.ops.guided_scope`, we walk the ops the model
+created: each ``Relu``/``Relu6`` must carry the guided gradient tag; a ReLU
+hidden in a function body the override cannot reach (a ``tf.function`` called
+from a custom layer, say) is listed as unguided.  Other nonlinearities
+(sigmoid, tanh, gelu's ``Erf``, ``LeakyRelu``, ...) are counted so a user knows
+what the map passes through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from worker.ops import GUIDED_OVERRIDES, OTHER_NONLINEARITIES, gradient_tag
+
+_CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
+
+
+@dataclass
+class CoverageReport:
+    guided: dict[str, int] = field(default_factory=dict)
+    unguided: list[str] = field(default_factory=list)
+    other_nonlinearities: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def guided_total(self) -> int:
+        return sum(self.guided.values())
+
+    def problems(self) -> list[str]:
+        """Why a guided map of this model would not be exact (empty when it is)."""
+        found = []
+        if self.unguided:
+            shown = ", ".join(self.unguided[:10]) + (" ..." if len(self.unguided) > 10 else "")
+            found.append(f"{len(self.unguided)} ReLU op(s) could not be guided: {shown}")
+        if self.guided_total == 0:
+            found.append("the model has no ReLU: its guided map would equal the plain gradient")
+        return found
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "guided_total": self.guided_total}
+
+
+def inspect_ops(ops, graph) -> CoverageReport:
+    """Report on ``ops`` (the ops a model's forward pass created in ``graph``)."""
+    guided: Counter = Counter()
+    other: Counter = Counter()
+    unguided: list[str] = []
+    called: set[str] = set()
+    for op in ops:
+        if op.type in GUIDED_OVERRIDES:
+            if gradient_tag(op) == GUIDED_OVERRIDES[op.type]:
+                guided[op.type] += 1
+            else:
+                unguided.append(op.name)
+        elif op.type in OTHER_NONLINEARITIES:
+            other[op.type] += 1
+        elif op.type in _CALL_OPS:
+            called.add(op.get_attr("f").name)
+    if called:
+        library = {f.signature.name: f for f in graph.as_graph_def().library.function}
+        seen: set[str] = set()
+        while called:
+            name = called.pop()
+            if name in seen or name not in library:
+                continue
+            seen.add(name)
+            for node in library[name].node_def:
+                if node.op in GUIDED_OVERRIDES:
+                    unguided.append(f"{name}/{node.name}")
+                elif node.op in OTHER_NONLINEARITIES:
+                    other[node.op] += 1
+                elif node.op in _CALL_OPS:
+                    called.add(node.attr["f"].func.name)
+    return CoverageReport(dict(guided), unguided, dict(other))

@@ -1,0 +1,272 @@
+"""Loading a model into something the engine can trace: a :class:`ModelSource`.
+
+Supported: an in-memory ``keras.Model``, Keras 3 ``.keras`` files, legacy
+``.h5`` files, and TensorFlow SavedModel directories -- including exports with no
+Python class behind them (``model.export(...)``, TF1/TF2 ``tf.saved_model.save``).
+A SavedModel is frozen (variables become constants) and its function calls are
+inlined, so its graph can be imported op by op where the guided override reaches
+every ReLU.
+
+Keras safe mode stays on: a model that carries Python code (``Lambda`` layers,
+pickled functions) is refused unless ``safe_mode=False`` (CLI:
+``--allow-unsafe-deserialization``) is passed for a model you trust.
+
+Example:
+    >>> import keras
+    >>> m = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+    ...                       keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)])
+    >>> src = load_model(m)
+    >>> (src.input_size, src.channels, src.num_classes)
+    ((8, 8), 3, 2)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+UNSAFE_OPT_IN = "safe_mode=False (CLI: --allow-unsafe-deserialization)"
+SUPPORTED = (
+    "supported models: one image input of shape (batch, H, W, 1 or 3) and one output of "
+    "shape (batch, classes); for a model with several outputs pass output=<index>"
+)
+
+
+class ModelLoadError(ValueError):
+    """The model could not be loaded or is not an image classifier we can explain."""
+
+
+class UnsafeModelError(ModelLoadError):
+    """The model carries Python code and safe mode is on."""
+
+
+class ModelSource:
+    """A model reduced to what the engine needs: a graph-mode forward pass and its shapes."""
+
+    kind: str = ""
+    input_size: tuple[int, int]
+    channels: int
+    num_classes: int
+    input_dtype: tf.DType = tf.float32
+
+    def forward(self, x: tf.Tensor, layer: str | None = None) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """Trace the model on ``x``; return (class output, activation of ``layer`` or None)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "input_size": list(self.input_size),
+            "channels": self.channels,
+            "num_classes": self.num_classes,
+            "fingerprint": self.fingerprint(),
+        }
+
+
+def _shape_checks(input_shape, output_shape, input_size):
+    if len(input_shape) != 4:
+        raise ModelLoadError(f"model input has shape {tuple(input_shape)}, not an image batch; {SUPPORTED}")
+    channels = input_shape[3]
+    if channels not in (1, 3):
+        raise ModelLoadError(f"model input has {channels} channels; {SUPPORTED}")
+    if len(output_shape) != 2:
+        raise ModelLoadError(
+            f"model output has shape {tuple(output_shape)}, not (batch, classes): it is not an image "
+            f"classifier; {SUPPORTED}"
+        )
+    size = tuple(input_shape[1:3])
+    if None in size:
+        if input_size is None:
+            raise ModelLoadError("model input has no fixed size: pass input_size=(H, W)")
+        size = tuple(input_size)
+    elif input_size is not None and tuple(input_size) != size:
+        raise ModelLoadError(f"input_size {tuple(input_size)} differs from the model's fixed size {size}")
+    return (int(size[0]), int(size[1])), int(channels), int(output_shape[1])
+
+
+class KerasSource(ModelSource):
+    """An in-memory Keras model, traced by calling it."""
+
+    kind = "keras"
+
+    def __init__(self, model, *, output: int | None = None, input_size=None, precision: str = "float32"):
+        import keras
+
+        if len(model.inputs) != 1:
+            raise ModelLoadError(f"model has {len(model.inputs)} inputs; {SUPPORTED}")
+        if len(model.outputs) != 1 and output is None:
+            raise ModelLoadError(f"model has {len(model.outputs)} outputs; {SUPPORTED}")
+        if output is not None and not 0 <= output < len(model.outputs):
+            raise ModelLoadError(f"output={output} but the model has {len(model.outputs)} outputs")
+        self._fingerprint = _hash_weights(model)
+        if precision != "float32":
+            model = _with_dtype_policy(model, "mixed_" + precision)
+        self.model = model
+        self._output = output or 0
+        self.input_size, self.channels, self.num_classes = _shape_checks(
+            model.inputs[0].shape, model.outputs[self._output].shape, input_size
+        )
+        self._keras = keras
+        self._layer_models: dict[str, object] = {}
+
+    def layer_model(self, name: str):
+        if name not in self._layer_models:
+            try:
+                layer = self.model.get_layer(name)
+            except ValueError:
+                names = [lay.name for lay in self.model.layers]
+                raise ValueError(f"layer {name!r} does not exist; layers are: {', '.join(names)}") from None
+            self._layer_models[name] = self._keras.Model(
+                self.model.inputs, [self.model.outputs[self._output], layer.output]
+            )
+        return self._layer_models[name]
+
+    def forward(self, x, layer=None):
+        if layer is None:
+            out = self.model(x, training=False)
+            if isinstance(out, (list, tuple)):
+                out = out[self._output]
+            return out, None
+        out, act = self.layer_model(layer)(x, training=False)
+        return out, act
+
+    def fingerprint(self):
+        return self._fingerprint
+
+
+class SavedModelSource(ModelSource):
+    """A SavedModel signature, frozen and inlined, imported op by op when traced."""
+
+    kind = "saved_model"
+
+    def __init__(self, path: str, *, signature: str | None = None, output: int | None = None, input_size=None):
+        from tensorflow.python.framework import convert_to_constants
+
+        self.path = str(path)
+        try:
+            loaded = tf.saved_model.load(self.path)
+        except Exception as exc:  # noqa: BLE001 - TF raises many types here
+            raise ModelLoadError(f"{self.path} is not a loadable SavedModel: {exc}") from exc
+        signatures = dict(getattr(loaded, "signatures", {}) or {})
+        if not signatures:
+            raise ModelLoadError(f"{self.path} has no signatures to explain; export it with a serving signature")
+        name = signature or ("serving_default" if "serving_default" in signatures else sorted(signatures)[0])
+        if name not in signatures:
+            raise ModelLoadError(f"signature {name!r} not found; available: {sorted(signatures)}")
+        fn = signatures[name]
+        frozen = convert_to_constants.convert_variables_to_constants_v2(fn)
+        self._graph_def = frozen.graph.as_graph_def()
+        inputs = [t for t in frozen.inputs if t.dtype != tf.resource]
+        if len(inputs) != 1:
+            raise ModelLoadError(f"signature {name!r} has {len(inputs)} inputs; {SUPPORTED}")
+        outputs = list(frozen.outputs)
+        if len(outputs) != 1 and output is None:
+            raise ModelLoadError(f"signature {name!r} has {len(outputs)} outputs; {SUPPORTED}")
+        self._input_name = inputs[0].name
+        self._output_name = outputs[output or 0].name
+        self.input_dtype = inputs[0].dtype
+        self.input_size, self.channels, self.num_classes = _shape_checks(
+            inputs[0].shape, outputs[output or 0].shape, input_size
+        )
+        self.signature = name
+        self._fingerprint = _hash_files(Path(self.path))
+
+    def forward(self, x, layer=None):
+        if layer is not None:
+            raise ValueError("layer targets need a Keras model (.keras, .h5 or in-memory); this is a SavedModel")
+        (out,) = tf.graph_util.import_graph_def(
+            self._graph_def,
+            input_map={self._input_name: tf.cast(x, self.input_dtype)},
+            return_elements=[self._output_name],
+            name="model",
+        )
+        return out, None
+
+    def fingerprint(self):
+        return self._fingerprint
+
+
+def load_model(model, *, safe_mode: bool = True, output: int | None = None, signature: str | None = None,
+               input_size=None, precision: str = "float32") -> ModelSource:
+    """Open ``model`` (a keras.Model, a .keras/.h5 file or a SavedModel directory)."""
+    import keras
+
+    if precision not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown precision {precision!r}; choose float32, bfloat16 or float16")
+    if isinstance(model, ModelSource):
+        return model
+    if isinstance(model, keras.Model):
+        return KerasSource(model, output=output, input_size=input_size, precision=precision)
+    path = Path(os.fspath(model))
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    if path.is_dir():
+        if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
+            raise ModelLoadError(f"{path} is a directory without saved_model.pb: not a SavedModel")
+        if precision != "float32":
+            raise ValueError("precision other than float32 needs a Keras model (.keras, .h5 or in-memory)")
+        return SavedModelSource(str(path), signature=signature, output=output, input_size=input_size)
+    if path.suffix not in (".keras", ".h5", ".hdf5"):
+        raise ModelLoadError(f"{path} is not a model file: expected .keras, .h5 or a SavedModel directory")
+    try:
+        loaded = keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode)
+    except Exception as exc:  # noqa: BLE001 - keras raises many types for a bad file
+        text = str(exc)
+        if "safe_mode" in text or "unsafe" in text.lower() or "lambda" in text.lower():
+            raise UnsafeModelError(
+                f"{path} carries Python code (e.g. a Lambda layer) and Keras safe mode is on. "
+                f"Only for a model you trust, pass {UNSAFE_OPT_IN}."
+            ) from exc
+        raise ModelLoadError(f"{path} could not be loaded as a Keras model: {text.splitlines()[0] if text else exc!r}") from exc
+    return KerasSource(loaded, output=output, input_size=input_size, precision=precision)
+
+
+def _hash_weights(model) -> str:
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(weight.path.encode() if hasattr(weight, "path") else b"")
+        digest.update(np.ascontiguousarray(np.asarray(weight.numpy())).tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _hash_files(root: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _with_dtype_policy(model, policy: str):
+    """Rebuild ``model`` with every layer under ``policy`` (e.g. mixed_bfloat16), same weights."""
+    import keras
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "InputLayer":
+                return node
+            out = {}
+            for key, value in node.items():
+                if key == "dtype" and isinstance(value, dict) and value.get("class_name") == "DTypePolicy":
+                    value = {**value, "config": {**value["config"], "name": policy}}
+                out[key] = rewrite(value)
+            return out
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    try:
+        clone = model.__class__.from_config(rewrite(model.get_config()))
+        clone.set_weights(model.get_weights())
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"could not rebuild the model under {policy}: {exc}") from exc
+    return clone
