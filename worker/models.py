@@ -219,7 +219,7 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
         loaded = keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode)
     except Exception as exc:  # noqa: BLE001 - keras raises many types for a bad file
         text = str(exc)
-        if "safe_mode" in text or "unsafe" in text.lower() or "lambda" in text.lower():
+        if "safe_mode" in text or "unsafe_deserialization" in text:
             raise UnsafeModelError(
                 f"{path} carries Python code (e.g. a Lambda layer) and Keras safe mode is on. "
                 f"Only for a model you trust, pass {UNSAFE_OPT_IN}."

@@ -36,7 +36,7 @@ GUIDED_OVERRIDES = {"Relu": GUIDED_RELU, "Relu6": GUIDED_RELU6}
 #: Other nonlinear op types reported (not guided) by the coverage report.
 OTHER_NONLINEARITIES = (
     "LeakyRelu", "Elu", "Selu", "Sigmoid", "Tanh", "Softplus", "Softsign",
-    "Erf", "Softmax", "LogSoftmax", "Exp",
+    "Erf", "Erfc", "Softmax", "LogSoftmax", "Exp",
 )
 
 
