@@ -1,15 +1,29 @@
 """Guided-backprop saliency at dataset scale for TensorFlow/Keras image classifiers.
 
 The engine (:class:`GuidedBackprop`) knows nothing of Ray or Parquet; the batch
-job in :mod:`worker.job` wires it into Ray Data.
+job in :mod:`worker.job` wires it into Ray Data.  Names are imported lazily so
+that the decode and I/O modules (which run in CPU tasks) never import TensorFlow.
 """
 
-from worker.attribution import Attribution, Explanation, Gradient, GuidedBackprop, UnguidedReluError
-from worker.models import ModelLoadError, UnsafeModelError, load_model
-from worker.preprocessing import Preprocessing
-from worker.targets import Target
+import importlib
 
-__all__ = [
-    "Attribution", "Explanation", "Gradient", "GuidedBackprop", "ModelLoadError", "Preprocessing",
-    "Target", "UnguidedReluError", "UnsafeModelError", "load_model",
-]
+_EXPORTS = {
+    "Attribution": "worker.attribution",
+    "Explanation": "worker.attribution",
+    "Gradient": "worker.attribution",
+    "GuidedBackprop": "worker.attribution",
+    "UnguidedReluError": "worker.attribution",
+    "ModelLoadError": "worker.models",
+    "UnsafeModelError": "worker.models",
+    "load_model": "worker.models",
+    "Preprocessing": "worker.preprocessing",
+    "Target": "worker.targets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'worker' has no attribute {name!r}")

@@ -1,0 +1,12 @@
+"""The embedded default: ``python -m jobs.demo [--output demo_output]``.
+
+Makes a Parquet dataset of real images (scikit-learn digits), trains the original
+question's CNN on it, runs the job on a local Ray and writes image | map overlays.
+"""
+
+import sys
+
+from worker.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["demo", *sys.argv[1:]]))

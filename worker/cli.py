@@ -1,0 +1,93 @@
+"""Command line: ``guided-saliency explain --model M --input I --output O [options]`` and ``... demo``.
+
+The same entry is what ``ray job submit -- python -m jobs.explain ...`` runs; a
+bare ``ray.init()`` attaches to the cluster named by RAY_ADDRESS or starts a
+local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from worker.decode import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
+from worker.preprocessing import PRESETS
+from worker.reduction import MAP_DTYPES, REDUCTIONS
+
+
+def add_explain_arguments(p: argparse.ArgumentParser) -> None:
+    io = p.add_argument_group("data")
+    io.add_argument("--model", required=True, help=".keras, .h5 or SavedModel directory; local, s3:// or gs://")
+    io.add_argument("--input", required=True, help="Parquet file, directory or glob; local, s3:// or gs://")
+    io.add_argument("--output", required=True, help="output directory (Parquet parts + _job.json + _summary.json)")
+    io.add_argument("--image-column", default="image")
+    io.add_argument("--id-column", help="stable row id; default: <file>#<row>")
+    io.add_argument("--label-column", help="class labels (needed for --target label); passed through")
+    io.add_argument("--columns", nargs="*", default=[], help="other input columns to pass through")
+    io.add_argument("--overwrite", action="store_true", help="replace an output that belongs to another job")
+    io.add_argument("--rows-per-file", type=int, default=1024)
+    m = p.add_argument_group("method")
+    m.add_argument("--method", default="guided_backprop", choices=["guided_backprop", "gradient"])
+    m.add_argument("--target", default="predicted",
+                   help="predicted | label | class:K | top:K | layer:NAME[:CHANNEL]")
+    m.add_argument("--score", default="logits", choices=["logits", "probability"])
+    m.add_argument("--preprocessing", default="none", choices=[x for x in PRESETS if x != "custom"])
+    m.add_argument("--resize", default="stretch", choices=RESIZE_POLICIES)
+    m.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
+    m.add_argument("--reduction", default="max_abs", choices=REDUCTIONS)
+    m.add_argument("--map-dtype", default="float16", choices=MAP_DTYPES)
+    m.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--relu-policy", default="error", choices=["error", "warn"])
+    m.add_argument("--allow-unsafe-deserialization", action="store_true",
+                   help="load models carrying Python code (Lambda layers); only for models you trust")
+    r = p.add_argument_group("resources")
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--actors", type=int, help="explain actors (default: one per GPU, else 1)")
+    r.add_argument("--gpus-per-actor", type=float, help="default 1 when the cluster has GPUs, else 0")
+    r.add_argument("--cpus-per-actor", type=float)
+    r.add_argument("--decode-cpus", type=float, help="CPUs kept for reading/decoding (default 25%%)")
+    r.add_argument("--gpu-memory-limit-mb", type=int, help="hard TF memory limit (needed for fractional GPUs)")
+
+
+def config_from_args(args):
+    from worker.job import JobConfig
+
+    return JobConfig(
+        model=args.model, input=args.input, output=args.output, image_column=args.image_column,
+        id_column=args.id_column, label_column=args.label_column, columns=tuple(args.columns),
+        target=args.target, method=args.method, batch_size=args.batch_size, preprocessing=args.preprocessing,
+        reduction=args.reduction, map_dtype=args.map_dtype, score=args.score, precision=args.precision,
+        relu_policy=args.relu_policy, allow_unsafe_deserialization=args.allow_unsafe_deserialization,
+        resize=args.resize, max_pixels=args.max_pixels, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, decode_cpus=args.decode_cpus,
+        gpu_memory_limit_mb=args.gpu_memory_limit_mb, rows_per_file=args.rows_per_file, overwrite=args.overwrite,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="guided-saliency", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    add_explain_arguments(sub.add_parser("explain", help="explain every row of a Parquet image dataset"))
+    demo = sub.add_parser("demo", help="make real images and a model, run the job locally, write overlays")
+    demo.add_argument("--output", default="demo_output")
+    demo.add_argument("--images", type=int, default=600)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from worker.demo import run_demo
+
+            summary = run_demo(args.output, images=args.images)
+        else:
+            from worker.job import run
+
+            summary = run(config_from_args(args))
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0 if summary.get("complete", True) else 1

@@ -1,0 +1,119 @@
+"""Input Parquet datasets: find the files, check the columns, read one row group with ids.
+
+``uri`` is a file, a directory (searched recursively for ``*.parquet``) or a
+glob (``data/*.parquet``, ``s3://bucket/images/part-*.parquet``), local or on
+any filesystem pyarrow knows (``s3://``, ``gs://``; an S3-compatible endpoint
+comes from ``AWS_ENDPOINT_URL`` or ``?endpoint_override=`` in the URI).
+
+The unit of work is one row group of one file.  Row ids are given by an id
+column or derived as ``<file path relative to the input>#<row index in file>``,
+so they are stable across re-runs and resume can skip what is done.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+class InputError(ValueError):
+    """The input dataset cannot be read as asked: raised before any cluster time is spent."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    path: str
+    relpath: str
+    row_group: int
+    first_row: int
+    rows: int
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or URI."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), posixpath.abspath(uri) if not uri.startswith("/") else uri
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"cannot open {uri}: {exc}") from exc
+
+
+def list_files(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
+    """(filesystem, root, sorted parquet file paths) for a file, directory or glob."""
+    wildcard = any(ch in uri for ch in "*?[")
+    if wildcard:
+        first = min(uri.index(ch) for ch in "*?[" if ch in uri)
+        head = posixpath.dirname(uri[:first])
+        fs, root = filesystem(head)
+        pattern = root.rstrip("/") + uri[len(head):]
+        files = [i.path for i in _walk(fs, root) if fnmatch.fnmatch(i.path, pattern)]
+    else:
+        fs, root = filesystem(uri)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"input {uri} does not exist")
+        if info.type == pafs.FileType.File:
+            return fs, posixpath.dirname(root), [root]
+        files = [i.path for i in _walk(fs, root) if i.path.endswith(".parquet")]
+    files = sorted(f for f in files if not posixpath.basename(f).startswith(("_", ".")))
+    if not files:
+        raise InputError(f"no Parquet files found at {uri}")
+    return fs, root, files
+
+
+def _walk(fs, root):
+    return [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+            if i.type == pafs.FileType.File]
+
+
+def plan(uri: str, needed: list[str]) -> tuple[pafs.FileSystem, list[Unit], pa.Schema]:
+    """Check every file's footer and columns; return the units of work and the first schema."""
+    fs, root, files = list_files(uri)
+    units: list[Unit] = []
+    schema = None
+    for path in files:
+        try:
+            with fs.open_input_file(path) as handle:
+                meta = pq.ParquetFile(handle).metadata
+                file_schema = meta.schema.to_arrow_schema()
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"{path} is not a readable Parquet file: {exc}") from exc
+        missing = [c for c in needed if c not in file_schema.names]
+        if missing:
+            raise InputError(f"{path} has no column(s) {missing}; its columns are {file_schema.names}")
+        schema = schema or file_schema
+        first = 0
+        rel = posixpath.relpath(path, root) if root else path
+        for rg in range(meta.num_row_groups):
+            rows = meta.row_group(rg).num_rows
+            if rows:
+                units.append(Unit(path, rel, rg, first, rows))
+            first += rows
+    return fs, units, schema
+
+
+def read_unit(fs: pafs.FileSystem, unit: Unit, columns: list[str], id_column: str | None,
+              done_ids: np.ndarray | None = None) -> pa.Table:
+    """One row group with an ``id`` column first; rows whose id is in ``done_ids`` are dropped."""
+    with fs.open_input_file(unit.path) as handle:
+        table = pq.ParquetFile(handle).read_row_group(unit.row_group, columns=columns)
+    if id_column:
+        ids = pc.cast(table[id_column], pa.string())
+        if ids.null_count:
+            raise InputError(f"{unit.path}: id column {id_column!r} has null values")
+        table = table.drop_columns([id_column])
+    else:
+        ids = pa.array([f"{unit.relpath}#{unit.first_row + i}" for i in range(table.num_rows)])
+    table = table.add_column(0, "id", ids)
+    if done_ids is not None and len(done_ids):
+        keep = ~np.isin(np.asarray(table["id"].to_pylist(), dtype=object), done_ids)
+        table = table.filter(pa.array(keep))
+    return table

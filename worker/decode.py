@@ -1,0 +1,153 @@
+"""The one decode path: any image cell -> uint8 (H, W, 3) at the model's size, or a row error.
+
+Accepted cells: encoded bytes (JPEG/PNG/WebP/BMP/GIF/TIFF), Hugging Face
+``datasets`` image structs ``{"bytes": ..., "path": ...}``, and tensors (numpy
+arrays from Arrow ``fixed_shape_tensor``, Ray's tensor type or nested lists)
+of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4).  Grayscale, RGBA,
+palette, CMYK and 16-bit images are converted.  Imports no TensorFlow.
+
+A cell that cannot be decoded raises :class:`DecodeError` with a message that
+becomes the output row's ``error``.
+
+Example:
+    >>> import io, numpy as np
+    >>> from PIL import Image
+    >>> buf = io.BytesIO(); Image.new("L", (10, 20), 128).save(buf, "PNG")
+    >>> decode_image(buf.getvalue(), size=(8, 8)).shape
+    (8, 8, 3)
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+RESIZE_POLICIES = ("stretch", "center_crop", "pad")
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class DecodeError(ValueError):
+    """This image cannot be explained; the message is written to the row's ``error``."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    size: tuple[int, int]  # (H, W) of the model input
+    resize: str = "stretch"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"unknown resize policy {self.resize!r}; choose one of {RESIZE_POLICIES}")
+        if self.max_pixels < 1:
+            raise ValueError("max_pixels must be positive")
+
+
+def decode_image(cell, size: tuple[int, int], resize: str = "stretch",
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode one cell to uint8 (size[0], size[1], 3)."""
+    if cell is None:
+        raise DecodeError("image is missing (null)")
+    if isinstance(cell, dict):
+        data = cell.get("bytes")
+        if data is None:
+            raise DecodeError(f"image struct has no bytes (path={cell.get('path')!r}); embed the bytes")
+        cell = data
+    if isinstance(cell, (bytes, bytearray, memoryview)):
+        image = _open_encoded(bytes(cell), max_pixels)
+    else:
+        image = _from_tensor(cell, max_pixels)
+    return _fit(image, size, resize)
+
+
+def _open_encoded(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise DecodeError("image is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types
+        raise DecodeError(f"not a decodable image ({len(data)} bytes): {exc}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DecodeError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels "
+                          "(decompression-bomb guard; raise max_pixels to allow it)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image.load()
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data
+        raise DecodeError(f"corrupt or truncated {image.format or 'image'}: {exc}") from None
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        raise DecodeError("floating-point images are not supported; store uint8 or 16-bit pixels")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def _from_tensor(cell, max_pixels: int) -> Image.Image:
+    try:
+        array = np.asarray(cell if not isinstance(cell, list) else np.array(cell, dtype=object).tolist())
+        if array.dtype == object:
+            array = np.stack([np.stack(list(row)) for row in array])
+    except Exception as exc:  # noqa: BLE001
+        raise DecodeError(f"tensor cell is not a regular array: {exc}") from None
+    if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
+        pass
+    elif array.ndim == 2:
+        array = array[..., None]
+    else:
+        raise DecodeError(f"tensor of shape {array.shape} is not an image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+    if array.shape[0] * array.shape[1] > max_pixels:
+        raise DecodeError(f"image of {array.shape[1]}x{array.shape[0]} pixels exceeds the limit of {max_pixels}")
+    if array.dtype == np.uint8:
+        pixels = array
+    elif np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating):
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise DecodeError("tensor has NaN or infinite values")
+        if array.min() < 0 or array.max() > 255:
+            raise DecodeError(f"tensor values span [{array.min()}, {array.max()}], outside pixel range [0, 255]")
+        pixels = np.round(array).astype(np.uint8)
+    else:
+        raise DecodeError(f"tensor dtype {array.dtype} is not a pixel type")
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    elif pixels.shape[-1] == 4:
+        return _to_rgb(Image.fromarray(pixels, "RGBA"))
+    return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+
+
+def _fit(image: Image.Image, size: tuple[int, int], policy: str) -> np.ndarray:
+    height, width = size
+    if image.size != (width, height):
+        if policy == "center_crop":
+            scale = max(width / image.width, height / image.height)
+            resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                                   Image.BILINEAR)
+            left, top = (resized.width - width) // 2, (resized.height - height) // 2
+            image = resized.crop((left, top, left + width, top + height))
+        elif policy == "pad":
+            scale = min(width / image.width, height / image.height)
+            resized = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                   Image.BILINEAR)
+            canvas = Image.new("RGB", (width, height), (0, 0, 0))
+            canvas.paste(resized, ((width - resized.width) // 2, (height - resized.height) // 2))
+            image = canvas
+        else:
+            image = image.resize((width, height), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)

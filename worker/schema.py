@@ -1,0 +1,110 @@
+"""The one definition of the output table: columns, the map tensor type, file metadata.
+
+Every input row becomes exactly one output row:
+
+=================  ==================================================================
+``id``             string, given or derived as ``<file relative to input>#<row>``
+passed-through     the columns named with ``columns=`` (and the label column)
+``predicted_class`` int32 -- argmax of the logits
+``predicted_prob``  float32 -- softmax probability of the predicted class
+``target_class``    int32 (list<int32> for ``top:K``); -1 for layer targets
+``target_score``    float32 (list<float32> for ``top:K``): the differentiated score
+``map``             ``arrow.fixed_shape_tensor`` (H, W), (K, H, W) or (H, W, C)
+``error``           null, or why this row could not be explained (its other results are null)
+=================  ==================================================================
+
+The job's metadata (model fingerprint, method, options, coverage report,
+versions) is stored as JSON under the schema metadata key ``guided_saliency``.
+
+Example:
+    >>> import numpy as np, pyarrow as pa
+    >>> col = map_column(np.ones((1, 3, 4), np.float16), valid=[True, False], shape=(3, 4))
+    >>> col.type.shape, col.null_count
+    ([3, 4], 1)
+    >>> maps_to_numpy(col).shape
+    (2, 3, 4)
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+METADATA_KEY = b"guided_saliency"
+RESULT_COLUMNS = ("predicted_class", "predicted_prob", "target_class", "target_score", "map", "error")
+IMAGE_COLUMN = "__image"  # decoded pixels between the decode and explain stages
+ERROR_COLUMN = "error"
+
+
+def map_type(shape, dtype: str) -> pa.DataType:
+    return pa.fixed_shape_tensor(pa.float16() if dtype == "float16" else pa.float32(), list(shape))
+
+
+def map_column(maps: np.ndarray, valid, shape, dtype: str | None = None) -> pa.ExtensionArray:
+    """(n_valid, *shape) maps placed at the rows where ``valid`` is true; null elsewhere."""
+    valid = np.asarray(valid, bool)
+    dtype = dtype or ("float16" if maps.dtype == np.float16 else "float32")
+    size = int(np.prod(shape))
+    flat = np.zeros((len(valid), size), np.float16 if dtype == "float16" else np.float32)
+    flat[valid] = np.asarray(maps).reshape(-1, size)
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), size, mask=pa.array(~valid))
+    return pa.ExtensionArray.from_storage(map_type(shape, dtype), storage)
+
+
+def maps_to_numpy(column) -> np.ndarray:
+    """A ``map`` column (array or chunked) as one ndarray; null rows become NaN."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.chunked_array([], column.type).combine_chunks()
+    shape = tuple(column.type.shape)
+    values = column.storage.flatten().to_numpy(zero_copy_only=False)
+    out = np.full((len(column), *shape), np.nan, values.dtype)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    out[valid] = values.reshape(-1, *shape)
+    return out
+
+
+def result_columns(valid, explanation, errors, map_shape, map_dtype: str, k: int) -> dict[str, pa.Array]:
+    """Result columns for all rows, from the Explanation of the ``valid`` ones (None when none are)."""
+    valid = np.asarray(valid, bool)
+    n, mask, list_mask = len(valid), ~valid, pa.array(~valid)
+    if explanation is None:
+        maps = np.zeros((0, *map_shape), np.float16 if map_dtype == "float16" else np.float32)
+        pc = pp = np.zeros(0)
+        tc = ts = np.zeros((0, k))
+    else:
+        maps = explanation.maps[:, 0] if k == 1 else explanation.maps
+        pc, pp = explanation.predicted_class, explanation.predicted_prob
+        tc, ts = explanation.target_class, explanation.target_score
+
+    def place(values, dtype):
+        full = np.zeros((n, *np.shape(values)[1:]), dtype)
+        full[valid] = values
+        return full
+
+    if k == 1:
+        target_class = pa.array(place(tc[:, 0], np.int32), mask=mask)
+        target_score = pa.array(place(ts[:, 0], np.float32), mask=mask)
+    else:
+        target_class = pa.FixedSizeListArray.from_arrays(
+            pa.array(place(tc, np.int32).reshape(-1)), k, mask=list_mask).cast(pa.list_(pa.int32()))
+        target_score = pa.FixedSizeListArray.from_arrays(
+            pa.array(place(ts, np.float32).reshape(-1)), k, mask=list_mask).cast(pa.list_(pa.float32()))
+    return {
+        "predicted_class": pa.array(place(pc, np.int32), mask=mask),
+        "predicted_prob": pa.array(place(pp, np.float32), mask=mask),
+        "target_class": target_class,
+        "target_score": target_score,
+        "map": map_column(maps, valid, map_shape, map_dtype),
+        ERROR_COLUMN: pa.array(errors, pa.string()),
+    }
+
+
+def with_metadata(schema: pa.Schema, metadata: dict) -> pa.Schema:
+    return schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+
+
+def read_metadata(schema: pa.Schema) -> dict | None:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else None

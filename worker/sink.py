@@ -1,0 +1,123 @@
+"""Output directories: committed atomically, owned by one job, resumable.
+
+Layout of an output directory::
+
+    _job.json           which job owns it (fingerprint, options, metadata)
+    part-<hash>.parquet committed files: readers only ever see whole files
+    _tmp/               files being written (local filesystems; removed on the next run)
+    _summary.json       written when a run completes
+
+A part file's name is a hash of the ids it holds, so a write task that Ray
+retries rewrites the same file instead of adding a duplicate.  On object stores
+(S3, GCS) an object only appears when its upload completes, so files are
+written in place; on local filesystems they are written to ``_tmp/`` and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data import Datasink
+
+from worker.schema import with_metadata
+
+JOB_FILE = "_job.json"
+SUMMARY_FILE = "_summary.json"
+TMP_DIR = "_tmp"
+
+
+class OutputExistsError(RuntimeError):
+    """The output directory holds another job's results."""
+
+
+def committed_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and posixpath.basename(i.path).startswith("part-")
+                  and i.path.endswith(".parquet"))
+
+
+def prepare(fs: pafs.FileSystem, root: str, job: dict, overwrite: bool = False) -> np.ndarray:
+    """Claim ``root`` for ``job``; return the ids already written there by the same job (resume)."""
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise OutputExistsError(f"output {root} is a file, not a directory")
+    existing = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)) if info.type != pafs.FileType.NotFound else []
+    job_path = posixpath.join(root, JOB_FILE)
+    if existing:
+        owner = None
+        if fs.get_file_info(job_path).type == pafs.FileType.File:
+            with fs.open_input_stream(job_path) as handle:
+                owner = json.loads(handle.read())
+        same = owner is not None and owner.get("fingerprint") == job["fingerprint"]
+        if not same and not overwrite:
+            what = "another job's results" if owner else "files that no job of ours wrote"
+            raise OutputExistsError(
+                f"output {root} is not empty: it holds {what}. Choose a new output, or pass "
+                "overwrite=True (CLI: --overwrite) to delete it and start again")
+        if not same:
+            fs.delete_dir_contents(root)
+    fs.create_dir(root, recursive=True)
+    if fs.get_file_info(posixpath.join(root, TMP_DIR)).type == pafs.FileType.Directory:
+        fs.delete_dir(posixpath.join(root, TMP_DIR))
+    with fs.open_output_stream(job_path) as handle:
+        handle.write(json.dumps(job, indent=2, sort_keys=True).encode())
+    return read_ids(fs, root)
+
+
+def read_ids(fs: pafs.FileSystem, root: str) -> np.ndarray:
+    ids = [pq.read_table(path, columns=["id"], filesystem=fs)["id"].to_numpy(zero_copy_only=False)
+           for path in committed_files(fs, root)]
+    return np.concatenate(ids).astype(object) if ids else np.array([], dtype=object)
+
+
+def finish(fs: pafs.FileSystem, root: str, summary: dict) -> None:
+    """Remove the staging directory and write the run's summary."""
+    if fs.get_file_info(posixpath.join(root, TMP_DIR)).type == pafs.FileType.Directory:
+        fs.delete_dir(posixpath.join(root, TMP_DIR))
+    with fs.open_output_stream(posixpath.join(root, SUMMARY_FILE)) as handle:
+        handle.write(json.dumps(summary, indent=2, sort_keys=True).encode())
+
+
+class AtomicParquetDatasink(Datasink):
+    """Ray Data sink: each write task commits one whole Parquet file, named by its ids."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str, metadata: dict, rows_per_file: int = 1024):
+        self.fs, self.root, self.metadata, self.rows_per_file = fs, root, metadata, rows_per_file
+        self.atomic_rename = isinstance(fs, pafs.LocalFileSystem)
+
+    @property
+    def min_rows_per_write(self):
+        return self.rows_per_file
+
+    def write(self, blocks, ctx) -> dict:
+        tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return {"rows": 0, "errors": 0, "files": []}
+        table = pa.concat_tables(tables, promote_options="permissive")
+        table = table.replace_schema_metadata(with_metadata(table.schema, self.metadata).metadata)
+        digest = hashlib.sha1("\n".join(table["id"].to_pylist()).encode()).hexdigest()[:20]
+        name = f"part-{digest}.parquet"
+        final = posixpath.join(self.root, name)
+        target = posixpath.join(self.root, TMP_DIR, f"{uuid.uuid4().hex}.parquet") if self.atomic_rename else final
+        if self.atomic_rename:
+            self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        pq.write_table(table, target, filesystem=self.fs, compression="zstd")
+        if self.atomic_rename:
+            self.fs.move(target, final)
+        return {"rows": table.num_rows, "errors": table.num_rows - table["error"].null_count, "files": [name]}
+
+    def on_write_complete(self, write_result):
+        returns = write_result.write_returns
+        self.result = {
+            "rows": sum(r["rows"] for r in returns),
+            "errors": sum(r["errors"] for r in returns),
+            "files": sorted(f for r in returns for f in r["files"]),
+        }
