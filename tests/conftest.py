@@ -2,3 +2,32 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest
+
+
+def start_ray(**kwargs):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(logging_level="ERROR", include_dashboard=False, **kwargs)
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray cluster: 2 CPUs, no GPU."""
+    ray = start_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def job_model(tmp_path_factory):
+    """The question's CNN (untrained, fixed seed) at 32x32 with 10 classes, saved as .keras."""
+    from worker.demo import question_model
+
+    path = tmp_path_factory.mktemp("model") / "question.keras"
+    question_model(32, classes=10, seed=3).save(str(path))
+    return str(path)

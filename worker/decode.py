@@ -28,6 +28,8 @@ from PIL import Image
 
 RESIZE_POLICIES = ("stretch", "center_crop", "pad")
 DEFAULT_MAX_PIXELS = 100_000_000
+# Our own guard (max_pixels, checked from the header before any pixel is decoded) replaces PIL's global one.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class DecodeError(ValueError):

@@ -1,0 +1,86 @@
+"""The one decode path, on real images in every encoding and mode (no Ray, no TensorFlow)."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from tests.images import bomb_png, encode, png16, real_rgb
+from worker.decode import DecodeError, decode_image
+
+SIZE = (32, 32)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return real_rgb()[0]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP"])
+def test_encoded_formats(photo, fmt):
+    out = decode_image(encode(photo, fmt), SIZE)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    expected = decode_image(photo, SIZE)
+    assert np.abs(out.astype(int) - expected).mean() < 12  # lossy formats stay close
+
+
+def test_modes_convert(photo):
+    gray = decode_image(encode(photo, mode="L"), SIZE)
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    rgba = decode_image(encode(photo, mode="RGBA"), SIZE)
+    np.testing.assert_array_equal(rgba, decode_image(encode(photo), SIZE))
+    palette = decode_image(encode(photo, mode="P"), SIZE)
+    assert np.abs(palette.astype(int) - decode_image(photo, SIZE)).mean() < 20
+    sixteen = decode_image(png16(photo), SIZE)
+    np.testing.assert_allclose(sixteen.astype(int), gray.astype(int), atol=1)
+
+
+def test_hf_struct_and_tensors(photo):
+    via_struct = decode_image({"bytes": encode(photo), "path": "x.png"}, SIZE)
+    np.testing.assert_array_equal(via_struct, decode_image(photo, SIZE))
+    np.testing.assert_array_equal(decode_image(photo.tolist(), SIZE), decode_image(photo, SIZE))
+    assert decode_image(photo[..., 0], SIZE).shape == (32, 32, 3)
+    assert decode_image(photo.astype(np.float32), SIZE).dtype == np.uint8
+
+
+@pytest.mark.parametrize("cell, message", [
+    (b"", "empty"),
+    (b"\x89PNG garbage", "not a decodable image"),
+    (None, "missing"),
+    ({"bytes": None, "path": "a.png"}, "no bytes"),
+    (np.zeros((4, 4, 5), np.uint8), "not an image"),
+    (np.full((4, 4, 3), np.nan, np.float32), "NaN"),
+    (np.full((4, 4, 3), 300.0), "outside pixel range"),
+    (np.zeros((4, 4, 3), np.complex64), "not a pixel type"),
+])
+def test_bad_cells(cell, message):
+    with pytest.raises(DecodeError, match=message):
+        decode_image(cell, SIZE)
+
+
+def test_truncated_jpeg(photo):
+    data = encode(photo, "JPEG")
+    with pytest.raises(DecodeError, match="truncated|corrupt|decodable"):
+        decode_image(data[: len(data) // 2], SIZE)
+
+
+def test_decompression_bomb_guard():
+    data = bomb_png()
+    assert len(data) < 1_000_000
+    with pytest.raises(DecodeError, match="20000x20000 pixels exceeds the limit"):
+        decode_image(data, SIZE)
+
+
+@pytest.mark.parametrize("policy", ["stretch", "center_crop", "pad"])
+def test_resize_policies(photo, policy):
+    out = decode_image(photo, (20, 20), resize=policy)
+    assert out.shape == (20, 20, 3)
+    if policy == "pad":  # a 40-high, 48-wide image padded into a square: black bars top and bottom
+        assert out[0].max() == 0 and out[-1].max() == 0 and out[10, 10].max() > 0
+
+
+def test_decode_imports_no_tensorflow():
+    import subprocess
+
+    code = "import worker.decode, worker.dataset, worker.schema, sys; print('tensorflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -1,0 +1,115 @@
+"""The batch job end to end on a real local Ray cluster with real Parquet files."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests import jobdata
+from worker import GuidedBackprop
+from worker.dataset import InputError
+from worker.decode import decode_image
+from worker.job import JobConfig, run
+from worker.schema import maps_to_numpy, read_metadata
+from worker.sink import OutputExistsError
+
+
+def config(model, inp, out, **kw):
+    kw.setdefault("preprocessing", "scale01")
+    kw.setdefault("batch_size", 8)
+    return JobConfig(model=model, input=str(inp), output=str(out), **kw)
+
+
+def read(out):
+    return pq.read_table(str(out)).sort_by("id")
+
+
+def test_hf_directory_end_to_end(ray_local, job_model, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    images, labels = jobdata.digits(40)
+    jobdata.write_hf(data / "a.parquet", images[:25], labels[:25], note=[f"a{i}" for i in range(25)])
+    jobdata.write_hf(data / "b.parquet", images[25:], labels[25:], note=[f"b{i}" for i in range(15)])
+    pq.write_table(pa.table({"image": pa.array([], jobdata.HF_IMAGE), "label": pa.array([], pa.int64()),
+                             "note": pa.array([], pa.string())}), str(data / "empty.parquet"))
+    out = tmp_path / "out"
+    summary = run(config(job_model, data, out, target="label", label_column="label", columns=("note",),
+                         rows_per_file=16))
+    assert summary["rows_in"] == summary["rows_out"] == 40 and summary["complete"]
+    assert summary["duplicate_ids"] == 0 and summary["errors_this_run"] == 0
+    table = read(out)
+    assert table.column_names == ["id", "label", "note", "predicted_class", "predicted_prob", "target_class",
+                                  "target_score", "map", "error"]
+    ids = table["id"].to_pylist()
+    assert ids[0] == "a.parquet#0" and "b.parquet#14" in ids
+    np.testing.assert_array_equal(table["target_class"].to_numpy(), table["label"].to_numpy())
+    # the maps are exactly what the engine gives for the same images
+    engine = GuidedBackprop(job_model, preprocessing="scale01", target="label", batch_size=8)
+    order = [int(i.split("#")[1]) + (25 if i.startswith("b") else 0) for i in ids]
+    expected = engine.explain(images[order], labels[order])
+    np.testing.assert_allclose(maps_to_numpy(table["map"]).astype(np.float32),
+                               expected.maps[:, 0].astype(np.float32), rtol=2e-3, atol=1e-6)
+    meta = read_metadata(pq.read_schema(str(next(out.glob("part-*.parquet")))))
+    assert meta["model"]["fingerprint"].startswith("sha256:") and meta["coverage"]["guided"] == {"Relu": 9}
+    assert meta["target"] == "label" and meta["versions"]["ray"]
+    assert json.loads((out / "_summary.json").read_text())["rows_out"] == 40
+    assert not (out / "_tmp").exists()
+    # read back with Ray Data and DuckDB
+    import duckdb
+    import ray
+
+    batch = ray.data.read_parquet(str(out)).take_batch(5, batch_format="numpy")
+    assert np.asarray(batch["map"]).shape == (5, 32, 32)
+    assert duckdb.sql(f"select count(*), max(len(map)) from '{out}/*.parquet'").fetchall() == [(40, 1024)]
+
+    # the same job again: nothing to do; another job: refused; --overwrite: replaced
+    again = run(config(job_model, data, out, target="label", label_column="label", columns=("note",)))
+    assert again["rows_resumed"] == 40 and again["rows_this_run"] == 0 and again["rows_out"] == 40
+    with pytest.raises(OutputExistsError, match="another job"):
+        run(config(job_model, data, out, target="predicted"))
+    assert read(out).num_rows == 40
+
+
+def test_formats_modes_and_bad_rows(ray_local, job_model, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    cells = jobdata.write_mixed_modes(data / "modes.parquet")
+    photos = jobdata.write_tensor_files(data)
+    out = tmp_path / "out"
+    summary = run(config(job_model, data, out, columns=()))
+    table = read(out)
+    assert summary["rows_out"] == table.num_rows == len(cells) + 3 * len(photos)
+    errors = dict(zip(table["id"].to_pylist(), table["error"].to_pylist()))
+    assert "not a decodable image" in errors["modes.parquet#7"] and "empty" in errors["modes.parquet#8"]
+    assert sum(e is not None for e in errors.values()) == 2
+    bad = table.filter(pa.compute.invert(table["error"].is_null()))
+    assert bad["map"].null_count == 2 and bad["predicted_class"].null_count == 2
+    maps = maps_to_numpy(table["map"])
+    good = table["error"].is_null().to_numpy(zero_copy_only=False)
+    assert np.isfinite(maps[good]).all() and (maps[good].reshape(good.sum(), -1).max(1) > 0).all()
+    # the three tensor encodings give the same maps as each other and as decoding the arrays directly
+    by_file = {}
+    for i, row_id in enumerate(table["id"].to_pylist()):
+        by_file.setdefault(row_id.split("#")[0], {})[int(row_id.split("#")[1])] = maps[i]
+    tensor_files = [f for f in by_file if f != "modes.parquet"]
+    assert len(tensor_files) == 3
+    for name in tensor_files:
+        np.testing.assert_array_equal(np.stack([by_file[name][j] for j in range(4)]),
+                                      np.stack([by_file["fixed.parquet"][j] for j in range(4)]))
+    engine = GuidedBackprop(job_model, preprocessing="scale01", batch_size=8)
+    direct = engine.explain(np.stack([decode_image(p, (32, 32)) for p in photos])).maps[:, 0]
+    np.testing.assert_allclose(np.stack([by_file["fixed.parquet"][j] for j in range(4)]).astype(np.float32),
+                               direct.astype(np.float32), rtol=2e-3, atol=1e-6)
+
+
+def test_labels_missing_or_out_of_range_are_row_errors(ray_local, job_model, tmp_path):
+    images, _ = jobdata.digits(4)
+    pq.write_table(pa.table({"image": [jobdata.encode(i) for i in images], "label": [1, None, 10, 3]}),
+                   str(tmp_path / "d.parquet"))
+    run(config(job_model, tmp_path / "d.parquet", tmp_path / "out", target="label", label_column="label"))
+    errors = read(tmp_path / "out")["error"].to_pylist()
+    assert errors[0] is None and errors[3] is None
+    assert errors[1] == "label is missing" and errors[2] == "label 10 out of range [0, 10)"
