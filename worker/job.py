@@ -185,6 +185,24 @@ class ExplainBatch:
         self.config, self.map_shape = config, tuple(map_shape)
         self.engine = build_engine(config, fetch_model(config.model))
         self.k = self.engine.target.maps_per_image
+        self._record_worker(threads)
+
+    def _record_worker(self, threads):
+        """Write ``_workers/<host>-<pid>.json``: which devices this actor was pinned to."""
+        import socket
+
+        import ray
+        import tensorflow as tf
+
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "threads": threads,
+                "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "tf_devices": [d.name for d in tf.config.list_logical_devices()],
+                "jit_compile": self.engine.jit_compile}
+        fs, root = dataset.filesystem(self.config.output)
+        fs.create_dir(posixpath.join(root, sink.WORKERS_DIR), recursive=True)
+        with fs.open_output_stream(posixpath.join(root, sink.WORKERS_DIR, f"{info['host']}-{info['pid']}.json")) as f:
+            f.write(json.dumps(info).encode())
 
     def __call__(self, table: pa.Table) -> pa.Table:
         errors = table["error"].to_pylist()

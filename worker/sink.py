@@ -6,6 +6,7 @@ Layout of an output directory::
     part-<hash>.parquet committed files: readers only ever see whole files
     _tmp/               files being written (local filesystems; removed on the next run)
     _summary.json       written when a run completes
+    _workers/           one JSON per explain actor: host, pid, GPUs it was pinned to, threads
 
 A part file's name is a hash of the ids it holds, so a write task that Ray
 retries rewrites the same file instead of adding a duplicate.  On object stores
@@ -31,6 +32,7 @@ from worker.schema import with_metadata
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 TMP_DIR = "_tmp"
+WORKERS_DIR = "_workers"
 
 
 class OutputExistsError(RuntimeError):
