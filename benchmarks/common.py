@@ -1,0 +1,55 @@
+"""Side-by-side timing: every contender runs in the same process, rounds interleaved, medians reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.system()}
+
+
+def interleaved(contenders: dict, rounds: int, items_per_call: int, calls: int = 1) -> dict:
+    """{name: fn()} -> {name: {"per_second": median, "all": [...]}}; each fn processes items_per_call items."""
+    samples = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append(items_per_call * calls / (time.perf_counter() - start))
+    return {name: {"per_second": round(statistics.median(v), 2), "all": [round(x, 2) for x in v]}
+            for name, v in samples.items()}
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def write(results: dict, name: str, markdown: str) -> None:
+    here = os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(here, exist_ok=True)
+    with open(os.path.join(here, f"{name}.json"), "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    with open(os.path.join(here, f"{name}.md"), "w") as f:
+        f.write(markdown)
