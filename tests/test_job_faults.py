@@ -17,7 +17,7 @@ from worker.decode import DecodeOptions
 
 
 def test_actor_killed_mid_run(ray_local, job_model, tmp_path):
-    images, labels = jobdata.digits(320)
+    images, labels = jobdata.digits(960)
     jobdata.write_hf(tmp_path / "d.parquet", images, labels, row_group=8)
     out = tmp_path / "out"
     result = {}
@@ -26,17 +26,18 @@ def test_actor_killed_mid_run(ray_local, job_model, tmp_path):
         batch_size=4, rows_per_file=8), echo=lambda *_: None)))
     job.start()
     deadline = time.time() + 240
-    while time.time() < deadline and not (len(list(out.glob("part-*.parquet"))) >= 2 and
-                                          list((out / "_workers").glob("*.json"))):
-        time.sleep(0.2)
+    while time.time() < deadline and not list((out / "_workers").glob("*.json")):
+        time.sleep(0.1)
+    time.sleep(2)  # the actor has built its engine and is explaining batches
+    assert job.is_alive(), "the job ended before its actor could be killed"
     victim = json.loads(next((out / "_workers").glob("*.json")).read_text())["pid"]
     os.kill(victim, signal.SIGKILL)
     job.join(timeout=600)
     assert result, "the job did not complete after its actor was killed"
-    assert result["rows_out"] == 320 and result["duplicate_ids"] == 0 and result["complete"]
+    assert result["rows_out"] == 960 and result["duplicate_ids"] == 0 and result["complete"]
     assert len(list((out / "_workers").glob("*.json"))) >= 2  # a new actor took over
     ids = pq.read_table(str(out))["id"].to_pylist()
-    assert len(ids) == len(set(ids)) == 320
+    assert len(ids) == len(set(ids)) == 960
 
 
 class _PoisonedEngine:
@@ -64,7 +65,7 @@ def test_poison_row_is_isolated(job_model):
     from worker.job import build_engine
 
     actor.engine = _PoisonedEngine(build_engine(cfg, job_model))
-    out = actor(decoded)
+    out = actor._explain_table(decoded)
     errors = out["error"].to_pylist()
     assert errors[3] == "explain: RuntimeError: poisoned input"
     assert [e is None for e in errors] == [True, True, True, False, True, True, True]

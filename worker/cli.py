@@ -69,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="guided-saliency", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     add_explain_arguments(sub.add_parser("explain", help="explain every row of a Parquet image dataset"))
+    scheduled = sub.add_parser("scheduled", help="run a YAML job file for one logical date (idempotent)")
+    scheduled.add_argument("--config", required=True, help="job file (YAML); see worker.schedule")
+    scheduled.add_argument("--date", help="logical date YYYY-MM-DD (default: today)")
     demo = sub.add_parser("demo", help="make real images and a model, run the job locally, write overlays")
     demo.add_argument("--output", default="demo_output")
     demo.add_argument("--images", type=int, default=600)
@@ -82,6 +85,10 @@ def main(argv=None) -> int:
             from worker.demo import run_demo
 
             summary = run_demo(args.output, images=args.images)
+        elif args.command == "scheduled":
+            from worker.schedule import load_config, scheduled_run
+
+            summary = scheduled_run(load_config(args.config), args.date)
         else:
             from worker.job import run
 

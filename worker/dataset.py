@@ -74,9 +74,18 @@ def _walk(fs, root):
             if i.type == pafs.FileType.File]
 
 
-def plan(uri: str, needed: list[str]) -> tuple[pafs.FileSystem, list[Unit], pa.Schema]:
-    """Check every file's footer and columns; return the units of work and the first schema."""
-    fs, root, files = list_files(uri)
+def plan(uri: str, needed: list[str], files: list[str] | None = None) -> tuple[pafs.FileSystem, list[Unit], pa.Schema]:
+    """Check every file's footer and columns; return the units of work and the first schema.
+
+    ``files`` restricts the input to those of its files (as :func:`list_files` names them).
+    """
+    fs, root, listed = list_files(uri)
+    if files is not None:
+        unknown = sorted(set(files) - set(listed))
+        if unknown:
+            raise InputError(f"files not in the input {uri}: {unknown[:5]}")
+        listed = [f for f in listed if f in set(files)]
+    files = listed
     units: list[Unit] = []
     schema = None
     for path in files:

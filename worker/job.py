@@ -68,6 +68,7 @@ class JobConfig:
     gpu_memory_limit_mb: int | None = None
     rows_per_file: int = 1024
     overwrite: bool = False
+    files: list[str] | None = None  # only these files of the input (incremental runs)
     extra_metadata: dict = field(default_factory=dict)
 
     def needed_columns(self) -> list[str]:
@@ -186,6 +187,7 @@ class ExplainBatch:
         self.engine = build_engine(config, fetch_model(config.model))
         self.k = self.engine.target.maps_per_image
         self._record_worker(threads)
+        self.metrics = JobMetrics()
 
     def _record_worker(self, threads):
         """Write ``_workers/<host>-<pid>.json``: which devices this actor was pinned to."""
@@ -205,6 +207,13 @@ class ExplainBatch:
             f.write(json.dumps(info).encode())
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        out = self._explain_table(table)
+        failed = out.num_rows - out[schema.ERROR_COLUMN].null_count
+        self.metrics.record(out.num_rows, failed, time.perf_counter() - started)
+        return out
+
+    def _explain_table(self, table: pa.Table) -> pa.Table:
         errors = table["error"].to_pylist()
         valid = np.array([e is None for e in errors], bool)
         images = schema_images(table)[valid]
@@ -241,6 +250,26 @@ class ExplainBatch:
         return type(parts[0])(**merged), errors
 
 
+class JobMetrics:
+    """Prometheus metrics through ray.util.metrics (scraped from each node's metrics export port)."""
+
+    def __init__(self):
+        from ray.util import metrics
+
+        self.rows = metrics.Counter("saliency_rows_done", "rows explained (including rows with an error)")
+        self.failed = metrics.Counter("saliency_rows_failed", "rows written with an error")
+        self.latency = metrics.Histogram("saliency_batch_latency_seconds", "explain time per batch",
+                                         boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
+        self.rate = metrics.Gauge("saliency_rows_per_second", "rows/s of the last batch, per actor")
+
+    def record(self, rows: int, failed: int, seconds: float) -> None:
+        self.rows.inc(rows)
+        if failed:
+            self.failed.inc(failed)
+        self.latency.observe(seconds)
+        self.rate.set(rows / seconds if seconds > 0 else 0.0)
+
+
 def schema_images(table: pa.Table) -> np.ndarray:
     column = table[schema.IMAGE_COLUMN].combine_chunks()
     return column.to_numpy_ndarray()
@@ -263,7 +292,7 @@ def run(config: JobConfig, *, echo=print) -> dict:
     """Run the job to completion and return its summary (also written to ``_summary.json``)."""
     started = time.time()
     config.validate()
-    in_fs, units, _ = dataset.plan(config.input, config.needed_columns())
+    in_fs, units, _ = dataset.plan(config.input, config.needed_columns(), files=config.files)
     probe = build_engine(config, fetch_model(config.model), batch_size=1, warmup=False)
     report = probe.report
     num_classes = probe.source.num_classes
@@ -313,7 +342,9 @@ def run(config: JobConfig, *, echo=print) -> dict:
                             compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None,
                             fn_constructor_kwargs={"config": config, "threads": plan.threads, "map_shape": map_shape})
         datasink = sink.AtomicParquetDatasink(out_fs, out_root, metadata, config.rows_per_file)
-        ds.write_datasink(datasink)
+        # writes share the CPUs kept for read/decode: a default 1-CPU write task could wait forever
+        # behind actors holding the rest of a small node
+        ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
         result = datasink.result
 
     ids = sink.read_ids(out_fs, out_root)

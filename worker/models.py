@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from worker.fingerprint import hash_path
+
 UNSAFE_OPT_IN = "safe_mode=False (CLI: --allow-unsafe-deserialization)"
 SUPPORTED = (
     "supported models: one image input of shape (batch, H, W, 1 or 3) and one output of "
@@ -176,7 +178,7 @@ class SavedModelSource(ModelSource):
             inputs[0].shape, outputs[output or 0].shape, input_size
         )
         self.signature = name
-        self._fingerprint = _hash_files(Path(self.path))
+        self._fingerprint = hash_path(self.path)
 
     def forward(self, x, layer=None):
         if layer is not None:
@@ -233,16 +235,6 @@ def _hash_weights(model) -> str:
     for weight in model.weights:
         digest.update(weight.path.encode() if hasattr(weight, "path") else b"")
         digest.update(np.ascontiguousarray(np.asarray(weight.numpy())).tobytes())
-    return "sha256:" + digest.hexdigest()
-
-
-def _hash_files(root: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(root)).encode())
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
     return "sha256:" + digest.hexdigest()
 
 

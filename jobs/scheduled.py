@@ -1,0 +1,12 @@
+"""A scheduled run: ``python -m jobs.scheduled --config job.yaml [--date YYYY-MM-DD]``.
+
+Writes under ``<output_root>/date=<date>``; re-running a date adds nothing; with
+``incremental: true`` only input files not yet done for this model are read.
+"""
+
+import sys
+
+from worker.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["scheduled", *sys.argv[1:]]))

@@ -1,0 +1,62 @@
+"""`ray job submit` against a real Ray head on loopback: a good job SUCCEEDS, a bad model FAILS clearly."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests import jobdata
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    import ray
+
+    ray.shutdown()
+    port, dash = _port(), _port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _submit(address, env, args, timeout=420):
+    return subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ROOT,
+                           "--runtime-env-json", '{"excludes": [".git", "demo_output", "benchmarks/results"]}',
+                           "--", sys.executable, "-m", "jobs.explain", *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_succeeds_and_bad_model_fails(head, job_model, tmp_path):
+    address, env = head
+    images, labels = jobdata.digits(24)
+    jobdata.write_hf(tmp_path / "d.parquet", images, labels, row_group=8)
+    ok = _submit(address, env, ["--model", job_model, "--input", str(tmp_path / "d.parquet"),
+                                "--output", str(tmp_path / "out"), "--preprocessing", "scale01", "--batch-size", "8"])
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert "SUCCEEDED" in ok.stdout + ok.stderr
+    assert pq.read_table(str(tmp_path / "out")).num_rows == 24
+
+    bad = _submit(address, env, ["--model", str(tmp_path / "missing.keras"), "--input", str(tmp_path / "d.parquet"),
+                                 "--output", str(tmp_path / "out2")])
+    assert bad.returncode != 0
+    text = bad.stdout + bad.stderr
+    assert "FAILED" in text and "does not exist" in text
+    assert not (tmp_path / "out2").exists()

@@ -1,0 +1,127 @@
+"""Scheduled runs from a YAML job file: one partition per logical date, optionally incremental.
+
+A job file names inputs, model, options and an output root::
+
+    model: s3://models/resnet50.keras
+    input: s3://images/daily/
+    output_root: s3://saliency/resnet50
+    partition: "date={date}"        # default
+    incremental: true               # only input files not yet done for this model
+    preprocessing: caffe
+    target: predicted
+    batch_size: 32
+
+``guided-saliency scheduled --config job.yaml --date 2026-11-29`` writes under
+``<output_root>/date=2026-11-29``.  Re-running the same date resumes instead of
+duplicating rows.  In incremental mode a manifest
+``<output_root>/_manifests/<model hash>.json`` records every input file done for
+this model and these options; the next run processes only files not in it.
+
+Example:
+    >>> cfg = parse_config({"model": "m.keras", "input": "in/", "output_root": "out"})
+    >>> output_for(cfg, "2026-11-29")
+    'out/date=2026-11-29'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import posixpath
+
+from worker import dataset
+from worker.fingerprint import hash_path
+from worker.job import JobConfig, fetch_model, run
+
+SCHEDULE_KEYS = {"output_root": str, "partition": str, "incremental": bool}
+REQUIRED = ("model", "input", "output_root")
+
+
+class ConfigError(ValueError):
+    """The job file is invalid; the message names the key and what is expected."""
+
+
+def parse_config(raw) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError("the job file must be a YAML mapping of option: value")
+    fields = {f.name: f for f in dataclasses.fields(JobConfig)}
+    allowed = (set(fields) | set(SCHEDULE_KEYS)) - {"output", "extra_metadata"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    missing = [k for k in REQUIRED if not raw.get(k)]
+    if missing:
+        raise ConfigError(f"missing required key(s) {missing}")
+    cfg = {"partition": "date={date}", "incremental": False, **raw}
+    for key, kind in SCHEDULE_KEYS.items():
+        if not isinstance(cfg[key], kind):
+            raise ConfigError(f"{key} must be a {kind.__name__}, got {cfg[key]!r}")
+    if "{date}" not in cfg["partition"]:
+        raise ConfigError("partition must contain {date}")
+    if "columns" in cfg:
+        if not isinstance(cfg["columns"], list):
+            raise ConfigError("columns must be a list of column names")
+        cfg["columns"] = tuple(cfg["columns"])
+    for key in ("batch_size", "rows_per_file", "max_pixels", "actors"):
+        if key in cfg and cfg[key] is not None and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool)):
+            raise ConfigError(f"{key} must be an integer, got {cfg[key]!r}")
+    job = job_config(cfg, "1970-01-01")
+    job.validate()
+    return cfg
+
+
+def load_config(path: str) -> dict:
+    import yaml
+
+    fs, p = dataset.filesystem(path)
+    with fs.open_input_stream(p) as handle:
+        try:
+            raw = yaml.safe_load(handle.read())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    return parse_config(raw)
+
+
+def output_for(cfg: dict, date: str) -> str:
+    return posixpath.join(cfg["output_root"], cfg["partition"].format(date=date))
+
+
+def job_config(cfg: dict, date: str, files=None) -> JobConfig:
+    options = {k: v for k, v in cfg.items() if k not in SCHEDULE_KEYS}
+    return JobConfig(**options, output=output_for(cfg, date), files=files,
+                     extra_metadata={"schedule": {"date": date, "incremental": cfg["incremental"]}})
+
+
+def _manifest_path(cfg: dict) -> str:
+    """One manifest per model artifact and options (a new model or option set starts afresh)."""
+    options = {k: v for k, v in cfg.items() if k not in SCHEDULE_KEYS and k not in ("actors", "batch_size")}
+    key = hash_path(fetch_model(cfg["model"])) + json.dumps(options, sort_keys=True, default=list)
+    return posixpath.join(cfg["output_root"], "_manifests", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+
+
+def scheduled_run(cfg: dict, date: str | None = None, echo=print) -> dict:
+    date = date or datetime.date.today().isoformat()
+    datetime.date.fromisoformat(date)
+    files = None
+    manifest = {"files": {}}
+    if cfg["incremental"]:
+        fs, path = dataset.filesystem(_manifest_path(cfg))
+        if fs.get_file_info(path).type.name == "File":
+            with fs.open_input_stream(path) as handle:
+                manifest = json.loads(handle.read())
+        _, _, listed = dataset.list_files(cfg["input"])
+        files = [f for f in listed if f not in manifest["files"]]
+        echo(f"incremental: {len(files)} new of {len(listed)} input files")
+        if not files:
+            return {"output": output_for(cfg, date), "rows_this_run": 0, "new_files": 0, "complete": True}
+    summary = run(job_config(cfg, date, files), echo=echo)
+    if cfg["incremental"] and summary["complete"]:
+        for f in files:
+            manifest["files"][f] = date
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        with fs.open_output_stream(path) as handle:
+            handle.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+    summary["new_files"] = len(files) if files is not None else None
+    return summary
