@@ -1,6 +1,8 @@
 """`ray job submit` against a real Ray head on loopback: a good job SUCCEEDS, a bad model FAILS clearly."""
 
 import os
+import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -28,6 +30,7 @@ def head(tmp_path_factory):
     ray.shutdown()
     port, dash = _port(), _port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})  # as in deploy/
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                     "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
@@ -35,6 +38,10 @@ def head(tmp_path_factory):
         yield f"http://127.0.0.1:{dash}", env
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _plain(result) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr).lower()
 
 
 def _submit(address, env, args, timeout=420):
@@ -51,12 +58,16 @@ def test_submit_succeeds_and_bad_model_fails(head, job_model, tmp_path):
     ok = _submit(address, env, ["--model", job_model, "--input", str(tmp_path / "d.parquet"),
                                 "--output", str(tmp_path / "out"), "--preprocessing", "scale01", "--batch-size", "8"])
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
-    assert "SUCCEEDED" in ok.stdout + ok.stderr
+    assert "succeeded" in _plain(ok)
     assert pq.read_table(str(tmp_path / "out")).num_rows == 24
+
+    anonymous = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    refused = _submit(address, anonymous, ["--help"], timeout=120)
+    assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
 
     bad = _submit(address, env, ["--model", str(tmp_path / "missing.keras"), "--input", str(tmp_path / "d.parquet"),
                                  "--output", str(tmp_path / "out2")])
     assert bad.returncode != 0
-    text = bad.stdout + bad.stderr
-    assert "FAILED" in text and "does not exist" in text
+    text = _plain(bad)
+    assert "failed" in text and "does not exist" in text
     assert not (tmp_path / "out2").exists()
