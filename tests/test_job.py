@@ -41,8 +41,10 @@ def test_hf_directory_end_to_end(ray_local, job_model, tmp_path):
     assert summary["rows_in"] == summary["rows_out"] == 40 and summary["complete"]
     assert summary["duplicate_ids"] == 0 and summary["errors_this_run"] == 0
     table = read(out)
+    from worker.stats import STAT_COLUMNS
+
     assert table.column_names == ["id", "label", "note", "predicted_class", "predicted_prob", "target_class",
-                                  "target_score", "map", "error"]
+                                  "target_score", "map", "error", *STAT_COLUMNS]
     ids = table["id"].to_pylist()
     assert ids[0] == "a.parquet#0" and "b.parquet#14" in ids
     np.testing.assert_array_equal(table["target_class"].to_numpy(), table["label"].to_numpy())

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 
 from worker.decode import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
 from worker.preprocessing import PRESETS
@@ -24,6 +27,7 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--image-column", default="image")
     io.add_argument("--id-column", help="stable row id; default: <file>#<row>")
     io.add_argument("--label-column", help="class labels (needed for --target label); passed through")
+    io.add_argument("--mask-column", help="ground-truth mask (image/tensor) or box [y0, x0, y1, x1] in [0, 1]")
     io.add_argument("--columns", nargs="*", default=[], help="other input columns to pass through")
     io.add_argument("--overwrite", action="store_true", help="replace an output that belongs to another job")
     io.add_argument("--rows-per-file", type=int, default=1024)
@@ -38,6 +42,7 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--reduction", default="max_abs", choices=REDUCTIONS)
     m.add_argument("--map-dtype", default="float16", choices=MAP_DTYPES)
     m.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--no-statistics", action="store_true", help="skip the per-row map statistics columns")
     m.add_argument("--relu-policy", default="error", choices=["error", "warn"])
     m.add_argument("--allow-unsafe-deserialization", action="store_true",
                    help="load models carrying Python code (Lambda layers); only for models you trust")
@@ -62,6 +67,7 @@ def config_from_args(args):
         resize=args.resize, max_pixels=args.max_pixels, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, decode_cpus=args.decode_cpus,
         gpu_memory_limit_mb=args.gpu_memory_limit_mb, rows_per_file=args.rows_per_file, overwrite=args.overwrite,
+        mask_column=args.mask_column, statistics=not args.no_statistics,
     )
 
 
@@ -72,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
     scheduled = sub.add_parser("scheduled", help="run a YAML job file for one logical date (idempotent)")
     scheduled.add_argument("--config", required=True, help="job file (YAML); see worker.schedule")
     scheduled.add_argument("--date", help="logical date YYYY-MM-DD (default: today)")
+    audit = sub.add_parser("audit", help="per-class aggregates, findings and an HTML report of a job's output")
+    audit.add_argument("--input", required=True, help="a job's output directory")
+    audit.add_argument("--report", required=True, help="directory for report.html and audit.json")
+    audit.add_argument("--label-column", default="label")
     demo = sub.add_parser("demo", help="make real images and a model, run the job locally, write overlays")
     demo.add_argument("--output", default="demo_output")
     demo.add_argument("--images", type=int, default=600)
@@ -85,6 +95,11 @@ def main(argv=None) -> int:
             from worker.demo import run_demo
 
             summary = run_demo(args.output, images=args.images)
+        elif args.command == "audit":
+            from worker.audit import run_audit
+
+            result = run_audit(args.input, args.report, args.label_column)
+            summary = {"report": args.report, "groups": len(result["groups"]), "findings": result["findings"]}
         elif args.command == "scheduled":
             from worker.schedule import load_config, scheduled_run
 

@@ -66,6 +66,37 @@ def decode_image(cell, size: tuple[int, int], resize: str = "stretch",
     return _fit(image, size, resize)
 
 
+def decode_mask(cell, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A ground-truth region as uint8 0/1 (size[0], size[1]): a mask image/tensor (non-zero = inside,
+    stretched with nearest neighbour) or a box ``[y0, x0, y1, x1]`` in [0, 1] of the image's height/width."""
+    height, width = size
+    if cell is None:
+        raise DecodeError("mask is missing (null)")
+    values = np.asarray(cell, dtype=object) if isinstance(cell, (list, tuple)) else None
+    if values is not None and values.shape == (4,):
+        try:
+            y0, x0, y1, x1 = (float(v) for v in values)
+        except (TypeError, ValueError):
+            raise DecodeError(f"box {cell!r} is not four numbers") from None
+        if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
+            raise DecodeError(f"box {cell!r} is not [y0, x0, y1, x1] with 0 <= y0 < y1 <= 1, 0 <= x0 < x1 <= 1")
+        out = np.zeros(size, np.uint8)
+        out[int(np.floor(y0 * height)):max(int(np.ceil(y1 * height)), int(np.floor(y0 * height)) + 1),
+            int(np.floor(x0 * width)):max(int(np.ceil(x1 * width)), int(np.floor(x0 * width)) + 1)] = 1
+        return out
+    if isinstance(cell, dict):
+        cell = cell.get("bytes")
+    if isinstance(cell, (bytes, bytearray, memoryview)):
+        image = _open_encoded(bytes(cell), max_pixels)
+    else:
+        array = np.asarray(cell)
+        if array.ndim == 2:
+            array = array[..., None]
+        image = _from_tensor((array > 0).astype(np.uint8) * 255, max_pixels)
+    image = image.convert("L").resize((width, height), Image.NEAREST)
+    return (np.asarray(image) > 127).astype(np.uint8)
+
+
 def _open_encoded(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise DecodeError("image is empty (0 bytes)")

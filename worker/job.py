@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from worker import dataset, schema, sink
-from worker.decode import DEFAULT_MAX_PIXELS, DecodeError, DecodeOptions, decode_image
+from worker.decode import DEFAULT_MAX_PIXELS, DecodeError, DecodeOptions, decode_image, decode_mask
 from worker.targets import Target
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,12 @@ class JobConfig:
     rows_per_file: int = 1024
     overwrite: bool = False
     files: list[str] | None = None  # only these files of the input (incremental runs)
+    statistics: bool = True  # per-row map statistics (worker.stats) as output columns
+    mask_column: str | None = None  # ground-truth mask (image/tensor) or box [y0, x0, y1, x1] in [0, 1]
     extra_metadata: dict = field(default_factory=dict)
 
     def needed_columns(self) -> list[str]:
-        cols = [self.image_column, self.id_column, self.label_column, *self.columns]
+        cols = [self.image_column, self.id_column, self.label_column, self.mask_column, *self.columns]
         return list(dict.fromkeys(c for c in cols if c))
 
     def engine_options(self) -> dict:
@@ -97,6 +99,8 @@ class JobConfig:
         if clash:
             raise ValueError(f"passed-through columns {sorted(clash)} clash with result columns")
         DecodeOptions((1, 1), self.resize, self.max_pixels)
+        if self.mask_column and self.resize != "stretch":
+            raise ValueError("mask metrics need resize='stretch' (masks and boxes are stretched like the images)")
 
 
 METHODS = {"guided_backprop": "GuidedBackprop", "gradient": "Gradient"}
@@ -153,13 +157,24 @@ def image_cells(column) -> list:
     return column.to_pylist()
 
 
-def decode_stage(table: pa.Table, *, image_column, label_column, needs_label, num_classes, options) -> pa.Table:
-    """Decode every image; a row that cannot be explained keeps zeros and an ``error``."""
+def decode_stage(table: pa.Table, *, image_column, label_column, needs_label, num_classes, options,
+                 mask_column=None) -> pa.Table:
+    """Decode every image (and mask); a row that cannot be explained keeps zeros and an ``error``."""
     n = table.num_rows
     pixels = np.zeros((n, *options.size, 3), np.uint8)
     errors: list[str | None] = [None] * n
     labels = table[label_column].to_pylist() if label_column else [None] * n
+    if mask_column:
+        masks = np.zeros((n, *options.size), np.uint8)
+        for i, cell in enumerate(image_cells(table[mask_column])):
+            try:
+                masks[i] = decode_mask(cell, options.size, options.max_pixels)
+            except DecodeError as exc:
+                errors[i] = f"mask: {exc}"
+        table = table.append_column(schema.MASK_COLUMN, pa.FixedShapeTensorArray.from_numpy_ndarray(masks))
     for i, cell in enumerate(image_cells(table[image_column])):
+        if errors[i]:
+            continue
         try:
             pixels[i] = decode_image(cell, options.size, options.resize, options.max_pixels)
         except DecodeError as exc:
@@ -222,10 +237,27 @@ class ExplainBatch:
             labels = np.asarray(table[self.config.label_column].fill_null(0).to_numpy(zero_copy_only=False))[valid]
         explanation, errors = self._explain(images, labels, valid, errors)
         results = schema.result_columns(valid, explanation, errors, self.map_shape, self.config.map_dtype, self.k)
-        out = table.drop_columns([schema.IMAGE_COLUMN, "error"])
+        results.update(self._statistics(table, valid, explanation))
+        internal = [schema.IMAGE_COLUMN, schema.MASK_COLUMN, "error"]
+        if self.config.mask_column and self.config.mask_column not in self.config.columns:
+            internal.append(self.config.mask_column)
+        out = table.drop_columns([c for c in internal if c in table.column_names])
         for name, column in results.items():
             out = out.append_column(name, column)
         return out
+
+    def _statistics(self, table, valid, explanation) -> dict:
+        if not self.config.statistics:
+            return {}
+        from worker import stats
+
+        maps = explanation.maps[:, 0] if explanation is not None else np.zeros((0, *self.map_shape[-2:]))
+        values = stats.map_statistics(maps) if len(maps) else {k: np.zeros(0) for k in stats.STAT_COLUMNS}
+        if self.config.mask_column:
+            masks = table[schema.MASK_COLUMN].combine_chunks().to_numpy_ndarray()[valid]
+            values.update(stats.mask_statistics(maps, masks) if len(maps)
+                          else {k: np.zeros(0) for k in stats.MASK_COLUMNS})
+        return schema.placed_columns(valid, values)
 
     def _explain(self, images, labels, valid, errors):
         if not len(images):
@@ -280,7 +312,7 @@ def schema_images(table: pa.Table) -> np.ndarray:
 def job_identity(config: JobConfig, report: dict) -> dict:
     """What makes two runs the same job (resume) or different ones (refuse to mix)."""
     keys = ("input", "image_column", "id_column", "label_column", "columns", "target", "method", "preprocessing",
-            "reduction", "map_dtype", "score", "precision", "resize")
+            "reduction", "map_dtype", "score", "precision", "resize", "mask_column", "statistics")
     ident = {k: getattr(config, k) for k in keys}
     ident["columns"] = list(ident["columns"])
     ident["model_fingerprint"] = report["model"]["fingerprint"]
@@ -320,7 +352,8 @@ def run(config: JobConfig, *, echo=print) -> dict:
     result = {"rows": 0, "errors": 0, "files": []}
     if rows_in > len(done):
         if not ray.is_initialized():
-            ray.init(logging_level=logging.WARNING)
+            ray.init(logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}})
         from worker.resources import plan_actors
 
         plan = plan_actors(ray.cluster_resources(), actors=config.actors, gpus_per_actor=config.gpus_per_actor,
@@ -337,7 +370,8 @@ def run(config: JobConfig, *, echo=print) -> dict:
                             fn_kwargs={"image_column": config.image_column, "label_column": config.label_column,
                                        "needs_label": Target.parse(config.target).kind == "label",
                                        "num_classes": num_classes,
-                                       "options": DecodeOptions((h, w), config.resize, config.max_pixels)})
+                                       "options": DecodeOptions((h, w), config.resize, config.max_pixels),
+                                       "mask_column": config.mask_column})
         ds = ds.map_batches(ExplainBatch, batch_size=config.batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None,
                             fn_constructor_kwargs={"config": config, "threads": plan.threads, "map_shape": map_shape})

@@ -11,6 +11,8 @@ passed-through     the columns named with ``columns=`` (and the label column)
 ``target_score``    float32 (list<float32> for ``top:K``): the differentiated score
 ``map``             ``arrow.fixed_shape_tensor`` (H, W), (K, H, W) or (H, W, C)
 ``error``           null, or why this row could not be explained (its other results are null)
+statistics         float32 columns of :mod:`worker.stats` (of the first map for ``top:K``), and the
+                   mask metrics when a mask or box column is given
 =================  ==================================================================
 
 The job's metadata (model fingerprint, method, options, coverage report,
@@ -35,6 +37,7 @@ import pyarrow as pa
 METADATA_KEY = b"guided_saliency"
 RESULT_COLUMNS = ("predicted_class", "predicted_prob", "target_class", "target_score", "map", "error")
 IMAGE_COLUMN = "__image"  # decoded pixels between the decode and explain stages
+MASK_COLUMN = "__mask"  # decoded ground-truth masks between the same stages
 ERROR_COLUMN = "error"
 
 
@@ -99,6 +102,17 @@ def result_columns(valid, explanation, errors, map_shape, map_dtype: str, k: int
         "map": map_column(maps, valid, map_shape, map_dtype),
         ERROR_COLUMN: pa.array(errors, pa.string()),
     }
+
+
+def placed_columns(valid, values: dict[str, np.ndarray]) -> dict[str, pa.Array]:
+    """float32 columns for all rows from per-valid-row values; invalid rows are null."""
+    valid = np.asarray(valid, bool)
+    out = {}
+    for name, column in values.items():
+        full = np.zeros(len(valid), np.float32)
+        full[valid] = column
+        out[name] = pa.array(full, mask=~valid)
+    return out
 
 
 def with_metadata(schema: pa.Schema, metadata: dict) -> pa.Schema:

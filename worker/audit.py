@@ -1,0 +1,243 @@
+"""Dataset-level audit of a job's output: where the model looks, per class, out of core on Ray Data.
+
+Each block of the output is reduced to small *partial aggregates* per group
+(true class, predicted class, correct or wrong): the count, mean and M2 of the
+L1-normalised maps downsampled to 16 x 16, and count / sum / sum of squares of
+every statistic column.  Partials merge exactly (Chan et al.'s parallel
+variance), so any number of rows fits in memory.  Findings flag classes whose
+mean map is border-heavy or off-centre, or whose mass sits outside the masks.
+
+Example:
+    >>> a = Moments.of(np.ones((2, 2, 2))); b = Moments.of(np.zeros((2, 2, 2)))
+    >>> m = a.merge(b); (m.count, float(m.mean[0, 0]), float(m.variance[0, 0]))
+    (4, 0.5, 0.25)
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from worker.schema import maps_to_numpy, read_metadata
+from worker.stats import MASK_COLUMNS, STAT_COLUMNS, frame
+
+GRID = 16
+BORDER_ENRICHMENT_FLAG = 1.5  # the 16x16 frame covers 44 % of the area: at most 2.3x
+OFF_CENTRE_FLAG = 0.2
+MASK_ENERGY_FLAG = 0.5
+
+
+@dataclass
+class Moments:
+    """Count, mean and M2 of arrays; ``merge`` combines two partial results exactly."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> "Moments":
+        values = np.asarray(values, np.float64)
+        if not len(values):
+            return cls(0, np.zeros(values.shape[1:]), np.zeros(values.shape[1:]))
+        mean = values.mean(0)
+        return cls(len(values), mean, ((values - mean) ** 2).sum(0))
+
+    def merge(self, other: "Moments") -> "Moments":
+        if not other.count:
+            return self
+        if not self.count:
+            return other
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.count / n
+        return Moments(n, mean, self.m2 + other.m2 + delta ** 2 * self.count * other.count / n)
+
+    @property
+    def variance(self) -> np.ndarray:
+        return self.m2 / self.count if self.count else self.m2 * np.nan
+
+
+def downsample(maps: np.ndarray, grid: int = GRID) -> np.ndarray:
+    """(N, H, W) -> (N, grid, grid) by area averaging, each map L1-normalised (sums to 1)."""
+    s = np.abs(np.nan_to_num(np.asarray(maps, np.float64)))
+    if s.ndim == 4:
+        s = s.max(-1)
+    n, h, w = s.shape
+    ys = np.minimum((np.arange(h) * grid) // h, grid - 1)
+    xs = np.minimum((np.arange(w) * grid) // w, grid - 1)
+    out = np.zeros((n, grid, grid))
+    np.add.at(out, (slice(None), ys[:, None], xs[None, :]), s)
+    out /= np.bincount(ys, minlength=grid)[:, None] * np.bincount(xs, minlength=grid)[None, :]
+    total = out.sum((1, 2), keepdims=True)
+    return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
+
+
+def group_keys(table: pa.Table, label_column: str | None) -> list[tuple[str, int]]:
+    """Which groups each row belongs to: ('predicted', c), and with labels ('true', c), ('correct'|'wrong', c)."""
+    predicted = table["predicted_class"].to_pylist()
+    labels = table[label_column].to_pylist() if label_column and label_column in table.column_names else None
+    keys = []
+    for i, p in enumerate(predicted):
+        row = [("predicted", p)]
+        if labels is not None and labels[i] is not None:
+            row += [("true", labels[i]), ("correct" if labels[i] == p else "wrong", labels[i])]
+        keys.append(row)
+    return keys
+
+
+def partial_aggregates(table: pa.Table, label_column: str | None = None) -> pa.Table:
+    """One output block -> one row of partial aggregates per group (Ray Data map_batches function)."""
+    table = table.filter(pa.compute.is_null(table["error"]))
+    if not table.num_rows:
+        return pa.table({"group": pa.array([], pa.string()), "payload": pa.array([], pa.string())})
+    maps = maps_to_numpy(table["map"])
+    if maps.ndim == 4 and maps.shape[-1] not in (1, 3):  # (K, H, W) maps of top:K: the first one
+        maps = maps[:, 0]
+    grids = downsample(maps)
+    stat_names = [c for c in (*STAT_COLUMNS, *MASK_COLUMNS) if c in table.column_names]
+    stats = {c: table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in stat_names}
+    members: dict[tuple, list[int]] = {}
+    for i, keys in enumerate(group_keys(table, label_column)):
+        for key in keys:
+            members.setdefault(key, []).append(i)
+    groups, payloads = [], []
+    for (kind, cls), rows in members.items():
+        moments = Moments.of(grids[rows])
+        summary = {}
+        for name, values in stats.items():
+            v = values[rows]
+            v = v[np.isfinite(v)]
+            summary[name] = [int(len(v)), float(v.sum()), float((v ** 2).sum())]
+        groups.append(f"{kind}:{cls}")
+        payloads.append(json.dumps({"count": moments.count, "mean": moments.mean.tolist(),
+                                    "m2": moments.m2.tolist(), "stats": summary}))
+    return pa.table({"group": groups, "payload": payloads})
+
+
+def merge_partials(partials: pa.Table) -> dict:
+    """Partial rows -> {group: {"count", "mean_map", "var_map", "stats": {name: (mean, std, n)}}}."""
+    merged: dict[str, dict] = {}
+    for group, raw in zip(partials["group"].to_pylist(), partials["payload"].to_pylist()):
+        p = json.loads(raw)
+        entry = merged.setdefault(group, {"moments": Moments(0, np.zeros((GRID, GRID)), np.zeros((GRID, GRID))),
+                                          "stats": {}})
+        entry["moments"] = entry["moments"].merge(Moments(p["count"], np.array(p["mean"]), np.array(p["m2"])))
+        for name, (n, total, squares) in p["stats"].items():
+            acc = entry["stats"].setdefault(name, [0, 0.0, 0.0])
+            acc[0] += n
+            acc[1] += total
+            acc[2] += squares
+    result = {}
+    for group, entry in sorted(merged.items()):
+        m = entry["moments"]
+        stats = {}
+        for name, (n, total, squares) in entry["stats"].items():
+            mean = total / n if n else float("nan")
+            stats[name] = {"mean": mean, "std": float(np.sqrt(max(squares / n - mean ** 2, 0))) if n else float("nan"),
+                           "n": n}
+        result[group] = {"count": m.count, "mean_map": m.mean, "var_map": m.variance, "stats": stats}
+    return result
+
+
+def findings(groups: dict) -> list[dict]:
+    """Severity-ranked observations on the per-class mean maps and statistics."""
+    out = []
+    edge = frame(GRID, GRID)
+    share = edge.sum() / edge.size
+    for group, g in groups.items():
+        if not group.startswith(("true:", "predicted:")) or g["count"] == 0:
+            continue
+        mean = g["mean_map"]
+        enrichment = float(mean[edge].sum() / share)
+        ys = (np.arange(GRID) + 0.5) / GRID
+        cy, cx = float(mean.sum(1) @ ys), float(mean.sum(0) @ ys)
+        offset = float(np.hypot(cy - 0.5, cx - 0.5))
+        if enrichment >= BORDER_ENRICHMENT_FLAG:
+            out.append({"group": group, "severity": "high", "finding": "border-heavy",
+                        "detail": f"mean map puts {enrichment:.1f}x the frame's share of mass on the outer frame"})
+        if offset >= OFF_CENTRE_FLAG:
+            out.append({"group": group, "severity": "medium", "finding": "off-centre",
+                        "detail": f"centre of mass at (y={cy:.2f}, x={cx:.2f})"})
+        mask = g["stats"].get("energy_in_mask")
+        if mask and mask["n"] and mask["mean"] < MASK_ENERGY_FLAG:
+            out.append({"group": group, "severity": "high", "finding": "mass outside masks",
+                        "detail": f"mean energy inside the ground-truth masks is {mask['mean']:.2f}"})
+    return sorted(out, key=lambda f: (f["severity"] != "high", f["group"]))
+
+
+def run_audit(output: str, report_dir: str | None = None, label_column: str | None = "label") -> dict:
+    """Aggregate a job's output with Ray Data; write audit.json and report.html to ``report_dir``."""
+    import ray
+
+    from worker import dataset, sink
+
+    fs, root = dataset.filesystem(output)
+    files = sink.committed_files(fs, root)
+    if not files:
+        raise ValueError(f"{output} holds no committed output files")
+    if not ray.is_initialized():
+        ray.init(logging_level="ERROR")
+    ds = ray.data.read_parquet(files, filesystem=fs)
+    partials = ds.map_batches(partial_aggregates, batch_format="pyarrow", batch_size=1024,
+                              fn_kwargs={"label_column": label_column})
+    merged = merge_partials(pa.Table.from_pylist(partials.take_all()))
+    import pyarrow.parquet as pq
+
+    metadata = read_metadata(pq.read_schema(files[0], filesystem=fs)) or {}
+    result = {"output": output, "groups": merged, "findings": findings(merged), "metadata": metadata}
+    if report_dir:
+        write_report(result, report_dir)
+    return result
+
+
+def _png(grid: np.ndarray, vmax: float) -> str:
+    from PIL import Image
+
+    s = np.clip(grid / vmax, 0, 1) if vmax > 0 else grid * 0
+    heat = np.stack([np.clip(3 * s, 0, 1), np.clip(3 * s - 1, 0, 1), np.clip(3 * s - 2, 0, 1)], -1)
+    image = Image.fromarray((heat * 255).astype(np.uint8)).resize((128, 128), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_report(result: dict, report_dir: str) -> None:
+    """audit.json (numbers) and report.html (one self-contained page, images inline)."""
+    import os
+
+    os.makedirs(report_dir, exist_ok=True)
+    groups = result["groups"]
+    serial = {g: {"count": v["count"], "mean_map": v["mean_map"].tolist(), "stats": v["stats"]}
+              for g, v in groups.items()}
+    with open(os.path.join(report_dir, "audit.json"), "w") as f:
+        json.dump({"output": result["output"], "groups": serial, "findings": result["findings"]}, f, indent=1)
+    shown = {g: v for g, v in groups.items() if g.startswith("true:") or not any(k.startswith("true:") for k in groups)}
+    vmax = max((float(v["mean_map"].max()) for v in shown.values()), default=1.0)
+    meta = result["metadata"]
+    card = {"model fingerprint": meta.get("model", {}).get("fingerprint"), "method": meta.get("method"),
+            "target": meta.get("target"), "score": meta.get("score"), "output": result["output"],
+            "rows": sum(v["count"] for g, v in groups.items() if g.startswith("predicted:"))}
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in card.items())
+    tiles = "".join(
+        f'<figure><img alt="{html.escape(g)}" src="data:image/png;base64,{_png(v["mean_map"], vmax)}">'
+        f"<figcaption>{html.escape(g)} (n={v['count']})</figcaption></figure>" for g, v in shown.items())
+    found = "".join(f"<tr><td>{f['severity']}</td><td>{html.escape(f['group'])}</td><td>{f['finding']}</td>"
+                    f"<td>{html.escape(f['detail'])}</td></tr>" for f in result["findings"]) or \
+        "<tr><td colspan=4>no findings</td></tr>"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Saliency audit</title>
+<style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:.5em;text-align:center}}
+img{{image-rendering:pixelated;border:1px solid #ccc}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}</style></head><body>
+<h1>Saliency audit</h1><h2>Run card</h2><table>{rows}</table>
+<h2>Findings</h2><table><tr><th>severity</th><th>group</th><th>finding</th><th>detail</th></tr>{found}</table>
+<h2>Mean maps per class</h2><p>L1-normalised maps averaged on a 16 x 16 grid, one colour scale for all
+(max {vmax:.4f}).</p>{tiles}</body></html>"""
+    with open(os.path.join(report_dir, "report.html"), "w") as f:
+        f.write(page)
