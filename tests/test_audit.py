@@ -70,3 +70,60 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
     assert page.count("data:image/png;base64,") == len([g for g in result["groups"] if g.startswith("true:")])
     assert result["metadata"]["model"]["fingerprint"] in page
     assert (tmp_path / "report" / "audit.json").exists()
+
+
+def test_clusters_find_the_planted_subgroup_out_of_core():
+    from worker.audit import assignment_partials, cluster_groups, findings, merge_assignments
+
+    rng = np.random.default_rng(2)
+    n = 300
+    labels = np.zeros(n, int)
+    maps = rng.random((n, 32, 32)) * 0.05
+    yy, xx = np.mgrid[:32, :32]
+    maps += np.exp(-((yy - 16) ** 2 + (xx - 16) ** 2) / 40.0)  # the object, in the centre
+    shortcut = rng.random(n) < 0.1  # 10 % of the class: the model looks at a corner mark instead
+    maps[shortcut] = rng.random((shortcut.sum(), 32, 32)) * 0.05
+    maps[shortcut, :4, -4:] += 3.0
+    table = _output_table(maps, labels, labels)
+    blocks = [table.slice(i, 64) for i in range(0, n, 64)]
+    merged = merge_partials(pa.concat_tables([partial_aggregates(b, "label") for b in blocks]))
+    assert len(merged["true:0"]["sample"]) == n  # below the sample size: everything sampled
+    fitted = cluster_groups(merged)["true:0"]
+    assert fitted.k == 2
+    centroids = {"true:0": fitted.centroids.tolist()}
+    assigned = merge_assignments(pa.concat_tables([assignment_partials(b, centroids, "label") for b in blocks]))
+    sizes = sorted(c["count"] for c in assigned["true:0"])
+    assert sizes == sorted([int(shortcut.sum()), int(n - shortcut.sum())])
+    flagged = [f for f in findings(merged, assigned) if f["finding"] == "small cluster looks elsewhere"]
+    assert len(flagged) == 1 and flagged[0]["group"] == "true:0"
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    from worker.audit import write_report
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    rng = np.random.default_rng(3)
+    maps = rng.random((30, 32, 32))
+    maps[:, 12:20, 12:20] += 2.0
+    labels = np.repeat([0, 1, 2], 10)
+    merged = merge_partials(partial_aggregates(_output_table(maps, labels, labels), "label"))
+    write_report({"output": "maps/", "groups": merged, "clusters": {}, "findings": findings(merged),
+                  "metadata": {"model": {"fingerprint": "sha256:abc"}, "method": "guided_backprop"}},
+                 str(tmp_path / "report"))
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,900",
+                    f"--screenshot={shot}", (tmp_path / "report" / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.std() > 10  # not blank
+    # the inline heat maps rendered: red pixels (R well above B) exist only if the images loaded
+    assert (pixels[..., 0] - pixels[..., 2] > 80).sum() > 3 * 100 * 100  # three 128 px tiles, mostly red

@@ -28,6 +28,8 @@ from worker.schema import maps_to_numpy, read_metadata
 from worker.stats import MASK_COLUMNS, STAT_COLUMNS, frame
 
 GRID = 16
+SAMPLE_SIZE = 1000  # maps per class kept (uniformly, out of core) for clustering
+SMALL_CLUSTER = 0.15  # a cluster with at most this share of its class is "small"
 BORDER_ENRICHMENT_FLAG = 1.5  # the 16x16 frame covers 44 % of the area: at most 2.3x
 OFF_CENTRE_FLAG = 0.2
 MASK_ENERGY_FLAG = 0.5
@@ -107,6 +109,9 @@ def partial_aggregates(table: pa.Table, label_column: str | None = None) -> pa.T
     for i, keys in enumerate(group_keys(table, label_column)):
         for key in keys:
             members.setdefault(key, []).append(i)
+    ids = table["id"].to_pylist()
+    sample_keys = np.array([_sample_key(i) for i in ids])
+    cluster_kind = "true" if any(kind == "true" for kind, _ in members) else "predicted"
     groups, payloads = [], []
     for (kind, cls), rows in members.items():
         moments = Moments.of(grids[rows])
@@ -115,10 +120,31 @@ def partial_aggregates(table: pa.Table, label_column: str | None = None) -> pa.T
             v = values[rows]
             v = v[np.isfinite(v)]
             summary[name] = [int(len(v)), float(v.sum()), float((v ** 2).sum())]
+        payload = {"count": moments.count, "mean": moments.mean.tolist(), "m2": moments.m2.tolist(),
+                   "stats": summary}
+        if kind == cluster_kind:
+            keep = np.asarray(rows)[np.argsort(sample_keys[rows])[:SAMPLE_SIZE]]
+            payload["sample"] = _pack_sample(sample_keys[keep], grids[keep])
         groups.append(f"{kind}:{cls}")
-        payloads.append(json.dumps({"count": moments.count, "mean": moments.mean.tolist(),
-                                    "m2": moments.m2.tolist(), "stats": summary}))
+        payloads.append(json.dumps(payload))
     return pa.table({"group": groups, "payload": payloads})
+
+
+def _sample_key(row_id: str) -> float:
+    """A uniform pseudo-random key per row id: the same row is sampled the same way in every block split."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha1(row_id.encode()).digest()[:8], "big") / 2 ** 64
+
+
+def _pack_sample(keys: np.ndarray, grids: np.ndarray) -> dict:
+    return {"keys": keys.tolist(), "grids": base64.b64encode(grids.astype(np.float32).tobytes()).decode()}
+
+
+def _unpack_sample(sample: dict) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.asarray(sample["keys"], np.float64)
+    grids = np.frombuffer(base64.b64decode(sample["grids"]), np.float32).reshape(len(keys), GRID, GRID)
+    return keys, grids
 
 
 def merge_partials(partials: pa.Table) -> dict:
@@ -129,6 +155,12 @@ def merge_partials(partials: pa.Table) -> dict:
         entry = merged.setdefault(group, {"moments": Moments(0, np.zeros((GRID, GRID)), np.zeros((GRID, GRID))),
                                           "stats": {}})
         entry["moments"] = entry["moments"].merge(Moments(p["count"], np.array(p["mean"]), np.array(p["m2"])))
+        if "sample" in p:
+            keys, grids = _unpack_sample(p["sample"])
+            old_keys, old_grids = entry.get("sample", (np.zeros(0), np.zeros((0, GRID, GRID))))
+            keys, grids = np.concatenate([old_keys, keys]), np.concatenate([old_grids, grids])
+            order = np.argsort(keys)[:SAMPLE_SIZE]
+            entry["sample"] = (keys[order], grids[order])
         for name, (n, total, squares) in p["stats"].items():
             acc = entry["stats"].setdefault(name, [0, 0.0, 0.0])
             acc[0] += n
@@ -143,21 +175,91 @@ def merge_partials(partials: pa.Table) -> dict:
             stats[name] = {"mean": mean, "std": float(np.sqrt(max(squares / n - mean ** 2, 0))) if n else float("nan"),
                            "n": n}
         result[group] = {"count": m.count, "mean_map": m.mean, "var_map": m.variance, "stats": stats}
+        if "sample" in entry:
+            result[group]["sample"] = entry["sample"][1]
     return result
 
 
-def findings(groups: dict) -> list[dict]:
+def cluster_groups(groups: dict, seed: int = 0) -> dict:
+    """SpRAy on each group's sample: {group: Clustering} for groups with enough sampled maps."""
+    from worker.clusters import spectral_clusters
+
+    return {g: spectral_clusters(v["sample"].reshape(len(v["sample"]), -1), seed=seed)
+            for g, v in groups.items() if "sample" in v and len(v["sample"]) >= 20}
+
+
+def assignment_partials(table: pa.Table, centroids: dict, label_column: str | None = None) -> pa.Table:
+    """Assign every map of a block to its class's nearest cluster; per (group, cluster) counts and sums."""
+    from worker.clusters import assign
+
+    table = table.filter(pa.compute.is_null(table["error"]))
+    rows_out = {"group": [], "cluster": [], "count": [], "grid_sum": []}
+    if table.num_rows:
+        maps = maps_to_numpy(table["map"])
+        if maps.ndim == 4 and maps.shape[-1] not in (1, 3):
+            maps = maps[:, 0]
+        grids = downsample(maps)
+        members: dict[str, list[int]] = {}
+        for i, keys in enumerate(group_keys(table, label_column)):
+            for kind, cls in keys:
+                if f"{kind}:{cls}" in centroids:
+                    members.setdefault(f"{kind}:{cls}", []).append(i)
+        for group, rows in members.items():
+            labels = assign(grids[rows].reshape(len(rows), -1), np.asarray(centroids[group]))
+            for c in np.unique(labels):
+                chosen = np.asarray(rows)[labels == c]
+                rows_out["group"].append(group)
+                rows_out["cluster"].append(int(c))
+                rows_out["count"].append(len(chosen))
+                rows_out["grid_sum"].append(grids[chosen].sum(0).reshape(-1).tolist())
+    return pa.table({"group": pa.array(rows_out["group"], pa.string()), "cluster": pa.array(rows_out["cluster"], pa.int64()),
+                     "count": pa.array(rows_out["count"], pa.int64()),
+                     "grid_sum": pa.array(rows_out["grid_sum"], pa.list_(pa.float64()))})
+
+
+def merge_assignments(partials: pa.Table) -> dict:
+    """{group: [{"cluster", "count", "share", "mean_map"}]} over all rows."""
+    totals: dict[tuple, list] = {}
+    for g, c, n, grid in zip(*(partials[k].to_pylist() for k in ("group", "cluster", "count", "grid_sum"))):
+        acc = totals.setdefault((g, c), [0, np.zeros(GRID * GRID)])
+        acc[0] += n
+        acc[1] += np.asarray(grid)
+    out: dict[str, list] = {}
+    for (g, c), (n, grid) in sorted(totals.items()):
+        out.setdefault(g, []).append({"cluster": c, "count": n, "mean_map": (grid / n).reshape(GRID, GRID)})
+    for clusters in out.values():
+        total = sum(c["count"] for c in clusters)
+        for c in clusters:
+            c["share"] = c["count"] / total
+    return out
+
+
+def _shape_of(mean: np.ndarray) -> tuple[float, float, float]:
+    """(border enrichment, centre-of-mass y, x) of a 16 x 16 mean map."""
+    edge = frame(GRID, GRID)
+    enrichment = float(mean[edge].sum() / (edge.sum() / edge.size)) if mean.sum() > 0 else 0.0
+    ys = (np.arange(GRID) + 0.5) / GRID
+    total = mean.sum() or 1.0
+    return enrichment, float(mean.sum(1) @ ys / total), float(mean.sum(0) @ ys / total)
+
+
+def findings(groups: dict, clusters: dict | None = None) -> list[dict]:
     """Severity-ranked observations on the per-class mean maps and statistics."""
     out = []
-    edge = frame(GRID, GRID)
-    share = edge.sum() / edge.size
+    for group, found in (clusters or {}).items():
+        if len(found) < 2:
+            continue
+        for c in found:
+            enrichment, cy, cx = _shape_of(c["mean_map"])
+            odd = enrichment >= BORDER_ENRICHMENT_FLAG or np.hypot(cy - 0.5, cx - 0.5) >= OFF_CENTRE_FLAG
+            if c["share"] <= SMALL_CLUSTER and c["count"] >= 3 and odd:
+                out.append({"group": group, "severity": "high", "finding": "small cluster looks elsewhere",
+                            "detail": f"cluster {c['cluster']} ({c['count']} maps, {c['share']:.0%} of the class): "
+                                      f"border enrichment {enrichment:.1f}, centre (y={cy:.2f}, x={cx:.2f})"})
     for group, g in groups.items():
         if not group.startswith(("true:", "predicted:")) or g["count"] == 0:
             continue
-        mean = g["mean_map"]
-        enrichment = float(mean[edge].sum() / share)
-        ys = (np.arange(GRID) + 0.5) / GRID
-        cy, cx = float(mean.sum(1) @ ys), float(mean.sum(0) @ ys)
+        enrichment, cy, cx = _shape_of(g["mean_map"])
         offset = float(np.hypot(cy - 0.5, cx - 0.5))
         if enrichment >= BORDER_ENRICHMENT_FLAG:
             out.append({"group": group, "severity": "high", "finding": "border-heavy",
@@ -188,10 +290,20 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     partials = ds.map_batches(partial_aggregates, batch_format="pyarrow", batch_size=1024,
                               fn_kwargs={"label_column": label_column})
     merged = merge_partials(pa.Table.from_pylist(partials.take_all()))
+    fitted = cluster_groups(merged)
+    centroids = {g: c.centroids.tolist() for g, c in fitted.items() if c.k > 1}
+    clusters = {g: [{"cluster": 0, "count": merged[g]["count"], "share": 1.0, "mean_map": merged[g]["mean_map"]}]
+                for g, c in fitted.items() if c.k == 1}
+    if centroids:
+        assigned = ray.data.read_parquet(files, filesystem=fs).map_batches(
+            assignment_partials, batch_format="pyarrow", batch_size=1024,
+            fn_kwargs={"centroids": centroids, "label_column": label_column})
+        clusters.update(merge_assignments(pa.Table.from_pylist(assigned.take_all())))
     import pyarrow.parquet as pq
 
     metadata = read_metadata(pq.read_schema(files[0], filesystem=fs)) or {}
-    result = {"output": output, "groups": merged, "findings": findings(merged), "metadata": metadata}
+    result = {"output": output, "groups": merged, "clusters": clusters, "findings": findings(merged, clusters),
+              "metadata": metadata}
     if report_dir:
         write_report(result, report_dir)
     return result
@@ -216,8 +328,11 @@ def write_report(result: dict, report_dir: str) -> None:
     groups = result["groups"]
     serial = {g: {"count": v["count"], "mean_map": v["mean_map"].tolist(), "stats": v["stats"]}
               for g, v in groups.items()}
+    clusters = result.get("clusters", {})
+    serial_clusters = {g: [{**c, "mean_map": c["mean_map"].tolist()} for c in cs] for g, cs in clusters.items()}
     with open(os.path.join(report_dir, "audit.json"), "w") as f:
-        json.dump({"output": result["output"], "groups": serial, "findings": result["findings"]}, f, indent=1)
+        json.dump({"output": result["output"], "groups": serial, "clusters": serial_clusters,
+                   "findings": result["findings"]}, f, indent=1)
     shown = {g: v for g, v in groups.items() if g.startswith("true:") or not any(k.startswith("true:") for k in groups)}
     vmax = max((float(v["mean_map"].max()) for v in shown.values()), default=1.0)
     meta = result["metadata"]
@@ -228,6 +343,12 @@ def write_report(result: dict, report_dir: str) -> None:
     tiles = "".join(
         f'<figure><img alt="{html.escape(g)}" src="data:image/png;base64,{_png(v["mean_map"], vmax)}">'
         f"<figcaption>{html.escape(g)} (n={v['count']})</figcaption></figure>" for g, v in shown.items())
+    cluster_rows = "".join(
+        f"<div><h3>{html.escape(g)}: {len(cs)} cluster(s)</h3>" + "".join(
+            f'<figure><img alt="{html.escape(g)} cluster {c["cluster"]}" '
+            f'src="data:image/png;base64,{_png(c["mean_map"], vmax)}"><figcaption>cluster {c["cluster"]}: '
+            f'{c["count"]} maps ({c["share"]:.0%})</figcaption></figure>' for c in cs) + "</div>"
+        for g, cs in clusters.items() if len(cs) > 1)
     found = "".join(f"<tr><td>{f['severity']}</td><td>{html.escape(f['group'])}</td><td>{f['finding']}</td>"
                     f"<td>{html.escape(f['detail'])}</td></tr>" for f in result["findings"]) or \
         "<tr><td colspan=4>no findings</td></tr>"
@@ -238,6 +359,10 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}</style></head><
 <h1>Saliency audit</h1><h2>Run card</h2><table>{rows}</table>
 <h2>Findings</h2><table><tr><th>severity</th><th>group</th><th>finding</th><th>detail</th></tr>{found}</table>
 <h2>Mean maps per class</h2><p>L1-normalised maps averaged on a 16 x 16 grid, one colour scale for all
-(max {vmax:.4f}).</p>{tiles}</body></html>"""
+(max {vmax:.4f}).</p>{tiles}
+<h2>Clusters (spectral relevance analysis)</h2><p>Per class: a uniform sample of at most {SAMPLE_SIZE} maps is
+clustered (kNN graph, normalised Laplacian, eigengap for k, k-means); every map is then assigned to its nearest
+cluster. Classes with one cluster are not shown.</p>{cluster_rows or "<p>no class splits into clusters</p>"}
+</body></html>"""
     with open(os.path.join(report_dir, "report.html"), "w") as f:
         f.write(page)
