@@ -33,6 +33,7 @@ SMALL_CLUSTER = 0.15  # a cluster with at most this share of its class is "small
 BORDER_ENRICHMENT_FLAG = 1.5  # the 16x16 frame covers 44 % of the area: at most 2.3x
 OFF_CENTRE_FLAG = 0.2
 MASK_ENERGY_FLAG = 0.5
+OUTLIER_Z = 4.0  # a class this many robust standard deviations from the other classes is flagged
 
 
 @dataclass
@@ -243,6 +244,17 @@ def _shape_of(mean: np.ndarray) -> tuple[float, float, float]:
     return enrichment, float(mean.sum(1) @ ys / total), float(mean.sum(0) @ ys / total)
 
 
+def _robust_z(values: dict) -> dict:
+    """(x - median) / (1.4826 MAD) over the classes; empty with fewer than 5 classes."""
+    if len(values) < 5:
+        return {}
+    x = np.array(list(values.values()))
+    median = np.median(x)
+    mad = 1.4826 * np.median(np.abs(x - median))
+    scale = max(mad, 0.05 * abs(median), 1e-6)
+    return {g: (v - median) / scale for g, v in values.items()}
+
+
 def findings(groups: dict, clusters: dict | None = None) -> list[dict]:
     """Severity-ranked observations on the per-class mean maps and statistics."""
     out = []
@@ -256,26 +268,61 @@ def findings(groups: dict, clusters: dict | None = None) -> list[dict]:
                 out.append({"group": group, "severity": "high", "finding": "small cluster looks elsewhere",
                             "detail": f"cluster {c['cluster']} ({c['count']} maps, {c['share']:.0%} of the class): "
                                       f"border enrichment {enrichment:.1f}, centre (y={cy:.2f}, x={cx:.2f})"})
-    for group, g in groups.items():
-        if not group.startswith(("true:", "predicted:")) or g["count"] == 0:
+    for kind in ("true", "predicted"):
+        members = {g: v for g, v in groups.items() if g.startswith(kind + ":") and v["count"]}
+        if not members:
             continue
-        enrichment, cy, cx = _shape_of(g["mean_map"])
-        offset = float(np.hypot(cy - 0.5, cx - 0.5))
-        if enrichment >= BORDER_ENRICHMENT_FLAG:
-            out.append({"group": group, "severity": "high", "finding": "border-heavy",
-                        "detail": f"mean map puts {enrichment:.1f}x the frame's share of mass on the outer frame"})
-        if offset >= OFF_CENTRE_FLAG:
-            out.append({"group": group, "severity": "medium", "finding": "off-centre",
-                        "detail": f"centre of mass at (y={cy:.2f}, x={cx:.2f})"})
-        mask = g["stats"].get("energy_in_mask")
-        if mask and mask["n"] and mask["mean"] < MASK_ENERGY_FLAG:
-            out.append({"group": group, "severity": "high", "finding": "mass outside masks",
-                        "detail": f"mean energy inside the ground-truth masks is {mask['mean']:.2f}"})
+        shape = {g: _shape_of(v["mean_map"]) for g, v in members.items()}
+        measures = {
+            "border-heavy": {g: s[0] for g, s in shape.items()},
+            "off-centre": {g: float(np.hypot(s[1] - 0.5, s[2] - 0.5)) for g, s in shape.items()},
+        }
+        absolute = {"border-heavy": BORDER_ENRICHMENT_FLAG, "off-centre": OFF_CENTRE_FLAG}
+        for name, values in measures.items():
+            z = _robust_z(values)
+            for g, value in values.items():
+                enrichment, cy, cx = shape[g]
+                where = f"border enrichment {enrichment:.2f}, centre of mass (y={cy:.2f}, x={cx:.2f})"
+                if value >= absolute[name]:
+                    out.append({"group": g, "severity": "high", "finding": name, "detail": where})
+                elif z.get(g, 0) >= OUTLIER_Z:
+                    out.append({"group": g, "severity": "medium", "finding": f"{name} compared with other classes",
+                                "detail": f"{where}; robust z = {z[g]:.1f} over {len(values)} classes"})
+        for g, v in members.items():
+            mask = v["stats"].get("energy_in_mask")
+            if mask and mask["n"] and mask["mean"] < MASK_ENERGY_FLAG:
+                out.append({"group": g, "severity": "high", "finding": "mass outside masks",
+                            "detail": f"mean energy inside the ground-truth masks is {mask['mean']:.2f}"})
     return sorted(out, key=lambda f: (f["severity"] != "high", f["group"]))
 
 
-def run_audit(output: str, report_dir: str | None = None, label_column: str | None = "label") -> dict:
-    """Aggregate a job's output with Ray Data; write audit.json and report.html to ``report_dir``."""
+def sample_images(metadata: dict, n: int) -> np.ndarray:
+    """The first ``n`` decodable images of the job's input, at the model's input size."""
+    from worker.dataset import plan, read_unit
+    from worker.decode import DecodeError, decode_image
+    from worker.job import image_cells
+
+    job, size = metadata["job"], tuple(metadata["decode"]["size"])
+    fs, units, _ = plan(job["input"], [job["image_column"]])
+    images = []
+    for unit in units:
+        table = read_unit(fs, unit, [job["image_column"]], None)
+        for cell in image_cells(table[job["image_column"]]):
+            try:
+                images.append(decode_image(cell, size, metadata["decode"]["resize"]))
+            except DecodeError:
+                continue
+            if len(images) == n:
+                return np.stack(images)
+    return np.stack(images) if images else np.zeros((0, *size, 3), np.uint8)
+
+
+def run_audit(output: str, report_dir: str | None = None, label_column: str | None = "label",
+              controls: int = 0, model: str | None = None) -> dict:
+    """Aggregate a job's output with Ray Data; write audit.json and report.html to ``report_dir``.
+
+    ``controls=N`` adds the sanity controls of :mod:`worker.controls` on the first N input images
+    (``model`` defaults to the path recorded by the job)."""
     import ray
 
     from worker import dataset, sink
@@ -304,6 +351,14 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     metadata = read_metadata(pq.read_schema(files[0], filesystem=fs)) or {}
     result = {"output": output, "groups": merged, "clusters": clusters, "findings": findings(merged, clusters),
               "metadata": metadata}
+    if controls:
+        from worker.controls import run_controls
+
+        images = sample_images(metadata, controls)
+        result["controls"] = run_controls(model or metadata["model_path"], images,
+                                          preprocessing=metadata["preprocessing"]["preset"],
+                                          score=metadata.get("score", "logits").split(" ")[0],
+                                          batch_size=min(32, max(1, len(images))))
     if report_dir:
         write_report(result, report_dir)
     return result
@@ -320,6 +375,17 @@ def _png(grid: np.ndarray, vmax: float) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _controls_html(controls: dict | None) -> str:
+    if not controls:
+        return "<h2>Controls</h2><p>not run (audit --controls N)</p>"
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{v['spearman']:.3f}</td><td>{v['ssim']:.3f}</td></tr>"
+                   for name, v in controls["similarity_to_real"].items())
+    return (f"<h2>Controls</h2><p>{controls['images']} images; extra cost: {html.escape(controls['extra_model_cost'])}. "
+            "High similarity of the real maps to a control means the maps say little about the model or the class "
+            "(guided backprop is known to reconstruct edges and to pass the model-randomisation test poorly).</p>"
+            f"<table><tr><th>control</th><th>Spearman</th><th>SSIM</th></tr>{rows}</table>")
+
+
 def write_report(result: dict, report_dir: str) -> None:
     """audit.json (numbers) and report.html (one self-contained page, images inline)."""
     import os
@@ -332,7 +398,7 @@ def write_report(result: dict, report_dir: str) -> None:
     serial_clusters = {g: [{**c, "mean_map": c["mean_map"].tolist()} for c in cs] for g, cs in clusters.items()}
     with open(os.path.join(report_dir, "audit.json"), "w") as f:
         json.dump({"output": result["output"], "groups": serial, "clusters": serial_clusters,
-                   "findings": result["findings"]}, f, indent=1)
+                   "findings": result["findings"], "controls": result.get("controls")}, f, indent=1)
     shown = {g: v for g, v in groups.items() if g.startswith("true:") or not any(k.startswith("true:") for k in groups)}
     vmax = max((float(v["mean_map"].max()) for v in shown.values()), default=1.0)
     meta = result["metadata"]
@@ -360,6 +426,7 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}</style></head><
 <h2>Findings</h2><table><tr><th>severity</th><th>group</th><th>finding</th><th>detail</th></tr>{found}</table>
 <h2>Mean maps per class</h2><p>L1-normalised maps averaged on a 16 x 16 grid, one colour scale for all
 (max {vmax:.4f}).</p>{tiles}
+{_controls_html(result.get("controls"))}
 <h2>Clusters (spectral relevance analysis)</h2><p>Per class: a uniform sample of at most {SAMPLE_SIZE} maps is
 clustered (kNN graph, normalised Laplacian, eigengap for k, k-means); every map is then assigned to its nearest
 cluster. Classes with one cluster are not shown.</p>{cluster_rows or "<p>no class splits into clusters</p>"}

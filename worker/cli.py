@@ -82,6 +82,8 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("--input", required=True, help="a job's output directory")
     audit.add_argument("--report", required=True, help="directory for report.html and audit.json")
     audit.add_argument("--label-column", default="label")
+    audit.add_argument("--controls", type=int, default=0, help="sanity controls on the first N input images")
+    audit.add_argument("--model", help="model for the controls (default: the path the job recorded)")
     demo = sub.add_parser("demo", help="make real images and a model, run the job locally, write overlays")
     demo.add_argument("--output", default="demo_output")
     demo.add_argument("--images", type=int, default=600)
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
         elif args.command == "audit":
             from worker.audit import run_audit
 
-            result = run_audit(args.input, args.report, args.label_column)
+            result = run_audit(args.input, args.report, args.label_column, args.controls, args.model)
             summary = {"report": args.report, "groups": len(result["groups"]), "findings": result["findings"]}
         elif args.command == "scheduled":
             from worker.schedule import load_config, scheduled_run

@@ -339,7 +339,7 @@ def run(config: JobConfig, *, echo=print) -> dict:
 
     versions = {"ray": ray.__version__, "pyarrow": pa.__version__, **report["versions"]}
     identity = job_identity(config, report)
-    metadata = {**report, "versions": versions, "job": identity,
+    metadata = {**report, "versions": versions, "job": identity, "model_path": config.model,
                 "decode": {"resize": config.resize, "max_pixels": config.max_pixels, "size": [h, w]},
                 **config.extra_metadata}
     out_fs, out_root = dataset.filesystem(config.output)

@@ -1,0 +1,46 @@
+"""A planted shortcut, end to end: one class carries a corner mark; the audit flags that class only."""
+
+import numpy as np
+import pytest
+
+from tests import jobdata
+from worker.audit import run_audit
+from worker.demo import digits_images, train_question_model
+
+MARKED = 3
+
+
+def _mark(images, labels):
+    images = images.copy()
+    images[labels == MARKED, 1:6, 1:6] = 255  # a white square in the top-left corner
+    return images
+
+
+@pytest.fixture(scope="module")
+def shortcut_model(tmp_path_factory):
+    images, labels = digits_images(32)
+    train_x, train_y = _mark(images[400:], labels[400:]), labels[400:]
+    path = tmp_path_factory.mktemp("shortcut") / "model.keras"
+    train_question_model(train_x, train_y, classes=10, epochs=8, seed=1).save(str(path))
+    return str(path), _mark(images[:400], labels[:400]), labels[:400]
+
+
+def test_audit_flags_the_marked_class(ray_local, shortcut_model, tmp_path):
+    from worker.job import JobConfig, run
+
+    model, images, labels = shortcut_model
+    jobdata.write_hf(tmp_path / "test.parquet", images, labels, row_group=100)
+    run(JobConfig(model=model, input=str(tmp_path / "test.parquet"), output=str(tmp_path / "maps"),
+                  preprocessing="scale01", label_column="label", batch_size=16), echo=lambda *_: None)
+    result = run_audit(str(tmp_path / "maps"), str(tmp_path / "report"), controls=24)
+    flagged = {f["group"] for f in result["findings"] if f["group"].startswith("true:")}
+    details = {g: (round(v["stats"]["border_enrichment"]["mean"], 2), round(v["stats"]["com_y"]["mean"], 2),
+                   round(v["stats"]["com_x"]["mean"], 2)) for g, v in result["groups"].items() if g.startswith("true:")}
+    assert f"true:{MARKED}" in flagged, details
+    assert flagged == {f"true:{MARKED}"}, (result["findings"], details)
+    controls = result["controls"]
+    assert controls["images"] == 24
+    assert set(controls["similarity_to_real"]) == {"random_class", "randomized_model", "edges"}
+    for value in controls["similarity_to_real"].values():
+        assert -1 <= value["spearman"] <= 1 and -1 <= value["ssim"] <= 1
+    assert "Controls" in (tmp_path / "report" / "report.html").read_text()
