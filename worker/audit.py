@@ -148,25 +148,30 @@ def _unpack_sample(sample: dict) -> tuple[np.ndarray, np.ndarray]:
     return keys, grids
 
 
-def merge_partials(partials: pa.Table) -> dict:
-    """Partial rows -> {group: {"count", "mean_map", "var_map", "stats": {name: (mean, std, n)}}}."""
+def _merge_one(merged: dict, group: str, p: dict) -> None:
+    entry = merged.setdefault(group, {"moments": Moments(0, np.zeros((GRID, GRID)), np.zeros((GRID, GRID))),
+                                      "stats": {}})
+    entry["moments"] = entry["moments"].merge(Moments(p["count"], np.array(p["mean"]), np.array(p["m2"])))
+    if "sample" in p:
+        keys, grids = _unpack_sample(p["sample"])
+        old_keys, old_grids = entry.get("sample", (np.zeros(0), np.zeros((0, GRID, GRID))))
+        keys, grids = np.concatenate([old_keys, keys]), np.concatenate([old_grids, grids])
+        order = np.argsort(keys)[:SAMPLE_SIZE]
+        entry["sample"] = (keys[order], grids[order])
+    for name, (n, total, squares) in p["stats"].items():
+        acc = entry["stats"].setdefault(name, [0, 0.0, 0.0])
+        acc[0] += n
+        acc[1] += total
+        acc[2] += squares
+
+
+def merge_partials(partials) -> dict:
+    """Partial rows (a table, or an iterable of tables streamed one at a time, so the driver holds only the
+    merged state) -> {group: {"count", "mean_map", "var_map", "stats": {name: {mean, std, n}}, "sample"}}."""
     merged: dict[str, dict] = {}
-    for group, raw in zip(partials["group"].to_pylist(), partials["payload"].to_pylist()):
-        p = json.loads(raw)
-        entry = merged.setdefault(group, {"moments": Moments(0, np.zeros((GRID, GRID)), np.zeros((GRID, GRID))),
-                                          "stats": {}})
-        entry["moments"] = entry["moments"].merge(Moments(p["count"], np.array(p["mean"]), np.array(p["m2"])))
-        if "sample" in p:
-            keys, grids = _unpack_sample(p["sample"])
-            old_keys, old_grids = entry.get("sample", (np.zeros(0), np.zeros((0, GRID, GRID))))
-            keys, grids = np.concatenate([old_keys, keys]), np.concatenate([old_grids, grids])
-            order = np.argsort(keys)[:SAMPLE_SIZE]
-            entry["sample"] = (keys[order], grids[order])
-        for name, (n, total, squares) in p["stats"].items():
-            acc = entry["stats"].setdefault(name, [0, 0.0, 0.0])
-            acc[0] += n
-            acc[1] += total
-            acc[2] += squares
+    for table in ([partials] if isinstance(partials, pa.Table) else partials):
+        for group, raw in zip(table["group"].to_pylist(), table["payload"].to_pylist()):
+            _merge_one(merged, group, json.loads(raw))
     result = {}
     for group, entry in sorted(merged.items()):
         m = entry["moments"]
@@ -218,13 +223,14 @@ def assignment_partials(table: pa.Table, centroids: dict, label_column: str | No
                      "grid_sum": pa.array(rows_out["grid_sum"], pa.list_(pa.float64()))})
 
 
-def merge_assignments(partials: pa.Table) -> dict:
-    """{group: [{"cluster", "count", "share", "mean_map"}]} over all rows."""
+def merge_assignments(partials) -> dict:
+    """{group: [{"cluster", "count", "share", "mean_map"}]} over all rows (a table or an iterable of tables)."""
     totals: dict[tuple, list] = {}
-    for g, c, n, grid in zip(*(partials[k].to_pylist() for k in ("group", "cluster", "count", "grid_sum"))):
-        acc = totals.setdefault((g, c), [0, np.zeros(GRID * GRID)])
-        acc[0] += n
-        acc[1] += np.asarray(grid)
+    for table in ([partials] if isinstance(partials, pa.Table) else partials):
+        for g, c, n, grid in zip(*(table[k].to_pylist() for k in ("group", "cluster", "count", "grid_sum"))):
+            acc = totals.setdefault((g, c), [0, np.zeros(GRID * GRID)])
+            acc[0] += n
+            acc[1] += np.asarray(grid)
     out: dict[str, list] = {}
     for (g, c), (n, grid) in sorted(totals.items()):
         out.setdefault(g, []).append({"cluster": c, "count": n, "mean_map": (grid / n).reshape(GRID, GRID)})
@@ -336,7 +342,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     ds = ray.data.read_parquet(files, filesystem=fs)
     partials = ds.map_batches(partial_aggregates, batch_format="pyarrow", batch_size=1024,
                               fn_kwargs={"label_column": label_column})
-    merged = merge_partials(pa.Table.from_pylist(partials.take_all()))
+    merged = merge_partials(partials.iter_batches(batch_format="pyarrow", batch_size=None))
     fitted = cluster_groups(merged)
     centroids = {g: c.centroids.tolist() for g, c in fitted.items() if c.k > 1}
     clusters = {g: [{"cluster": 0, "count": merged[g]["count"], "share": 1.0, "mean_map": merged[g]["mean_map"]}]
@@ -345,7 +351,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
         assigned = ray.data.read_parquet(files, filesystem=fs).map_batches(
             assignment_partials, batch_format="pyarrow", batch_size=1024,
             fn_kwargs={"centroids": centroids, "label_column": label_column})
-        clusters.update(merge_assignments(pa.Table.from_pylist(assigned.take_all())))
+        clusters.update(merge_assignments(assigned.iter_batches(batch_format="pyarrow", batch_size=None)))
     import pyarrow.parquet as pq
 
     metadata = read_metadata(pq.read_schema(files[0], filesystem=fs)) or {}
