@@ -31,3 +31,11 @@ def job_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "question.keras"
     question_model(32, classes=10, seed=3).save(str(path))
     return str(path)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,6 +1,5 @@
 """A planted shortcut, end to end: one class carries a corner mark; the audit flags that class only."""
 
-import numpy as np
 import pytest
 
 from tests import jobdata

@@ -1,7 +1,6 @@
 """The batch job end to end on a real local Ray cluster with real Parquet files."""
 
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +9,6 @@ import pytest
 
 from tests import jobdata
 from worker import GuidedBackprop
-from worker.dataset import InputError
 from worker.decode import decode_image
 from worker.job import JobConfig, run
 from worker.schema import maps_to_numpy, read_metadata

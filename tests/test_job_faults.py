@@ -83,3 +83,20 @@ def test_decompression_bomb_is_a_row_error(ray_local, job_model, tmp_path):
     assert summary["rows_out"] == 3 and summary["errors_this_run"] == 1
     assert "20000x20000 pixels exceeds the limit of 50000000" in table["error"][1].as_py()
     assert np.isfinite(table["predicted_prob"].to_numpy(zero_copy_only=False)[[0, 2]]).all()
+
+
+def test_large_images_under_object_store_pressure(job_model, tmp_path):
+    """Blocks of large encoded images bigger than the object store: Ray spills, the job completes."""
+    from tests.conftest import start_ray
+
+    rng = np.random.default_rng(0)
+    cells = [encode(rng.integers(0, 256, (2000, 2000, 3), dtype=np.uint8)) for _ in range(8)]  # ~12 MB each
+    pq.write_table(pa.table({"image": pa.array(cells, pa.binary())}), str(tmp_path / "big.parquet"),
+                   row_group_size=4)
+    ray = start_ray(num_cpus=2, object_store_memory=80 * 1024 * 1024)
+    try:
+        summary = run(JobConfig(model=job_model, input=str(tmp_path / "big.parquet"), output=str(tmp_path / "out"),
+                                preprocessing="scale01", batch_size=4), echo=lambda *_: None)
+    finally:
+        ray.shutdown()
+    assert summary["rows_out"] == 8 and summary["errors_this_run"] == 0 and summary["complete"]

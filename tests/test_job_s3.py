@@ -11,21 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests import jobdata
-from tests.conftest import start_ray
+from tests.conftest import free_port, start_ray
 from worker.job import JobConfig, run
 
 BUCKET = "saliency-test"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",

@@ -3,24 +3,17 @@
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from tests import jobdata
+from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +21,7 @@ def head(tmp_path_factory):
     import ray
 
     ray.shutdown()
-    port, dash = _port(), _port()
+    port, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})  # as in deploy/
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",

@@ -373,9 +373,9 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
 def _png(grid: np.ndarray, vmax: float) -> str:
     from PIL import Image
 
-    s = np.clip(grid / vmax, 0, 1) if vmax > 0 else grid * 0
-    heat = np.stack([np.clip(3 * s, 0, 1), np.clip(3 * s - 1, 0, 1), np.clip(3 * s - 2, 0, 1)], -1)
-    image = Image.fromarray((heat * 255).astype(np.uint8)).resize((128, 128), Image.NEAREST)
+    from worker.colormap import hot
+
+    image = Image.fromarray(hot(grid, vmax)).resize((128, 128), Image.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()

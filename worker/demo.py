@@ -94,10 +94,9 @@ def overlay(image: np.ndarray, saliency: np.ndarray, scale: int = 4) -> np.ndarr
     """image | map | blend, side by side, as uint8 RGB (the map normalised to its own max)."""
     from PIL import Image
 
-    s = np.nan_to_num(saliency.astype(np.float32))
-    s = s / s.max() if s.max() > 0 else s
-    heat = np.stack([np.clip(3 * s, 0, 1), np.clip(3 * s - 1, 0, 1), np.clip(3 * s - 2, 0, 1)], -1)  # "hot"
-    heat = (heat * 255).astype(np.uint8)
+    from worker.colormap import hot
+
+    heat = hot(saliency)
     if heat.shape[:2] != image.shape[:2]:
         heat = np.asarray(Image.fromarray(heat).resize(image.shape[1::-1], Image.BILINEAR))
     blend = (0.5 * image + 0.5 * heat).astype(np.uint8)

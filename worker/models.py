@@ -240,7 +240,6 @@ def _hash_weights(model) -> str:
 
 def _with_dtype_policy(model, policy: str):
     """Rebuild ``model`` with every layer under ``policy`` (e.g. mixed_bfloat16), same weights."""
-    import keras
 
     def rewrite(node):
         if isinstance(node, dict):
