@@ -46,7 +46,7 @@ def make_data(directory, rows, size):
 def engine_alone(data, model, out, batch):
     from worker import GuidedBackprop
     from worker.decode import decode_image
-    from worker.schema import map_column
+    from worker.schema import result_columns
 
     start = time.perf_counter()
     engine = GuidedBackprop(model, batch_size=batch, preprocessing="scale01")
@@ -54,7 +54,8 @@ def engine_alone(data, model, out, batch):
     table = pq.read_table(data)
     images = np.stack([decode_image(c, (h, w)) for c in table["image"].to_pylist()])
     result = engine.explain(images)
-    pq.write_table(pa.table({"map": map_column(result.maps[:, 0], np.ones(len(images), bool), (h, w))}), out)
+    valid = np.ones(len(images), bool)
+    pq.write_table(pa.table(result_columns(valid, result, [None] * len(images), (h, w), "float16", 1)), out)
     return time.perf_counter() - start
 
 

@@ -117,7 +117,7 @@ def bench_model(name, batch, rounds, calls):
     for fn in contenders.values():  # warm up / trace everything before timing
         fn()
     speeds = interleaved(contenders, rounds, batch, calls)
-    ours = fp32.explain(images).maps[:, 0].astype(np.float32)
+    ours = fp32.explain(images).as_float32()[:, 0]
     probs = forward(images).numpy()
     result = {
         "batch_size": batch,
@@ -132,13 +132,13 @@ def bench_model(name, batch, rounds, calls):
         "time_to_first_map_s": round(first_map, 2),
         "relus_guided_by_engine": fp32.report["coverage"]["guided_total"],
         "relus_swapped_by_recipe": swapped,
-        "bf16_min_cosine_to_fp32": round(cosine(bf16.explain(images).maps[:, 0].astype(np.float32), ours), 5),
+        "bf16_min_cosine_to_fp32": round(cosine(bf16.explain(images).as_float32()[:, 0], ours), 5),
         "output_bytes_per_image_float16_maxabs": int(np.prod(size)) * 2,
     }
     # the recipe differentiates the model output as is (softmax included); on models with a final softmax its map
     # differs from ours by the softmax Jacobian, so compare against our probability-score map instead
     ours_prob = GuidedBackprop(model, batch_size=batch, preprocessing=preset, score="probability",
-                               map_dtype="float32").explain(images).maps[:, 0]
+                               map_dtype="float32").explain(images).as_float32()[:, 0]
     result["recipe_min_cosine_to_engine_probability_map"] = round(cosine(recipe(images).numpy(), ours_prob), 5)
     if "xplique" in contenders:
         result["ratios"]["engine_fp32/xplique"] = round(

@@ -56,10 +56,10 @@ def main(argv=None):
             for fn in contenders.values():
                 fn()
             speeds = interleaved(contenders, args.rounds, batch, args.calls)
-            ref = engines["fp32"].explain(images).maps[:, 0].astype(np.float32)
+            ref = engines["fp32"].explain(images).as_float32()[:, 0]
             run = {"model": name, "batch_size": batch, "time_to_first_map_s": round(first_map, 2),
                    "images_per_second": {k: v["per_second"] for k, v in speeds.items()},
-                   "cosine_to_fp32": {k: round(cosine(e.explain(images).maps[:, 0].astype(np.float32), ref), 5)
+                   "cosine_to_fp32": {k: round(cosine(e.explain(images).as_float32()[:, 0], ref), 5)
                                       for k, e in engines.items() if k != "fp32"},
                    "peak_gpu_mb": round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20)}
             print(run, flush=True)

@@ -84,8 +84,23 @@ def test_reductions_and_float16(model, images):
         out = GuidedBackprop(model, batch_size=5, preprocessing="scale01", reduction=reduction,
                              map_dtype="float16").explain(images)
         assert out.maps.dtype == np.float16 and out.maps.shape == (5, 1, SIZE, SIZE)
-        np.testing.assert_allclose(out.maps[:, 0].astype(np.float32), fn(full), rtol=2e-3,
-                                   atol=1e-3 * np.abs(full).max())
+        assert np.abs(out.maps).reshape(5, -1).max(1).tolist() == [1.0] * 5  # normalised per map
+        np.testing.assert_allclose(out.as_float32()[:, 0], fn(full), rtol=2e-3, atol=1e-3 * np.abs(fn(full)).max())
+
+
+def test_float16_keeps_tiny_gradients():
+    """Gradients far below float16's range survive: maps are normalised per map, the scale kept in float32."""
+    import keras
+
+    tiny = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="relu"),
+                             keras.layers.Dense(2)])
+    w1, b1, w2, b2 = tiny.get_weights()
+    tiny.set_weights([np.abs(w1) * 1e-9, b1, w2, b2])
+    x = np.random.default_rng(0).integers(1, 256, (2, 4, 4, 3), dtype=np.uint8)
+    full = GuidedBackprop(tiny, batch_size=2, map_dtype="float32").explain(x)
+    half = GuidedBackprop(tiny, batch_size=2, map_dtype="float16").explain(x)
+    assert 0 < np.abs(full.maps).max() < 1e-7  # would round to 0 in plain float16
+    np.testing.assert_allclose(half.as_float32(), full.maps, rtol=1e-3, atol=1e-3 * np.abs(full.maps).max())
 
 
 def test_short_batches_are_padded_and_dropped(model, images):

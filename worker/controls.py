@@ -86,16 +86,16 @@ def run_controls(model, images: np.ndarray, seed: int = 0, **engine_options) -> 
     rng = np.random.default_rng(seed)
     other = (real.predicted_class + rng.integers(1, max(classes, 2), len(images))) % max(classes, 2)
     controls = {
-        "random_class": GuidedBackprop(model, **{**engine_options, "target": "label"}).explain(images, other).maps[:, 0],
+        "random_class": GuidedBackprop(model, **{**engine_options, "target": "label"}).explain(images, other).as_float32()[:, 0],
     }
     keras_model = getattr(real_engine.source, "model", None)
     if keras_model is not None:
         controls["randomized_model"] = GuidedBackprop(randomized_copy(keras_model, seed), **{
-            **engine_options, "relu_policy": "warn"}).explain(images).maps[:, 0]
+            **engine_options, "relu_policy": "warn"}).explain(images).as_float32()[:, 0]
     h, w = real_engine.source.input_size
     resized = np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR)) for im in images])
     controls["edges"] = sobel_edges(resized)
-    maps = real.maps[:, 0]
+    maps = real.as_float32()[:, 0]
     stats = {name: {k: float(np.nanmean(v)) for k, v in map_statistics(m).items()}
              for name, m in {"real": maps, **controls}.items()}
     return {

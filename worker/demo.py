@@ -116,7 +116,7 @@ def run_demo(output: str = "demo_output", images: int = 600, size: int = 32, epo
     from PIL import Image
 
     from worker.job import JobConfig, run
-    from worker.schema import maps_to_numpy
+    from worker.schema import read_maps
 
     if os.path.exists(output) and os.listdir(output):
         if not os.path.exists(os.path.join(output, MARKER)):
@@ -141,7 +141,7 @@ def run_demo(output: str = "demo_output", images: int = 600, size: int = 32, epo
     summary = run(JobConfig(model=model_path, input=os.path.join(output, "data"), output=os.path.join(output, "maps"),
                             label_column="label", preprocessing="scale01", rows_per_file=256), echo=echo)
     table = pq.read_table(os.path.join(output, "maps")).sort_by("id")
-    maps = maps_to_numpy(table["map"])
+    maps = read_maps(table)
     ids = table["id"].to_pylist()
     accuracy = float(np.mean(table["predicted_class"].to_numpy() == table["label"].to_numpy()))
     rows = []

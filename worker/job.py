@@ -251,7 +251,7 @@ class ExplainBatch:
             return {}
         from worker import stats
 
-        maps = explanation.maps[:, 0] if explanation is not None else np.zeros((0, *self.map_shape[-2:]))
+        maps = explanation.as_float32()[:, 0] if explanation is not None else np.zeros((0, *self.map_shape[-2:]))
         values = stats.map_statistics(maps) if len(maps) else {k: np.zeros(0) for k in stats.STAT_COLUMNS}
         if self.config.mask_column:
             masks = table[schema.MASK_COLUMN].combine_chunks().to_numpy_ndarray()[valid]

@@ -9,7 +9,9 @@ passed-through     the columns named with ``columns=`` (and the label column)
 ``predicted_prob``  float32 -- softmax probability of the predicted class
 ``target_class``    int32 (list<int32> for ``top:K``); -1 for layer targets
 ``target_score``    float32 (list<float32> for ``top:K``): the differentiated score
-``map``             ``arrow.fixed_shape_tensor`` (H, W), (K, H, W) or (H, W, C)
+``map``             ``arrow.fixed_shape_tensor`` (H, W), (K, H, W) or (H, W, C); float16 maps are
+                   normalised per map (largest magnitude 1)
+``map_scale``       float32 (list<float32> for ``top:K``): the true map is ``map * map_scale``
 ``error``           null, or why this row could not be explained (its other results are null)
 statistics         float32 columns of :mod:`worker.stats` (of the first map for ``top:K``), and the
                    mask metrics when a mask or box column is given
@@ -35,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 METADATA_KEY = b"guided_saliency"
-RESULT_COLUMNS = ("predicted_class", "predicted_prob", "target_class", "target_score", "map", "error")
+RESULT_COLUMNS = ("predicted_class", "predicted_prob", "target_class", "target_score", "map", "map_scale", "error")
 IMAGE_COLUMN = "__image"  # decoded pixels between the decode and explain stages
 MASK_COLUMN = "__mask"  # decoded ground-truth masks between the same stages
 ERROR_COLUMN = "error"
@@ -56,8 +58,22 @@ def map_column(maps: np.ndarray, valid, shape, dtype: str | None = None) -> pa.E
     return pa.ExtensionArray.from_storage(map_type(shape, dtype), storage)
 
 
+def read_maps(table: pa.Table) -> np.ndarray:
+    """The ``map`` column of an output table at its true scale (``map * map_scale``), float32; nulls are NaN."""
+    maps = maps_to_numpy(table["map"]).astype(np.float32)
+    if "map_scale" in table.column_names:
+        column = table["map_scale"]
+        if pa.types.is_list(column.type):
+            scale = np.array([v if v is not None else [np.nan] * maps.shape[1] for v in column.to_pylist()],
+                             np.float32)
+        else:
+            scale = column.to_numpy(zero_copy_only=False).astype(np.float32)
+        maps *= scale.reshape(scale.shape + (1,) * (maps.ndim - scale.ndim))
+    return maps
+
+
 def maps_to_numpy(column) -> np.ndarray:
-    """A ``map`` column (array or chunked) as one ndarray; null rows become NaN."""
+    """A ``map`` column (array or chunked) as one ndarray as stored (see :func:`read_maps`); null rows are NaN."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.chunked_array([], column.type).combine_chunks()
     shape = tuple(column.type.shape)
@@ -75,31 +91,31 @@ def result_columns(valid, explanation, errors, map_shape, map_dtype: str, k: int
     if explanation is None:
         maps = np.zeros((0, *map_shape), np.float16 if map_dtype == "float16" else np.float32)
         pc = pp = np.zeros(0)
-        tc = ts = np.zeros((0, k))
+        tc = ts = ms = np.zeros((0, k))
     else:
         maps = explanation.maps[:, 0] if k == 1 else explanation.maps
         pc, pp = explanation.predicted_class, explanation.predicted_prob
-        tc, ts = explanation.target_class, explanation.target_score
+        tc, ts, ms = explanation.target_class, explanation.target_score, explanation.map_scale
 
     def place(values, dtype):
         full = np.zeros((n, *np.shape(values)[1:]), dtype)
         full[valid] = values
         return full
 
-    if k == 1:
-        target_class = pa.array(place(tc[:, 0], np.int32), mask=mask)
-        target_score = pa.array(place(ts[:, 0], np.float32), mask=mask)
-    else:
-        target_class = pa.FixedSizeListArray.from_arrays(
-            pa.array(place(tc, np.int32).reshape(-1)), k, mask=list_mask).cast(pa.list_(pa.int32()))
-        target_score = pa.FixedSizeListArray.from_arrays(
-            pa.array(place(ts, np.float32).reshape(-1)), k, mask=list_mask).cast(pa.list_(pa.float32()))
+    def per_map(values, dtype, arrow_type):
+        if k == 1:
+            return pa.array(place(values[:, 0], dtype), mask=mask)
+        return pa.FixedSizeListArray.from_arrays(pa.array(place(values, dtype).reshape(-1)), k,
+                                                 mask=list_mask).cast(pa.list_(arrow_type))
+
+    target_class, target_score = per_map(tc, np.int32, pa.int32()), per_map(ts, np.float32, pa.float32())
     return {
         "predicted_class": pa.array(place(pc, np.int32), mask=mask),
         "predicted_prob": pa.array(place(pp, np.float32), mask=mask),
         "target_class": target_class,
         "target_score": target_score,
         "map": map_column(maps, valid, map_shape, map_dtype),
+        "map_scale": per_map(ms, np.float32, pa.float32()),
         ERROR_COLUMN: pa.array(errors, pa.string()),
     }
 

@@ -37,12 +37,14 @@ class UnguidedReluError(RuntimeError):
 class Explanation:
     """Maps and what they explain, for N images and K maps per image.
 
-    maps: (N, K, H, W) reduced or (N, K, H, W, C) full, float16/float32.
+    maps: (N, K, H, W) reduced or (N, K, H, W, C) full; float32, or float16 normalised per map.
+    map_scale: (N, K) float32: the true map is ``maps * map_scale`` (1 for float32), see :meth:`as_float32`.
     predicted_class, predicted_prob: (N,).  target_class, target_score: (N, K);
     target_class is -1 for layer targets.
     """
 
     maps: np.ndarray
+    map_scale: np.ndarray
     predicted_class: np.ndarray
     predicted_prob: np.ndarray
     target_class: np.ndarray
@@ -51,6 +53,11 @@ class Explanation:
 
     def __len__(self) -> int:
         return len(self.maps)
+
+    def as_float32(self) -> np.ndarray:
+        """The maps at their true scale, float32."""
+        scale = self.map_scale.reshape(self.map_scale.shape + (1,) * (self.maps.ndim - 2))
+        return self.maps.astype(np.float32) * scale
 
 
 class Attribution:
@@ -162,8 +169,10 @@ class Attribution:
 
         grads = [tf.gradients(tf.reduce_sum(scores[:, k]), x)[0] for k in range(scores.shape[1])]
         grads = tf.stack([tf.cast(g, tf.float32) for g in grads], axis=1)
+        maps, scale = reduction_ops.reduce_map(grads, self.reduction, self.map_dtype)
         return {
-            "maps": reduction_ops.reduce_map(grads, self.reduction, self.map_dtype),
+            "maps": maps,
+            "map_scale": scale,
             "predicted_class": predicted,
             "predicted_prob": predicted_prob,
             "target_class": classes,
@@ -236,7 +245,8 @@ class Attribution:
             h, w = self.source.input_size
             k = self.target.maps_per_image
             shape = (0, k, h, w) + ((self.source.channels,) if self.reduction == "none" else ())
-            return Explanation(np.zeros(shape, self.map_dtype), np.zeros(0, np.int32), np.zeros(0, np.float32),
+            return Explanation(np.zeros(shape, self.map_dtype), np.zeros((0, k), np.float32), np.zeros(0, np.int32),
+                               np.zeros(0, np.float32),
                                np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), self.report)
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return Explanation(**merged, report=self.report)
