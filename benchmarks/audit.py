@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from benchmarks.common import git_revision, machine, write
 
 
-def synthetic_output(directory, rows, size, rows_per_file=10_000, seed=0):
+def synthetic_output(directory, rows, size, classes=10, rows_per_file=10_000, seed=0):
     from worker.schema import map_column
     from worker.stats import map_statistics
 
@@ -36,7 +36,7 @@ def synthetic_output(directory, rows, size, rows_per_file=10_000, seed=0):
     blob = np.exp(-((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / (size * 2.0))
     for start in range(0, rows, rows_per_file):
         n = min(rows_per_file, rows - start)
-        labels = rng.integers(0, 10, n)
+        labels = rng.integers(0, classes, n)
         maps = (rng.random((n, size, size)) * 0.2 + blob).astype(np.float16)
         stats = map_statistics(maps)
         table = pa.table({"id": [f"r{start + i}" for i in range(n)], "label": labels, "predicted_class": labels,
@@ -47,7 +47,8 @@ def synthetic_output(directory, rows, size, rows_per_file=10_000, seed=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", nargs="+", type=int, default=[10_000, 100_000])
+    p.add_argument("--runs", nargs="+", default=["10000x10", "100000x10", "100000x1"],
+                   help="ROWSxCLASSES; 100000x1 clusters 100 000 maps of one class")
     p.add_argument("--size", type=int, default=32)
     args = p.parse_args(argv)
     import ray
@@ -64,15 +65,16 @@ def main(argv=None):
         start = time.perf_counter()
         map_statistics(maps)
         stats_rate = 10_000 / (time.perf_counter() - start)
-        for rows in args.rows:
-            out = os.path.join(tmp, f"out{rows}")
-            synthetic_output(out, rows, args.size)
+        for spec in args.runs:
+            rows, classes = (int(v) for v in spec.split("x"))
+            out = os.path.join(tmp, f"out{spec}")
+            synthetic_output(out, rows, args.size, classes)
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             start = time.perf_counter()
-            result = run_audit(out, os.path.join(tmp, f"report{rows}"))
+            result = run_audit(out, os.path.join(tmp, f"report{spec}"))
             seconds = time.perf_counter() - start
             rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            runs.append({"rows": rows, "seconds": round(seconds, 2), "maps_per_second": round(rows / seconds, 1),
+            runs.append({"rows": rows, "classes": classes, "seconds": round(seconds, 2), "maps_per_second": round(rows / seconds, 1),
                          "clusters_per_class": {g: len(c) for g, c in result["clusters"].items()},
                          "driver_peak_rss_growth_mb": round(rss_after - rss_before, 1)})
             print(runs[-1], flush=True)
@@ -87,8 +89,8 @@ def main(argv=None):
              f"{results['machine']['cores']} cores. Revision {results['revision']}. Command: `{results['command']}`",
              "", f"Per-row statistics (numpy, in the worker): **{results['statistics_maps_per_second']} maps/s** "
              f"({args.size}x{args.size}).", "", "Full audit (Ray Data aggregates, SpRAy on a 1000-map sample per "
-             "class, assignment pass, report):", "", "| rows | seconds | maps/s | driver peak RSS growth (MB) |",
-             "|---|---|---|---|", *[f"| {r['rows']} | {r['seconds']} | {r['maps_per_second']} | "
+             "class, assignment pass, report):", "", "| rows | classes | seconds | maps/s | driver peak RSS growth (MB) |",
+             "|---|---|---|---|---|", *[f"| {r['rows']} | {r['classes']} | {r['seconds']} | {r['maps_per_second']} | "
                                     f"{r['driver_peak_rss_growth_mb']} |" for r in runs], ""]
     write(results, "audit", "\n".join(lines))
     print("\n".join(lines))

@@ -34,6 +34,9 @@ def test_merged_partials_equal_one_pass():
     merged = merge_partials(pieces)
     assert whole.keys() == merged.keys()
     for g in whole:
+        if g.startswith("worst:"):  # the worst cases merge to the same rows
+            assert [w["id"] for w in whole[g]["worst"]] == [w["id"] for w in merged[g]["worst"]]
+            continue
         assert whole[g]["count"] == merged[g]["count"]
         np.testing.assert_allclose(merged[g]["mean_map"], whole[g]["mean_map"], rtol=1e-10)
         np.testing.assert_allclose(merged[g]["var_map"], whole[g]["var_map"], rtol=1e-8, atol=1e-15)
@@ -67,7 +70,11 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
     result = run_audit(str(tmp_path / "out"), str(tmp_path / "report"))
     assert sum(v["count"] for g, v in result["groups"].items() if g.startswith("true:")) == 40
     page = (tmp_path / "report" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == len([g for g in result["groups"] if g.startswith("true:")])
+    classes = [g for g in result["groups"] if g.startswith("true:")]
+    worst = result["groups"]["worst:border_enrichment"]["worst"]
+    assert len(worst) == 6 and [w["value"] for w in worst] == sorted((w["value"] for w in worst), reverse=True)
+    assert page.count("data:image/png;base64,") == len(classes) + 6 * 2  # mean maps + worst cases of 2 stats
+    assert worst[0]["id"] in page
     assert result["metadata"]["model"]["fingerprint"] in page
     assert (tmp_path / "report" / "audit.json").exists()
 
@@ -94,6 +101,11 @@ def test_clusters_find_the_planted_subgroup_out_of_core():
     assigned = merge_assignments(pa.concat_tables([assignment_partials(b, centroids, "label") for b in blocks]))
     sizes = sorted(c["count"] for c in assigned["true:0"])
     assert sizes == sorted([int(shortcut.sum()), int(n - shortcut.sum())])
+    from worker.audit import add_cluster_examples
+
+    add_cluster_examples(merged, {"true:0": fitted}, assigned)
+    small = min(assigned["true:0"], key=lambda c: c["count"])
+    assert len(small["examples"]) == 3 and all(e[:3, -3:].sum() > 0.5 for e in small["examples"])
     flagged = [f for f in findings(merged, assigned) if f["finding"] == "small cluster looks elsewhere"]
     assert len(flagged) == 1 and flagged[0]["group"] == "true:0"
 

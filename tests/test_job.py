@@ -113,3 +113,19 @@ def test_labels_missing_or_out_of_range_are_row_errors(ray_local, job_model, tmp
     errors = read(tmp_path / "out")["error"].to_pylist()
     assert errors[0] is None and errors[3] is None
     assert errors[1] == "label is missing" and errors[2] == "label 10 out of range [0, 10)"
+
+
+def test_mask_and_box_metrics_in_the_job(ray_local, job_model, tmp_path):
+    images, _ = jobdata.digits(6)
+    boxes = [[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0], None, [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0], [2, 0, 1, 1]]
+    pq.write_table(pa.table({"image": [jobdata.encode(i) for i in images], "box": boxes}), str(tmp_path / "d.parquet"))
+    run(config(job_model, tmp_path / "d.parquet", tmp_path / "out", mask_column="box"), echo=lambda *_: None)
+    table = read(tmp_path / "out")
+    assert "box" not in table.column_names  # used, not passed through unless asked
+    energy = table["energy_in_mask"].to_pylist()
+    errors = table["error"].to_pylist()
+    assert energy[0] == pytest.approx(1.0) and energy[3] == pytest.approx(1.0)
+    top_half = read_maps(table)[1]
+    assert energy[1] == pytest.approx(top_half[:16].sum() / top_half.sum(), rel=1e-4)
+    assert errors[2] == "mask: mask is missing (null)" and "not [y0, x0, y1, x1]" in errors[5]
+    assert table["rank_accuracy"].null_count == 2

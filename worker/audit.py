@@ -33,6 +33,8 @@ SMALL_CLUSTER = 0.15  # a cluster with at most this share of its class is "small
 BORDER_ENRICHMENT_FLAG = 1.5  # the 16x16 frame covers 44 % of the area: at most 2.3x
 OFF_CENTRE_FLAG = 0.2
 MASK_ENERGY_FLAG = 0.5
+WORST = {"border_enrichment": "high", "energy_in_mask": "low", "entropy_norm": "low"}  # worst cases shown
+WORST_K = 6
 OUTLIER_Z = 4.0  # a class this many robust standard deviations from the other classes is flagged
 
 
@@ -128,7 +130,24 @@ def partial_aggregates(table: pa.Table, label_column: str | None = None) -> pa.T
             payload["sample"] = _pack_sample(sample_keys[keep], grids[keep])
         groups.append(f"{kind}:{cls}")
         payloads.append(json.dumps(payload))
+    for name, direction in WORST.items():
+        if name not in stats:
+            continue
+        values = stats[name]
+        finite = np.flatnonzero(np.isfinite(values))
+        order = finite[np.argsort(-values[finite] if direction == "high" else values[finite], kind="stable")][:WORST_K]
+        groups.append(f"worst:{name}")
+        payloads.append(json.dumps({"worst": [[float(values[i]), ids[i], _pack_grid(grids[i])] for i in order],
+                                    "direction": direction}))
     return pa.table({"group": groups, "payload": payloads})
+
+
+def _pack_grid(grid: np.ndarray) -> str:
+    return base64.b64encode(grid.astype(np.float32).tobytes()).decode()
+
+
+def _unpack_grid(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), np.float32).reshape(GRID, GRID)
 
 
 def _sample_key(row_id: str) -> float:
@@ -149,6 +168,11 @@ def _unpack_sample(sample: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _merge_one(merged: dict, group: str, p: dict) -> None:
+    if "worst" in p:
+        entry = merged.setdefault(group, {"worst": [], "direction": p["direction"]})
+        entry["worst"] = sorted(entry["worst"] + p["worst"], key=lambda w: -w[0] if p["direction"] == "high" else w[0])
+        entry["worst"] = entry["worst"][:WORST_K]
+        return
     entry = merged.setdefault(group, {"moments": Moments(0, np.zeros((GRID, GRID)), np.zeros((GRID, GRID))),
                                       "stats": {}})
     entry["moments"] = entry["moments"].merge(Moments(p["count"], np.array(p["mean"]), np.array(p["m2"])))
@@ -174,6 +198,10 @@ def merge_partials(partials) -> dict:
             _merge_one(merged, group, json.loads(raw))
     result = {}
     for group, entry in sorted(merged.items()):
+        if "worst" in entry:
+            result[group] = {"worst": [{"value": v, "id": i, "grid": _unpack_grid(g)} for v, i, g in entry["worst"]],
+                             "direction": entry["direction"]}
+            continue
         m = entry["moments"]
         stats = {}
         for name, (n, total, squares) in entry["stats"].items():
@@ -239,6 +267,19 @@ def merge_assignments(partials) -> dict:
         for c in clusters:
             c["share"] = c["count"] / total
     return out
+
+
+def add_cluster_examples(groups: dict, fitted: dict, clusters: dict, per_cluster: int = 3) -> None:
+    """Attach to each cluster the sampled maps nearest its centroid (its most typical members)."""
+    for group, found in clusters.items():
+        if group not in fitted or fitted[group].k < 2:
+            continue
+        sample = groups[group]["sample"].reshape(len(groups[group]["sample"]), -1)
+        centroids = fitted[group].centroids
+        for c in found:
+            members = np.flatnonzero(fitted[group].labels == c["cluster"])
+            distance = ((sample[members] - centroids[c["cluster"]]) ** 2).sum(1)
+            c["examples"] = [sample[i].reshape(GRID, GRID) for i in members[np.argsort(distance)[:per_cluster]]]
 
 
 def _shape_of(mean: np.ndarray) -> tuple[float, float, float]:
@@ -352,6 +393,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
             assignment_partials, batch_format="pyarrow", batch_size=1024,
             fn_kwargs={"centroids": centroids, "label_column": label_column})
         clusters.update(merge_assignments(assigned.iter_batches(batch_format="pyarrow", batch_size=None)))
+    add_cluster_examples(merged, fitted, clusters)
     import pyarrow.parquet as pq
 
     metadata = read_metadata(pq.read_schema(files[0], filesystem=fs)) or {}
@@ -398,14 +440,17 @@ def write_report(result: dict, report_dir: str) -> None:
 
     os.makedirs(report_dir, exist_ok=True)
     groups = result["groups"]
-    serial = {g: {"count": v["count"], "mean_map": v["mean_map"].tolist(), "stats": v["stats"]}
+    serial = {g: ({"count": v["count"], "mean_map": v["mean_map"].tolist(), "stats": v["stats"]} if "count" in v else
+                  {"direction": v["direction"], "worst": [{"value": w["value"], "id": w["id"]} for w in v["worst"]]})
               for g, v in groups.items()}
     clusters = result.get("clusters", {})
-    serial_clusters = {g: [{**c, "mean_map": c["mean_map"].tolist()} for c in cs] for g, cs in clusters.items()}
+    serial_clusters = {g: [{"cluster": c["cluster"], "count": c["count"], "share": c["share"],
+                            "mean_map": c["mean_map"].tolist()} for c in cs] for g, cs in clusters.items()}
     with open(os.path.join(report_dir, "audit.json"), "w") as f:
         json.dump({"output": result["output"], "groups": serial, "clusters": serial_clusters,
                    "findings": result["findings"], "controls": result.get("controls")}, f, indent=1)
-    shown = {g: v for g, v in groups.items() if g.startswith("true:") or not any(k.startswith("true:") for k in groups)}
+    kind = "true:" if any(g.startswith("true:") for g in groups) else "predicted:"
+    shown = {g: v for g, v in groups.items() if g.startswith(kind)}
     vmax = max((float(v["mean_map"].max()) for v in shown.values()), default=1.0)
     meta = result["metadata"]
     card = {"model fingerprint": meta.get("model", {}).get("fingerprint"), "method": meta.get("method"),
@@ -415,12 +460,21 @@ def write_report(result: dict, report_dir: str) -> None:
     tiles = "".join(
         f'<figure><img alt="{html.escape(g)}" src="data:image/png;base64,{_png(v["mean_map"], vmax)}">'
         f"<figcaption>{html.escape(g)} (n={v['count']})</figcaption></figure>" for g, v in shown.items())
+    def figure(grid, caption, top=None):
+        return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
+                f'{_png(grid, top if top is not None else float(grid.max()))}"><figcaption>{html.escape(caption)}'
+                "</figcaption></figure>")
+
     cluster_rows = "".join(
         f"<div><h3>{html.escape(g)}: {len(cs)} cluster(s)</h3>" + "".join(
-            f'<figure><img alt="{html.escape(g)} cluster {c["cluster"]}" '
-            f'src="data:image/png;base64,{_png(c["mean_map"], vmax)}"><figcaption>cluster {c["cluster"]}: '
-            f'{c["count"]} maps ({c["share"]:.0%})</figcaption></figure>' for c in cs) + "</div>"
+            figure(c["mean_map"], f"cluster {c['cluster']}: {c['count']} maps ({c['share']:.0%}), mean", vmax)
+            + "".join(figure(e, f"cluster {c['cluster']}: typical member") for e in c.get("examples", []))
+            + "<br>" for c in cs) + "</div>"
         for g, cs in clusters.items() if len(cs) > 1)
+    worst = "".join(
+        f"<h3>{html.escape(g.split(':', 1)[1])} ({v['direction']}est)</h3>" + "".join(
+            figure(w["grid"], f"{w['id']}: {w['value']:.3g}") for w in v["worst"])
+        for g, v in groups.items() if g.startswith("worst:"))
     found = "".join(f"<tr><td>{f['severity']}</td><td>{html.escape(f['group'])}</td><td>{f['finding']}</td>"
                     f"<td>{html.escape(f['detail'])}</td></tr>" for f in result["findings"]) or \
         "<tr><td colspan=4>no findings</td></tr>"
@@ -432,6 +486,8 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}</style></head><
 <h2>Findings</h2><table><tr><th>severity</th><th>group</th><th>finding</th><th>detail</th></tr>{found}</table>
 <h2>Mean maps per class</h2><p>L1-normalised maps averaged on a 16 x 16 grid, one colour scale for all
 (max {vmax:.4f}).</p>{tiles}
+<h2>Worst cases per statistic</h2><p>Each map on its own colour scale; the row id names it in the output.</p>
+{worst or "<p>no statistics columns in this output</p>"}
 {_controls_html(result.get("controls"))}
 <h2>Clusters (spectral relevance analysis)</h2><p>Per class: a uniform sample of at most {SAMPLE_SIZE} maps is
 clustered (kNN graph, normalised Laplacian, eigengap for k, k-means); every map is then assigned to its nearest
