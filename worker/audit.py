@@ -35,7 +35,8 @@ OFF_CENTRE_FLAG = 0.2
 MASK_ENERGY_FLAG = 0.5
 WORST = {"border_enrichment": "high", "energy_in_mask": "low", "entropy_norm": "low"}  # worst cases shown
 WORST_K = 6
-OUTLIER_Z = 4.0  # a class this many robust standard deviations from the other classes is flagged
+OUTLIER_Z = 4.0
+MIN_EFFECT = {"border-heavy": 0.1, "off-centre": 0.05}  # and at least this far from the classes' median  # a class this many robust standard deviations from the other classes is flagged
 
 
 @dataclass
@@ -326,7 +327,8 @@ def findings(groups: dict, clusters: dict | None = None) -> list[dict]:
         }
         absolute = {"border-heavy": BORDER_ENRICHMENT_FLAG, "off-centre": OFF_CENTRE_FLAG}
         for name, values in measures.items():
-            z = _robust_z(values)
+            median = float(np.median(list(values.values())))
+            z = {g: v for g, v in _robust_z(values).items() if values[g] - median >= MIN_EFFECT[name]}
             for g, value in values.items():
                 enrichment, cy, cx = shape[g]
                 where = f"border enrichment {enrichment:.2f}, centre of mass (y={cy:.2f}, x={cx:.2f})"

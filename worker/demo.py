@@ -152,7 +152,13 @@ def run_demo(output: str = "demo_output", images: int = 600, size: int = 32, epo
         Image.fromarray(panel).save(os.path.join(output, "overlays", f"{i:02d}.png"))
         rows.append(panel)
     Image.fromarray(np.concatenate(rows, axis=0)).save(os.path.join(output, "overlays", "grid.png"))
+    from worker.audit import run_audit
+
+    audit = run_audit(os.path.join(output, "maps"), os.path.join(output, "audit"), controls=32)
     summary["held_out_accuracy"] = round(accuracy, 4)
     summary["overlays"] = os.path.join(output, "overlays")
-    echo(f"held-out accuracy {accuracy:.3f}; overlays (image | map | blend) in {summary['overlays']}")
+    summary["audit_report"] = os.path.join(output, "audit", "report.html")
+    summary["audit_findings"] = len(audit["findings"])
+    echo(f"held-out accuracy {accuracy:.3f}; overlays (image | map | blend) in {summary['overlays']}; "
+         f"audit report in {summary['audit_report']}")
     return summary
