@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 
 from tests import jobdata
 from tests.images import bomb_png, encode
-from worker.job import ExplainBatch, JobConfig, decode_stage, run
+from worker.config import JobConfig
+from worker.job import run
+from worker.stages import ExplainBatch, decode_stage
 from worker.decode import DecodeOptions
 
 
@@ -62,7 +64,7 @@ def test_poison_row_is_isolated(job_model):
                            options=DecodeOptions((32, 32)))
     actor = ExplainBatch.__new__(ExplainBatch)
     actor.config, actor.map_shape, actor.k = cfg, (32, 32), 1
-    from worker.job import build_engine
+    from worker.config import build_engine
 
     actor.engine = _PoisonedEngine(build_engine(cfg, job_model))
     out = actor._explain_table(decoded)

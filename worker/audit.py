@@ -349,7 +349,7 @@ def sample_images(metadata: dict, n: int) -> np.ndarray:
     """The first ``n`` decodable images of the job's input, at the model's input size."""
     from worker.dataset import plan, read_unit
     from worker.decode import DecodeError, decode_image
-    from worker.job import image_cells
+    from worker.stages import image_cells
 
     job, size = metadata["job"], tuple(metadata["decode"]["size"])
     fs, units, _ = plan(job["input"], [job["image_column"]])

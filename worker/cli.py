@@ -56,7 +56,7 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
-    from worker.job import JobConfig
+    from worker.config import JobConfig
 
     return JobConfig(
         model=args.model, input=args.input, output=args.output, image_column=args.image_column,

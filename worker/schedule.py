@@ -33,7 +33,9 @@ import posixpath
 
 from worker import dataset
 from worker.fingerprint import hash_path
-from worker.job import JobConfig, fetch_model, run
+from worker.config import JobConfig
+from worker.job import run
+from worker.stages import fetch_model
 
 SCHEDULE_KEYS = {"output_root": str, "partition": str, "incremental": bool}
 REQUIRED = ("model", "input", "output_root")

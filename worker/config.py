@@ -1,0 +1,91 @@
+"""What a run is: :class:`JobConfig`, the same fields as the CLI's flags, checked before any cluster time.
+
+Example:
+    >>> cfg = JobConfig(model="model.keras", input="images/", output="maps/", target="label",
+    ...                 label_column="label")
+    >>> cfg.needed_columns()
+    ['image', 'label']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from worker import schema
+from worker.decode import DEFAULT_MAX_PIXELS, DecodeOptions
+from worker.targets import Target
+
+
+@dataclass
+class JobConfig:
+    """Everything a run needs; the same fields as the CLI's flags."""
+
+    model: str
+    input: str
+    output: str
+    image_column: str = "image"
+    id_column: str | None = None
+    label_column: str | None = None
+    columns: tuple[str, ...] = ()
+    target: str = "predicted"
+    method: str = "guided_backprop"
+    batch_size: int = 16
+    preprocessing: str = "none"
+    reduction: str = "max_abs"
+    map_dtype: str = "float16"
+    score: str = "logits"
+    precision: str = "float32"
+    relu_policy: str = "error"
+    allow_unsafe_deserialization: bool = False
+    resize: str = "stretch"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+    decode_cpus: float | None = None
+    gpu_memory_limit_mb: int | None = None
+    rows_per_file: int = 1024
+    overwrite: bool = False
+    files: list[str] | None = None  # only these files of the input (incremental runs)
+    statistics: bool = True  # per-row map statistics (worker.stats) as output columns
+    mask_column: str | None = None  # ground-truth mask (image/tensor) or box [y0, x0, y1, x1] in [0, 1]
+    extra_metadata: dict = field(default_factory=dict)
+
+    def needed_columns(self) -> list[str]:
+        cols = [self.image_column, self.id_column, self.label_column, self.mask_column, *self.columns]
+        return list(dict.fromkeys(c for c in cols if c))
+
+    def engine_options(self) -> dict:
+        return {
+            "target": self.target, "batch_size": self.batch_size, "preprocessing": self.preprocessing,
+            "reduction": self.reduction, "map_dtype": self.map_dtype, "score": self.score,
+            "precision": self.precision, "relu_policy": self.relu_policy,
+            "safe_mode": not self.allow_unsafe_deserialization,
+        }
+
+    def validate(self) -> None:
+        target = Target.parse(self.target)
+        if target.kind == "label" and not self.label_column:
+            raise ValueError("target 'label' needs label_column (CLI: --label-column)")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
+        if self.batch_size < 1 or self.rows_per_file < 1:
+            raise ValueError("batch_size and rows_per_file must be >= 1")
+        if "id" in self.columns:
+            raise ValueError("'id' is the output's id column; pass it as id_column instead")
+        clash = set(self.columns) & set(schema.RESULT_COLUMNS)
+        if clash:
+            raise ValueError(f"passed-through columns {sorted(clash)} clash with result columns")
+        DecodeOptions((1, 1), self.resize, self.max_pixels)
+        if self.mask_column and self.resize != "stretch":
+            raise ValueError("mask metrics need resize='stretch' (masks and boxes are stretched like the images)")
+
+
+METHODS = {"guided_backprop": "GuidedBackprop", "gradient": "Gradient"}
+
+
+def build_engine(config: JobConfig, model_path: str, **overrides):
+    from worker import attribution
+
+    cls = getattr(attribution, METHODS[config.method])
+    return cls(model_path, **{**config.engine_options(), **overrides})

@@ -1,0 +1,218 @@
+"""The stages of the batch job that run in Ray workers: read, decode (no TensorFlow), explain.
+
+``read_stage`` and ``decode_stage`` are plain functions for Ray Data tasks;
+:class:`ExplainBatch` is the callable class of the actor pool: it builds the
+engine once in ``__init__`` and maps a pyarrow batch to output rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from worker import dataset, schema, sink
+from worker.config import JobConfig, build_engine
+from worker.decode import DecodeError, decode_image, decode_mask
+
+log = logging.getLogger(__name__)
+
+
+def fetch_model(uri: str) -> str:
+    """A local path for ``uri``; a model on s3:// or gs:// is copied to a temporary directory once."""
+    if "://" not in uri:
+        return uri
+    import pyarrow.fs as pafs
+
+    local = os.path.join(tempfile.gettempdir(), "guided-saliency-models",
+                         hashlib.sha1(uri.encode()).hexdigest()[:16], posixpath.basename(uri.rstrip("/")))
+    if not os.path.exists(local):
+        fs, path = dataset.filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"model {uri} does not exist")
+        staging = local + f".{os.getpid()}.part"
+        os.makedirs(os.path.dirname(staging), exist_ok=True)
+        pafs.copy_files(path, staging, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        os.replace(staging, local)
+    return local
+
+
+def read_stage(batch: pa.Table, *, fs, columns, id_column, done_ids) -> pa.Table:
+    import ray
+
+    if isinstance(done_ids, ray.ObjectRef):
+        done_ids = ray.get(done_ids)
+    tables = [dataset.read_unit(fs, dataset.Unit(**row), columns, id_column, done_ids) for row in batch.to_pylist()]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def image_cells(column) -> list:
+    """Python cells of an image column: bytes, HF structs, or ndarrays for tensor columns."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+        arrays = column.fill_null(0).to_numpy_ndarray() if column.null_count else column.to_numpy_ndarray()
+        return [a if ok else None for a, ok in zip(arrays, valid)]
+    if isinstance(column, pa.ExtensionArray) and hasattr(column, "to_numpy"):  # Ray's tensor types
+        return list(column.to_numpy(zero_copy_only=False))
+    return column.to_pylist()
+
+
+def decode_stage(table: pa.Table, *, image_column, label_column, needs_label, num_classes, options,
+                 mask_column=None) -> pa.Table:
+    """Decode every image (and mask); a row that cannot be explained keeps zeros and an ``error``."""
+    n = table.num_rows
+    pixels = np.zeros((n, *options.size, 3), np.uint8)
+    errors: list[str | None] = [None] * n
+    labels = table[label_column].to_pylist() if label_column else [None] * n
+    if mask_column:
+        masks = np.zeros((n, *options.size), np.uint8)
+        for i, cell in enumerate(image_cells(table[mask_column])):
+            try:
+                masks[i] = decode_mask(cell, options.size, options.max_pixels)
+            except DecodeError as exc:
+                errors[i] = f"mask: {exc}"
+        table = table.append_column(schema.MASK_COLUMN, pa.FixedShapeTensorArray.from_numpy_ndarray(masks))
+    for i, cell in enumerate(image_cells(table[image_column])):
+        if errors[i]:
+            continue
+        try:
+            pixels[i] = decode_image(cell, options.size, options.resize, options.max_pixels)
+        except DecodeError as exc:
+            errors[i] = f"decode: {exc}"
+            continue
+        if needs_label:
+            label = labels[i]
+            if label is None:
+                errors[i] = "label is missing"
+            elif not isinstance(label, (int, np.integer)) or not 0 <= int(label) < num_classes:
+                errors[i] = f"label {label!r} out of range [0, {num_classes})"
+    table = table.drop_columns([image_column])
+    tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(pixels)
+    return table.append_column(schema.IMAGE_COLUMN, tensor).append_column("error", pa.array(errors, pa.string()))
+
+
+class ExplainBatch:
+    """Ray Data callable class: builds the engine once, maps a pyarrow batch to output rows."""
+
+    def __init__(self, config: JobConfig, threads: int, map_shape: tuple[int, ...]):
+        from worker.runtime import configure_tensorflow
+
+        configure_tensorflow(threads, config.gpu_memory_limit_mb)
+        self.config, self.map_shape = config, tuple(map_shape)
+        self.engine = build_engine(config, fetch_model(config.model))
+        self.k = self.engine.target.maps_per_image
+        self._record_worker(threads)
+        self.metrics = JobMetrics()
+
+    def _record_worker(self, threads):
+        """Write ``_workers/<host>-<pid>.json``: which devices this actor was pinned to."""
+        import socket
+
+        import ray
+        import tensorflow as tf
+
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "threads": threads,
+                "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "tf_devices": [d.name for d in tf.config.list_logical_devices()],
+                "jit_compile": self.engine.jit_compile}
+        fs, root = dataset.filesystem(self.config.output)
+        fs.create_dir(posixpath.join(root, sink.WORKERS_DIR), recursive=True)
+        with fs.open_output_stream(posixpath.join(root, sink.WORKERS_DIR, f"{info['host']}-{info['pid']}.json")) as f:
+            f.write(json.dumps(info).encode())
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        out = self._explain_table(table)
+        failed = out.num_rows - out[schema.ERROR_COLUMN].null_count
+        self.metrics.record(out.num_rows, failed, time.perf_counter() - started)
+        return out
+
+    def _explain_table(self, table: pa.Table) -> pa.Table:
+        errors = table["error"].to_pylist()
+        valid = np.array([e is None for e in errors], bool)
+        images = schema_images(table)[valid]
+        labels = None
+        if self.engine.target.kind == "label":
+            labels = np.asarray(table[self.config.label_column].fill_null(0).to_numpy(zero_copy_only=False))[valid]
+        explanation, errors = self._explain(images, labels, valid, errors)
+        results = schema.result_columns(valid, explanation, errors, self.map_shape, self.config.map_dtype, self.k)
+        results.update(self._statistics(table, valid, explanation))
+        internal = [schema.IMAGE_COLUMN, schema.MASK_COLUMN, "error"]
+        if self.config.mask_column and self.config.mask_column not in self.config.columns:
+            internal.append(self.config.mask_column)
+        out = table.drop_columns([c for c in internal if c in table.column_names])
+        for name, column in results.items():
+            out = out.append_column(name, column)
+        return out
+
+    def _statistics(self, table, valid, explanation) -> dict:
+        if not self.config.statistics:
+            return {}
+        from worker import stats
+
+        maps = explanation.as_float32()[:, 0] if explanation is not None else np.zeros((0, *self.map_shape[-2:]))
+        values = stats.map_statistics(maps) if len(maps) else {k: np.zeros(0) for k in stats.STAT_COLUMNS}
+        if self.config.mask_column:
+            masks = table[schema.MASK_COLUMN].combine_chunks().to_numpy_ndarray()[valid]
+            values.update(stats.mask_statistics(maps, masks) if len(maps)
+                          else {k: np.zeros(0) for k in stats.MASK_COLUMNS})
+        return schema.placed_columns(valid, values)
+
+    def _explain(self, images, labels, valid, errors):
+        if not len(images):
+            return None, errors
+        try:
+            return self.engine.explain(images, labels), errors
+        except Exception as exc:  # noqa: BLE001 - isolate the row(s) that fail, keep the rest
+            log.warning("batch failed (%s); explaining its %d rows one by one", exc, len(images))
+        rows = np.flatnonzero(valid)
+        parts, keep = [], np.zeros(len(images), bool)
+        for j, row in enumerate(rows):
+            try:
+                parts.append(self.engine.explain(images[j:j + 1], None if labels is None else labels[j:j + 1]))
+                keep[j] = True
+            except Exception as exc:  # noqa: BLE001
+                errors[row] = f"explain: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                valid[row] = False
+        if not parts:
+            return None, errors
+        merged = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                  for f in dataclasses.fields(parts[0]) if f.name != "report"}
+        return type(parts[0])(**merged), errors
+
+
+class JobMetrics:
+    """Prometheus metrics through ray.util.metrics (scraped from each node's metrics export port)."""
+
+    def __init__(self):
+        from ray.util import metrics
+
+        self.rows = metrics.Counter("saliency_rows_done", "rows explained (including rows with an error)")
+        self.failed = metrics.Counter("saliency_rows_failed", "rows written with an error")
+        self.latency = metrics.Histogram("saliency_batch_latency_seconds", "explain time per batch",
+                                         boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
+        self.rate = metrics.Gauge("saliency_rows_per_second", "rows/s of the last batch, per actor")
+
+    def record(self, rows: int, failed: int, seconds: float) -> None:
+        self.rows.inc(rows)
+        if failed:
+            self.failed.inc(failed)
+        self.latency.observe(seconds)
+        self.rate.set(rows / seconds if seconds > 0 else 0.0)
+
+
+def schema_images(table: pa.Table) -> np.ndarray:
+    column = table[schema.IMAGE_COLUMN].combine_chunks()
+    return column.to_numpy_ndarray()
