@@ -77,6 +77,14 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
     assert worst[0]["id"] in page
     assert result["metadata"]["model"]["fingerprint"] in page
     assert (tmp_path / "report" / "audit.json").exists()
+    import pyarrow.parquet as pq
+
+    classes = pq.read_table(str(tmp_path / "report" / "classes.parquet"))
+    true_rows = classes.filter(pa.compute.equal(classes["kind"], "true"))
+    assert sum(true_rows["count"].to_pylist()) == 40
+    grids = true_rows["mean_map"].combine_chunks().to_numpy_ndarray()
+    assert grids.shape == (true_rows.num_rows, 16, 16) and np.allclose(grids.sum((1, 2)), 1.0, atol=1e-4)
+    assert "border_enrichment_mean" in classes.column_names
 
 
 def test_clusters_find_the_planted_subgroup_out_of_core():

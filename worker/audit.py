@@ -425,6 +425,32 @@ def _png(grid: np.ndarray, vmax: float) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def aggregate_tables(result: dict) -> dict[str, pa.Table]:
+    """The audit's numbers as Arrow tables: ``classes`` (one row per group: count, 16x16 mean and variance
+    maps, mean/std of every statistic), ``clusters`` and ``findings``."""
+    rows = []
+    for group, v in result["groups"].items():
+        if "count" not in v:
+            continue
+        kind, cls = group.split(":", 1)
+        row = {"group": group, "kind": kind, "class": int(cls), "count": v["count"],
+               "mean_map": v["mean_map"].astype(np.float32).reshape(-1).tolist(),
+               "var_map": v["var_map"].astype(np.float32).reshape(-1).tolist()}
+        for name, stat in v["stats"].items():
+            row[f"{name}_mean"], row[f"{name}_std"] = stat["mean"], stat["std"]
+        rows.append(row)
+    classes = pa.Table.from_pylist(rows)
+    grid_type = pa.fixed_shape_tensor(pa.float32(), [GRID, GRID])
+    for name in ("mean_map", "var_map"):
+        if classes.num_rows:
+            storage = pa.array(classes[name].to_pylist(), pa.list_(pa.float32(), GRID * GRID))
+            classes = classes.set_column(classes.schema.get_field_index(name), name,
+                                         pa.ExtensionArray.from_storage(grid_type, storage))
+    clusters = pa.Table.from_pylist([{"group": g, "cluster": c["cluster"], "count": c["count"], "share": c["share"]}
+                                     for g, cs in result.get("clusters", {}).items() for c in cs])
+    return {"classes": classes, "clusters": clusters, "findings": pa.Table.from_pylist(result["findings"])}
+
+
 def _controls_html(controls: dict | None) -> str:
     if not controls:
         return "<h2>Controls</h2><p>not run (audit --controls N)</p>"
@@ -437,7 +463,7 @@ def _controls_html(controls: dict | None) -> str:
 
 
 def write_report(result: dict, report_dir: str) -> None:
-    """audit.json (numbers) and report.html (one self-contained page, images inline)."""
+    """audit.json and classes/clusters/findings.parquet (numbers) and report.html (one self-contained page)."""
     import os
 
     os.makedirs(report_dir, exist_ok=True)
@@ -448,6 +474,11 @@ def write_report(result: dict, report_dir: str) -> None:
     clusters = result.get("clusters", {})
     serial_clusters = {g: [{"cluster": c["cluster"], "count": c["count"], "share": c["share"],
                             "mean_map": c["mean_map"].tolist()} for c in cs] for g, cs in clusters.items()}
+    import pyarrow.parquet as pq
+
+    for name, table in aggregate_tables(result).items():
+        if table.num_columns:
+            pq.write_table(table, os.path.join(report_dir, f"{name}.parquet"))
     with open(os.path.join(report_dir, "audit.json"), "w") as f:
         json.dump({"output": result["output"], "groups": serial, "clusters": serial_clusters,
                    "findings": result["findings"], "controls": result.get("controls")}, f, indent=1)
