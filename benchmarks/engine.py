@@ -118,7 +118,6 @@ def bench_model(name, batch, rounds, calls):
         fn()
     speeds = interleaved(contenders, rounds, batch, calls)
     ours = fp32.explain(images).as_float32()[:, 0]
-    probs = forward(images).numpy()
     result = {
         "batch_size": batch,
         "images_per_second": {k: v["per_second"] for k, v in speeds.items()},
@@ -143,7 +142,6 @@ def bench_model(name, batch, rounds, calls):
     if "xplique" in contenders:
         result["ratios"]["engine_fp32/xplique"] = round(
             speeds["engine_fp32"]["per_second"] / speeds["xplique"]["per_second"], 3)
-    del probs
     return result
 
 

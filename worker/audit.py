@@ -85,6 +85,15 @@ def downsample(maps: np.ndarray, grid: int = GRID) -> np.ndarray:
     return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
 
 
+def _explained_grids(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """The rows without an error, and their maps downsampled (the first map of each ``top:K`` row)."""
+    table = table.filter(pa.compute.is_null(table["error"]))
+    maps = maps_to_numpy(table["map"])
+    if maps.ndim == 4 and maps.shape[-1] not in (1, 3):  # (K, H, W) maps of top:K
+        maps = maps[:, 0]
+    return table, downsample(maps)
+
+
 def group_keys(table: pa.Table, label_column: str | None) -> list[tuple[str, int]]:
     """Which groups each row belongs to: ('predicted', c), and with labels ('true', c), ('correct'|'wrong', c)."""
     predicted = table["predicted_class"].to_pylist()
@@ -100,13 +109,9 @@ def group_keys(table: pa.Table, label_column: str | None) -> list[tuple[str, int
 
 def partial_aggregates(table: pa.Table, label_column: str | None = None) -> pa.Table:
     """One output block -> one row of partial aggregates per group (Ray Data map_batches function)."""
-    table = table.filter(pa.compute.is_null(table["error"]))
+    table, grids = _explained_grids(table)
     if not table.num_rows:
         return pa.table({"group": pa.array([], pa.string()), "payload": pa.array([], pa.string())})
-    maps = maps_to_numpy(table["map"])
-    if maps.ndim == 4 and maps.shape[-1] not in (1, 3):  # (K, H, W) maps of top:K: the first one
-        maps = maps[:, 0]
-    grids = downsample(maps)
     stat_names = [c for c in (*STAT_COLUMNS, *MASK_COLUMNS) if c in table.column_names]
     stats = {c: table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in stat_names}
     members: dict[tuple, list[int]] = {}
@@ -227,13 +232,9 @@ def assignment_partials(table: pa.Table, centroids: dict, label_column: str | No
     """Assign every map of a block to its class's nearest cluster; per (group, cluster) counts and sums."""
     from worker.clusters import assign
 
-    table = table.filter(pa.compute.is_null(table["error"]))
+    table, grids = _explained_grids(table)
     rows_out = {"group": [], "cluster": [], "count": [], "grid_sum": []}
     if table.num_rows:
-        maps = maps_to_numpy(table["map"])
-        if maps.ndim == 4 and maps.shape[-1] not in (1, 3):
-            maps = maps[:, 0]
-        grids = downsample(maps)
         members: dict[str, list[int]] = {}
         for i, keys in enumerate(group_keys(table, label_column)):
             for kind, cls in keys:
@@ -352,7 +353,7 @@ def sample_images(metadata: dict, n: int) -> np.ndarray:
     from worker.stages import image_cells
 
     job, size = metadata["job"], tuple(metadata["decode"]["size"])
-    fs, units, _ = plan(job["input"], [job["image_column"]])
+    fs, units = plan(job["input"], [job["image_column"]])
     images = []
     for unit in units:
         table = read_unit(fs, unit, [job["image_column"]], None)

@@ -56,19 +56,13 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
+    """The explain flags are named like :class:`~worker.config.JobConfig`'s fields (``--no-statistics`` aside)."""
+    import dataclasses
+
     from worker.config import JobConfig
 
-    return JobConfig(
-        model=args.model, input=args.input, output=args.output, image_column=args.image_column,
-        id_column=args.id_column, label_column=args.label_column, columns=tuple(args.columns),
-        target=args.target, method=args.method, batch_size=args.batch_size, preprocessing=args.preprocessing,
-        reduction=args.reduction, map_dtype=args.map_dtype, score=args.score, precision=args.precision,
-        relu_policy=args.relu_policy, allow_unsafe_deserialization=args.allow_unsafe_deserialization,
-        resize=args.resize, max_pixels=args.max_pixels, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor, decode_cpus=args.decode_cpus,
-        gpu_memory_limit_mb=args.gpu_memory_limit_mb, rows_per_file=args.rows_per_file, overwrite=args.overwrite,
-        mask_column=args.mask_column, statistics=not args.no_statistics,
-    )
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(JobConfig) if hasattr(args, f.name)}
+    return JobConfig(**{**values, "columns": tuple(args.columns)}, statistics=not args.no_statistics)
 
 
 def parser() -> argparse.ArgumentParser:

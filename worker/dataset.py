@@ -74,8 +74,8 @@ def _walk(fs, root):
             if i.type == pafs.FileType.File]
 
 
-def plan(uri: str, needed: list[str], files: list[str] | None = None) -> tuple[pafs.FileSystem, list[Unit], pa.Schema]:
-    """Check every file's footer and columns; return the units of work and the first schema.
+def plan(uri: str, needed: list[str], files: list[str] | None = None) -> tuple[pafs.FileSystem, list[Unit]]:
+    """Check every file's footer and columns; return the filesystem and the units of work.
 
     ``files`` restricts the input to those of its files (as :func:`list_files` names them).
     """
@@ -87,7 +87,6 @@ def plan(uri: str, needed: list[str], files: list[str] | None = None) -> tuple[p
         listed = [f for f in listed if f in set(files)]
     files = listed
     units: list[Unit] = []
-    schema = None
     for path in files:
         try:
             with fs.open_input_file(path) as handle:
@@ -98,7 +97,6 @@ def plan(uri: str, needed: list[str], files: list[str] | None = None) -> tuple[p
         missing = [c for c in needed if c not in file_schema.names]
         if missing:
             raise InputError(f"{path} has no column(s) {missing}; its columns are {file_schema.names}")
-        schema = schema or file_schema
         first = 0
         rel = posixpath.relpath(path, root) if root else path
         for rg in range(meta.num_row_groups):
@@ -106,23 +104,39 @@ def plan(uri: str, needed: list[str], files: list[str] | None = None) -> tuple[p
             if rows:
                 units.append(Unit(path, rel, rg, first, rows))
             first += rows
-    return fs, units, schema
+    return fs, units
+
+
+def done_index(ids) -> np.ndarray:
+    """Ids already done, as a sorted UTF-8 bytes array: compact, zero-copy through Ray's object store, and
+    searched in O(log n) per row (``np.isin`` on 1M object ids took 9.6 s per row group)."""
+    return np.sort(np.array([str(i).encode() for i in ids], dtype=np.bytes_)) if len(ids) else np.array([], np.bytes_)
+
+
+def is_done(index: np.ndarray, ids) -> np.ndarray:
+    """Boolean mask: which ``ids`` are in ``index`` (from :func:`done_index`)."""
+    wanted = np.array([str(i).encode() for i in ids], dtype=np.bytes_)
+    if not len(index) or not len(wanted):
+        return np.zeros(len(wanted), bool)
+    at = np.minimum(np.searchsorted(index, wanted), len(index) - 1)
+    return index[at] == wanted
 
 
 def read_unit(fs: pafs.FileSystem, unit: Unit, columns: list[str], id_column: str | None,
-              done_ids: np.ndarray | None = None) -> pa.Table:
-    """One row group with an ``id`` column first; rows whose id is in ``done_ids`` are dropped."""
+              done: np.ndarray | None = None) -> pa.Table:
+    """One row group with an ``id`` column first; rows whose id is in ``done`` (a :func:`done_index`) are
+    dropped before the other columns are read, so a resumed run does not fetch the images it skips."""
+    rest = [c for c in columns if c != id_column]
     with fs.open_input_file(unit.path) as handle:
-        table = pq.ParquetFile(handle).read_row_group(unit.row_group, columns=columns)
-    if id_column:
-        ids = pc.cast(table[id_column], pa.string())
-        if ids.null_count:
-            raise InputError(f"{unit.path}: id column {id_column!r} has null values")
-        table = table.drop_columns([id_column])
-    else:
-        ids = pa.array([f"{unit.relpath}#{unit.first_row + i}" for i in range(table.num_rows)])
-    table = table.add_column(0, "id", ids)
-    if done_ids is not None and len(done_ids):
-        keep = ~np.isin(np.asarray(table["id"].to_pylist(), dtype=object), done_ids)
-        table = table.filter(pa.array(keep))
-    return table
+        parquet = pq.ParquetFile(handle)
+        if id_column:
+            ids = pc.cast(parquet.read_row_group(unit.row_group, columns=[id_column])[id_column], pa.string())
+            if ids.null_count:
+                raise InputError(f"{unit.path}: id column {id_column!r} has null values")
+        else:
+            ids = pa.array([f"{unit.relpath}#{unit.first_row + i}" for i in range(unit.rows)])
+        keep = ~is_done(done, ids.to_pylist()) if done is not None and len(done) else None
+        if keep is not None and not keep.any():
+            return parquet.schema_arrow.empty_table().select(rest).add_column(0, "id", ids.slice(0, 0))
+        table = parquet.read_row_group(unit.row_group, columns=rest).add_column(0, "id", ids)
+    return table.filter(pa.array(keep)) if keep is not None else table

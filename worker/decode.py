@@ -52,26 +52,30 @@ class DecodeOptions:
 def decode_image(cell, size: tuple[int, int], resize: str = "stretch",
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode one cell to uint8 (size[0], size[1], 3)."""
+    return _fit(_open_cell(cell, "image", max_pixels), size, resize)
+
+
+def _open_cell(cell, what: str, max_pixels: int, binary: bool = False) -> Image.Image:
+    """A cell (encoded bytes, HF struct or tensor) as an RGB image; ``binary`` tensors map non-zero to white."""
     if cell is None:
-        raise DecodeError("image is missing (null)")
+        raise DecodeError(f"{what} is missing (null)")
     if isinstance(cell, dict):
         data = cell.get("bytes")
         if data is None:
-            raise DecodeError(f"image struct has no bytes (path={cell.get('path')!r}); embed the bytes")
+            raise DecodeError(f"{what} struct has no bytes (path={cell.get('path')!r}); embed the bytes")
         cell = data
     if isinstance(cell, (bytes, bytearray, memoryview)):
-        image = _open_encoded(bytes(cell), max_pixels)
-    else:
-        image = _from_tensor(cell, max_pixels)
-    return _fit(image, size, resize)
+        return _open_encoded(bytes(cell), max_pixels)
+    if binary:
+        array = np.asarray(cell)
+        cell = (array > 0).astype(np.uint8) * 255
+    return _from_tensor(cell, max_pixels)
 
 
 def decode_mask(cell, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A ground-truth region as uint8 0/1 (size[0], size[1]): a mask image/tensor (non-zero = inside,
     stretched with nearest neighbour) or a box ``[y0, x0, y1, x1]`` in [0, 1] of the image's height/width."""
     height, width = size
-    if cell is None:
-        raise DecodeError("mask is missing (null)")
     values = np.asarray(cell, dtype=object) if isinstance(cell, (list, tuple)) else None
     if values is not None and values.shape == (4,):
         try:
@@ -80,20 +84,11 @@ def decode_mask(cell, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXEL
             raise DecodeError(f"box {cell!r} is not four numbers") from None
         if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
             raise DecodeError(f"box {cell!r} is not [y0, x0, y1, x1] with 0 <= y0 < y1 <= 1, 0 <= x0 < x1 <= 1")
+        top, left = int(np.floor(y0 * height)), int(np.floor(x0 * width))
         out = np.zeros(size, np.uint8)
-        out[int(np.floor(y0 * height)):max(int(np.ceil(y1 * height)), int(np.floor(y0 * height)) + 1),
-            int(np.floor(x0 * width)):max(int(np.ceil(x1 * width)), int(np.floor(x0 * width)) + 1)] = 1
+        out[top:max(int(np.ceil(y1 * height)), top + 1), left:max(int(np.ceil(x1 * width)), left + 1)] = 1
         return out
-    if isinstance(cell, dict):
-        cell = cell.get("bytes")
-    if isinstance(cell, (bytes, bytearray, memoryview)):
-        image = _open_encoded(bytes(cell), max_pixels)
-    else:
-        array = np.asarray(cell)
-        if array.ndim == 2:
-            array = array[..., None]
-        image = _from_tensor((array > 0).astype(np.uint8) * 255, max_pixels)
-    image = image.convert("L").resize((width, height), Image.NEAREST)
+    image = _open_cell(cell, "mask", max_pixels, binary=True).convert("L").resize((width, height), Image.NEAREST)
     return (np.asarray(image) > 127).astype(np.uint8)
 
 

@@ -30,7 +30,6 @@ from worker import dataset, sink
 from worker.config import JobConfig, build_engine
 from worker.decode import DecodeOptions
 from worker.stages import ExplainBatch, decode_stage, fetch_model, read_stage
-from worker.targets import Target
 
 
 log = logging.getLogger(__name__)
@@ -51,11 +50,11 @@ def run(config: JobConfig, *, echo=print) -> dict:
     """Run the job to completion and return its summary (also written to ``_summary.json``)."""
     started = time.time()
     config.validate()
-    in_fs, units, _ = dataset.plan(config.input, config.needed_columns(), files=config.files)
+    in_fs, units = dataset.plan(config.input, config.needed_columns(), files=config.files)
     probe = build_engine(config, fetch_model(config.model), batch_size=1, warmup=False)
     report = probe.report
     num_classes = probe.source.num_classes
-    k = probe.target.maps_per_image
+    k, target_kind = probe.target.maps_per_image, probe.target.kind
     h, w = probe.source.input_size
     map_shape = (k, h, w) if k > 1 else (h, w)
     if config.reduction == "none":
@@ -70,8 +69,8 @@ def run(config: JobConfig, *, echo=print) -> dict:
                 "decode": {"resize": config.resize, "max_pixels": config.max_pixels, "size": [h, w]},
                 **config.extra_metadata}
     out_fs, out_root = dataset.filesystem(config.output)
-    done = sink.prepare(out_fs, out_root, {"fingerprint": identity["fingerprint"], "job": identity,
-                                           "metadata": metadata}, overwrite=config.overwrite)
+    owner = {"fingerprint": identity["fingerprint"], "job": identity, "metadata": metadata}
+    done, files_before = sink.prepare(out_fs, out_root, owner, overwrite=config.overwrite)
     rows_in = sum(u.rows for u in units)
     if len(done):
         echo(f"resuming: {len(done)} of {rows_in} rows are already in {config.output}")
@@ -87,15 +86,15 @@ def run(config: JobConfig, *, echo=print) -> dict:
                            cpus_per_actor=config.cpus_per_actor, decode_cpus=config.decode_cpus,
                            gpu_memory_limit_mb=config.gpu_memory_limit_mb)
         metadata["actors"] = plan.describe()
-        done_ref = ray.put(np.asarray(done, dtype=object))
+        done_ref = ray.put(dataset.done_index(done))
         ds = ray.data.from_items([dataclasses.asdict(u) for u in units], override_num_blocks=max(1, len(units)))
         read_columns = config.needed_columns()
         ds = ds.map_batches(read_stage, batch_size=1, batch_format="pyarrow", num_cpus=plan.decode_cpus_per_task,
                             fn_kwargs={"fs": in_fs, "columns": read_columns, "id_column": config.id_column,
-                                       "done_ids": done_ref})
+                                       "done": done_ref})
         ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.decode_cpus_per_task,
                             fn_kwargs={"image_column": config.image_column, "label_column": config.label_column,
-                                       "needs_label": Target.parse(config.target).kind == "label",
+                                       "needs_label": target_kind == "label",
                                        "num_classes": num_classes,
                                        "options": DecodeOptions((h, w), config.resize, config.max_pixels),
                                        "mask_column": config.mask_column})
@@ -108,7 +107,11 @@ def run(config: JobConfig, *, echo=print) -> dict:
         ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
         result = datasink.result
 
-    ids = sink.read_ids(out_fs, out_root)
+    # the files committed before this run were read by prepare(); read only the ones new since (any a retried
+    # write task committed included, so a duplicate across files is still seen)
+    before = set(files_before)
+    new_files = [f for f in sink.committed_files(out_fs, out_root) if f not in before]
+    ids = np.concatenate([done, sink.read_ids(out_fs, new_files)])
     elapsed = time.time() - started
     summary = {
         "output": config.output,

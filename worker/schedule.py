@@ -48,8 +48,7 @@ class ConfigError(ValueError):
 def parse_config(raw) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError("the job file must be a YAML mapping of option: value")
-    fields = {f.name: f for f in dataclasses.fields(JobConfig)}
-    allowed = (set(fields) | set(SCHEDULE_KEYS)) - {"output", "extra_metadata"}
+    allowed = ({f.name for f in dataclasses.fields(JobConfig)} | set(SCHEDULE_KEYS)) - {"output", "extra_metadata"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")

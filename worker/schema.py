@@ -52,8 +52,7 @@ def map_column(maps: np.ndarray, valid, shape, dtype: str | None = None) -> pa.E
     valid = np.asarray(valid, bool)
     dtype = dtype or ("float16" if maps.dtype == np.float16 else "float32")
     size = int(np.prod(shape))
-    flat = np.zeros((len(valid), size), np.float16 if dtype == "float16" else np.float32)
-    flat[valid] = np.asarray(maps).reshape(-1, size)
+    flat = _place(valid, np.asarray(maps).reshape(-1, size), np.float16 if dtype == "float16" else np.float32)
     storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), size, mask=pa.array(~valid))
     return pa.ExtensionArray.from_storage(map_type(shape, dtype), storage)
 
@@ -87,7 +86,7 @@ def maps_to_numpy(column) -> np.ndarray:
 def result_columns(valid, explanation, errors, map_shape, map_dtype: str, k: int) -> dict[str, pa.Array]:
     """Result columns for all rows, from the Explanation of the ``valid`` ones (None when none are)."""
     valid = np.asarray(valid, bool)
-    n, mask, list_mask = len(valid), ~valid, pa.array(~valid)
+    mask, list_mask = ~valid, pa.array(~valid)
     if explanation is None:
         maps = np.zeros((0, *map_shape), np.float16 if map_dtype == "float16" else np.float32)
         pc = pp = np.zeros(0)
@@ -97,21 +96,16 @@ def result_columns(valid, explanation, errors, map_shape, map_dtype: str, k: int
         pc, pp = explanation.predicted_class, explanation.predicted_prob
         tc, ts, ms = explanation.target_class, explanation.target_score, explanation.map_scale
 
-    def place(values, dtype):
-        full = np.zeros((n, *np.shape(values)[1:]), dtype)
-        full[valid] = values
-        return full
-
     def per_map(values, dtype, arrow_type):
         if k == 1:
-            return pa.array(place(values[:, 0], dtype), mask=mask)
-        return pa.FixedSizeListArray.from_arrays(pa.array(place(values, dtype).reshape(-1)), k,
+            return pa.array(_place(valid, values[:, 0], dtype), mask=mask)
+        return pa.FixedSizeListArray.from_arrays(pa.array(_place(valid, values, dtype).reshape(-1)), k,
                                                  mask=list_mask).cast(pa.list_(arrow_type))
 
     target_class, target_score = per_map(tc, np.int32, pa.int32()), per_map(ts, np.float32, pa.float32())
     return {
-        "predicted_class": pa.array(place(pc, np.int32), mask=mask),
-        "predicted_prob": pa.array(place(pp, np.float32), mask=mask),
+        "predicted_class": pa.array(_place(valid, pc, np.int32), mask=mask),
+        "predicted_prob": pa.array(_place(valid, pp, np.float32), mask=mask),
         "target_class": target_class,
         "target_score": target_score,
         "map": map_column(maps, valid, map_shape, map_dtype),
@@ -120,15 +114,17 @@ def result_columns(valid, explanation, errors, map_shape, map_dtype: str, k: int
     }
 
 
+def _place(valid: np.ndarray, values, dtype) -> np.ndarray:
+    """Per-valid-row values spread over all rows (zeros where not valid)."""
+    full = np.zeros((len(valid), *np.shape(values)[1:]), dtype)
+    full[valid] = values
+    return full
+
+
 def placed_columns(valid, values: dict[str, np.ndarray]) -> dict[str, pa.Array]:
     """float32 columns for all rows from per-valid-row values; invalid rows are null."""
     valid = np.asarray(valid, bool)
-    out = {}
-    for name, column in values.items():
-        full = np.zeros(len(valid), np.float32)
-        full[valid] = column
-        out[name] = pa.array(full, mask=~valid)
-    return out
+    return {name: pa.array(_place(valid, column, np.float32), mask=~valid) for name, column in values.items()}
 
 
 def with_metadata(schema: pa.Schema, metadata: dict) -> pa.Schema:

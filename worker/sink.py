@@ -45,8 +45,9 @@ def committed_files(fs: pafs.FileSystem, root: str) -> list[str]:
                   and i.path.endswith(".parquet"))
 
 
-def prepare(fs: pafs.FileSystem, root: str, job: dict, overwrite: bool = False) -> np.ndarray:
-    """Claim ``root`` for ``job``; return the ids already written there by the same job (resume)."""
+def prepare(fs: pafs.FileSystem, root: str, job: dict, overwrite: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Claim ``root`` for ``job``; return the ids already written there by the same job (resume) and the
+    committed files they came from."""
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         raise OutputExistsError(f"output {root} is a file, not a directory")
@@ -66,23 +67,27 @@ def prepare(fs: pafs.FileSystem, root: str, job: dict, overwrite: bool = False) 
         if not same:
             fs.delete_dir_contents(root)
     fs.create_dir(root, recursive=True)
-    if fs.get_file_info(posixpath.join(root, TMP_DIR)).type == pafs.FileType.Directory:
-        fs.delete_dir(posixpath.join(root, TMP_DIR))
+    _remove_staging(fs, root)
     with fs.open_output_stream(job_path) as handle:
         handle.write(json.dumps(job, indent=2, sort_keys=True).encode())
-    return read_ids(fs, root)
+    files = committed_files(fs, root)
+    return read_ids(fs, files), files
 
 
-def read_ids(fs: pafs.FileSystem, root: str) -> np.ndarray:
-    ids = [pq.read_table(path, columns=["id"], filesystem=fs)["id"].to_numpy(zero_copy_only=False)
-           for path in committed_files(fs, root)]
+def read_ids(fs: pafs.FileSystem, files: list[str]) -> np.ndarray:
+    """The ``id`` column of ``files``, as one object array."""
+    ids = [pq.read_table(path, columns=["id"], filesystem=fs)["id"].to_numpy(zero_copy_only=False) for path in files]
     return np.concatenate(ids).astype(object) if ids else np.array([], dtype=object)
+
+
+def _remove_staging(fs: pafs.FileSystem, root: str) -> None:
+    if fs.get_file_info(posixpath.join(root, TMP_DIR)).type == pafs.FileType.Directory:
+        fs.delete_dir(posixpath.join(root, TMP_DIR))
 
 
 def finish(fs: pafs.FileSystem, root: str, summary: dict) -> None:
     """Remove the staging directory and write the run's summary."""
-    if fs.get_file_info(posixpath.join(root, TMP_DIR)).type == pafs.FileType.Directory:
-        fs.delete_dir(posixpath.join(root, TMP_DIR))
+    _remove_staging(fs, root)
     with fs.open_output_stream(posixpath.join(root, SUMMARY_FILE)) as handle:
         handle.write(json.dumps(summary, indent=2, sort_keys=True).encode())
 

@@ -46,12 +46,13 @@ def fetch_model(uri: str) -> str:
     return local
 
 
-def read_stage(batch: pa.Table, *, fs, columns, id_column, done_ids) -> pa.Table:
+def read_stage(batch: pa.Table, *, fs, columns, id_column, done) -> pa.Table:
+    """Row groups -> rows; ``done`` is an ObjectRef of a :func:`worker.dataset.done_index` (resume)."""
     import ray
 
-    if isinstance(done_ids, ray.ObjectRef):
-        done_ids = ray.get(done_ids)
-    tables = [dataset.read_unit(fs, dataset.Unit(**row), columns, id_column, done_ids) for row in batch.to_pylist()]
+    if isinstance(done, ray.ObjectRef):  # Ray Data does not resolve refs inside fn_kwargs
+        done = ray.get(done)
+    tables = [dataset.read_unit(fs, dataset.Unit(**row), columns, id_column, done) for row in batch.to_pylist()]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
@@ -74,7 +75,7 @@ def decode_stage(table: pa.Table, *, image_column, label_column, needs_label, nu
     n = table.num_rows
     pixels = np.zeros((n, *options.size, 3), np.uint8)
     errors: list[str | None] = [None] * n
-    labels = table[label_column].to_pylist() if label_column else [None] * n
+    labels = table[label_column].to_pylist() if needs_label else None
     if mask_column:
         masks = np.zeros((n, *options.size), np.uint8)
         for i, cell in enumerate(image_cells(table[mask_column])):
@@ -142,7 +143,7 @@ class ExplainBatch:
     def _explain_table(self, table: pa.Table) -> pa.Table:
         errors = table["error"].to_pylist()
         valid = np.array([e is None for e in errors], bool)
-        images = schema_images(table)[valid]
+        images = table[schema.IMAGE_COLUMN].combine_chunks().to_numpy_ndarray()[valid]
         labels = None
         if self.engine.target.kind == "label":
             labels = np.asarray(table[self.config.label_column].fill_null(0).to_numpy(zero_copy_only=False))[valid]
@@ -177,12 +178,10 @@ class ExplainBatch:
             return self.engine.explain(images, labels), errors
         except Exception as exc:  # noqa: BLE001 - isolate the row(s) that fail, keep the rest
             log.warning("batch failed (%s); explaining its %d rows one by one", exc, len(images))
-        rows = np.flatnonzero(valid)
-        parts, keep = [], np.zeros(len(images), bool)
-        for j, row in enumerate(rows):
+        parts = []
+        for j, row in enumerate(np.flatnonzero(valid)):
             try:
                 parts.append(self.engine.explain(images[j:j + 1], None if labels is None else labels[j:j + 1]))
-                keep[j] = True
             except Exception as exc:  # noqa: BLE001
                 errors[row] = f"explain: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 valid[row] = False
@@ -211,8 +210,3 @@ class JobMetrics:
             self.failed.inc(failed)
         self.latency.observe(seconds)
         self.rate.set(rows / seconds if seconds > 0 else 0.0)
-
-
-def schema_images(table: pa.Table) -> np.ndarray:
-    column = table[schema.IMAGE_COLUMN].combine_chunks()
-    return column.to_numpy_ndarray()

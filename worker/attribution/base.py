@@ -9,6 +9,7 @@ reduction on the device, and only the reduced maps back to the host.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ class Attribution:
 
         logits, had_softmax = _strip_softmax(output)
         logits = tf.cast(logits, tf.float32)
-        probs = tf.nn.softmax(logits) if had_softmax or self.score == "logits" else tf.cast(output, tf.float32)
+        probs = tf.nn.softmax(logits)  # equals the model's output when that is a softmax
         if self.score == "probability":
             if not had_softmax:
                 raise ValueError("score='probability' needs a model whose output is a softmax; this one is not")
@@ -208,9 +209,9 @@ class Attribution:
         return {k: v.numpy() for k, v in out.items()}
 
     # -- public --------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def report(self) -> dict:
-        """What was computed and how: recorded next to every output."""
+        """What was computed and how: recorded next to every output (fixed once the function is traced)."""
         return {
             "method": self.method,
             "model": self.source.describe(),
