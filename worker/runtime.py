@@ -35,6 +35,12 @@ def configure_tensorflow(threads: int | None = None, gpu_memory_limit_mb: int | 
         log.warning("TensorFlow already initialised; thread/GPU settings left as they are: %s", exc)
 
 
+def default_conv_gradients() -> str:
+    """Forward-kernel convolution gradients on CPU, where they measured faster; the framework's on GPU
+    (cuDNN's backward-data kernels are tuned, and the swap is unmeasured there: benchmarks/gpu.py compares)."""
+    return "framework" if tf.config.list_physical_devices("GPU") else "forward"
+
+
 def default_jit_compile() -> bool:
     """XLA on GPU; plain graph mode on CPU, where XLA measured 5-25 % slower for ResNet50."""
     return bool(tf.config.list_physical_devices("GPU"))

@@ -1,7 +1,7 @@
 """The small base every attribution method shares: build once, compile once, explain batches.
 
-A method only says which graph scope its forward pass is traced in
-(:meth:`Attribution._scope`).  The base does the rest inside one
+A method only says which gradient overrides its forward pass is traced with
+(:attr:`Attribution.gradient_overrides`, see :mod:`worker.ops`).  The base does the rest inside one
 ``tf.function`` with a fixed batch shape: uint8 images in, preprocessing on the
 device, forward pass, target selection, one backward pass per map, channel
 reduction on the device, and only the reduced maps back to the host.
@@ -21,12 +21,14 @@ from worker import reduction as reduction_ops
 from worker.coverage import CoverageReport, inspect_ops
 from worker.models import load_model
 from worker.preprocessing import Preprocessing
-from worker.runtime import configure_tensorflow, default_jit_compile
+from worker.ops import FORWARD_CONV_GRADIENTS, gradient_scope
+from worker.runtime import configure_tensorflow, default_conv_gradients, default_jit_compile
 from worker.targets import Target
 
 log = logging.getLogger(__name__)
 
 SCORES = ("logits", "probability")
+CONV_GRADIENTS = ("auto", "forward", "framework")
 RELU_POLICIES = ("error", "warn")
 
 
@@ -76,6 +78,10 @@ class Attribution:
         precision: ``float32`` (default), ``bfloat16`` or ``float16`` compute; maps are float32 before
             the final cast.
         jit_compile: ``auto`` (XLA on GPU, plain graph on CPU, where XLA measured slower), True or False.
+        conv_gradients: how convolutions' input gradients are computed: ``forward`` (forward kernels with the
+            flipped kernel, :data:`worker.ops.FORWARD_CONV_GRADIENTS`), ``framework`` (TensorFlow's own
+            backprop kernels) or ``auto`` (forward on CPU, where it measured faster; framework on GPU).
+            Both give the same maps up to float rounding.
         safe_mode: Keras safe mode when loading (default on).
         output, signature, input_size: pick an output / SavedModel signature / size of a resizable model.
         threads: TensorFlow intra-op threads (match the CPUs the scheduler gave this process).
@@ -88,6 +94,7 @@ class Attribution:
     def __init__(self, model, *, target="predicted", batch_size: int = 16, preprocessing="none",
                  reduction: str = "max_abs", map_dtype: str = "float16", score: str = "logits",
                  relu_policy: str = "error", precision: str = "float32", jit_compile="auto",
+                 conv_gradients: str = "auto",
                  safe_mode: bool = True, output: int | None = None, signature: str | None = None,
                  input_size=None, threads: int | None = None, warmup: bool = True):
         configure_tensorflow(threads)
@@ -104,6 +111,9 @@ class Attribution:
         self.reduction, self.map_dtype, self.score, self.relu_policy = reduction, map_dtype, score, relu_policy
         self.precision = precision
         self.jit_compile = default_jit_compile() if jit_compile == "auto" else bool(jit_compile)
+        if conv_gradients not in CONV_GRADIENTS:
+            raise ValueError(f"unknown conv_gradients {conv_gradients!r}; choose one of {CONV_GRADIENTS}")
+        self.conv_gradients = default_conv_gradients() if conv_gradients == "auto" else conv_gradients
         self.source = load_model(model, safe_mode=safe_mode, output=output, signature=signature,
                                  input_size=input_size, precision=precision)
         if self.target.kind == "class" and self.target.index >= self.source.num_classes:
@@ -122,8 +132,8 @@ class Attribution:
             self._run(np.zeros((self.batch_size, h, w, 3), np.uint8), np.zeros(self.batch_size, np.int32))
 
     # -- what a method decides -------------------------------------------------------------
-    def _scope(self):
-        raise NotImplementedError
+    #: op type -> registered gradient name, installed while the forward pass is traced
+    gradient_overrides: dict[str, str] = {}
 
     # -- the compiled function ---------------------------------------------------------------
     def _compute(self, images, labels):
@@ -131,7 +141,9 @@ class Attribution:
         graph = tf.compat.v1.get_default_graph()
         first_op = len(graph.get_operations())
         layer = self.target.layer if self.target.kind == "layer" else None
-        with self._scope():
+        overrides = {**self.gradient_overrides,
+                     **(FORWARD_CONV_GRADIENTS if self.conv_gradients == "forward" else {})}
+        with gradient_scope(overrides):
             output, activation = self.source.forward(x, layer)
         self.coverage = inspect_ops(graph.get_operations()[first_op:], graph)
 
@@ -223,6 +235,7 @@ class Attribution:
             "precision": self.precision,
             "batch_size": self.batch_size,
             "jit_compile": self.jit_compile,
+            "conv_gradients": self.conv_gradients,
             "map_is_gradient_wrt": "model input (after resize and normalisation)",
             "coverage": self.coverage.to_dict() if self.coverage else None,
             "versions": {"tensorflow": tf.__version__, "numpy": np.__version__},

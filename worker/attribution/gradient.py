@@ -10,8 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-
 from worker.attribution.base import Attribution
 
 
@@ -19,5 +17,3 @@ class Gradient(Attribution):
     method = "gradient"
     requires_relu = False
 
-    def _scope(self):
-        return contextlib.nullcontext()

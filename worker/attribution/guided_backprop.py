@@ -21,12 +21,11 @@ Example:
 from __future__ import annotations
 
 from worker.attribution.base import Attribution
-from worker.ops import guided_scope
+from worker.ops import GUIDED_OVERRIDES
 
 
 class GuidedBackprop(Attribution):
     method = "guided_backprop"
     requires_relu = True
 
-    def _scope(self):
-        return guided_scope()
+    gradient_overrides = GUIDED_OVERRIDES
