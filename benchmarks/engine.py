@@ -5,6 +5,7 @@
 For each model (random weights, fixed seed; no download): images/s of
   forward      uint8 -> preprocessing -> model, one tf.function (the ceiling)
   engine_fp32  worker.GuidedBackprop, max-abs float16 maps
+  engine_fp32_framework_conv  the same with conv_gradients="framework" (TensorFlow's backprop-input kernels)
   engine_bf16  the same with precision="bfloat16" (cosine to fp32 maps reported)
   recipe_eager the question's second answer: swap layer.activation for a tf.custom_gradient ReLU, GradientTape
   recipe_graph the same recipe inside tf.function
@@ -86,6 +87,7 @@ def bench_model(name, batch, rounds, calls):
     fp32 = GuidedBackprop(model, batch_size=batch, preprocessing=preset)
     first_map = time.perf_counter() - t0
     bf16 = GuidedBackprop(model, batch_size=batch, preprocessing=preset, precision="bfloat16")
+    framework_conv = GuidedBackprop(model, batch_size=batch, preprocessing=preset, conv_gradients="framework")
     rmodel, swapped = recipe_model(name)
 
     def recipe(x):
@@ -101,6 +103,7 @@ def bench_model(name, batch, rounds, calls):
         "forward": lambda: forward(images).numpy(),
         "engine_fp32": lambda: fp32.explain(images),
         "engine_bf16": lambda: bf16.explain(images),
+        "engine_fp32_framework_conv": lambda: framework_conv.explain(images),
         "recipe_eager": lambda: recipe(images).numpy(),
         "recipe_graph": lambda: recipe_graph(images).numpy(),
     }
@@ -126,6 +129,8 @@ def bench_model(name, batch, rounds, calls):
             "engine_fp32/forward": round(speeds["engine_fp32"]["per_second"] / speeds["forward"]["per_second"], 3),
             "engine_bf16/engine_fp32": round(speeds["engine_bf16"]["per_second"] / speeds["engine_fp32"]["per_second"], 3),
             "engine_fp32/recipe_eager": round(speeds["engine_fp32"]["per_second"] / speeds["recipe_eager"]["per_second"], 3),
+            "engine_fp32/engine_fp32_framework_conv": round(
+                speeds["engine_fp32"]["per_second"] / speeds["engine_fp32_framework_conv"]["per_second"], 3),
             "engine_fp32/recipe_graph": round(speeds["engine_fp32"]["per_second"] / speeds["recipe_graph"]["per_second"], 3),
         },
         "time_to_first_map_s": round(first_map, 2),
@@ -151,10 +156,12 @@ def markdown(results) -> str:
              f"TensorFlow {results['versions']['tensorflow']}. Revision {results['revision']}.", "",
              f"Command: `{results['command']}`", "",
              "Images/s, medians of interleaved rounds in one process (higher is better):", ""]
-    names = ["forward", "engine_fp32", "engine_bf16", "recipe_eager", "recipe_graph", "xplique"]
-    lines.append("| model | " + " | ".join(names) + " | engine/forward | engine/recipe eager | bf16/fp32 | bf16 cosine | "
-                 "ReLUs guided (engine / recipe) | recipe cosine | first map (s) |")
-    lines.append("|" + "---|" * (len(names) + 8))
+    names = ["forward", "engine_fp32", "engine_bf16", "engine_fp32_framework_conv", "recipe_eager", "recipe_graph",
+             "xplique"]
+    lines.append("| model | " + " | ".join(names) + " | engine/forward | engine/recipe eager | engine/xplique | "
+                 "forward-kernel conv grads gain | bf16/fp32 | bf16 cosine | ReLUs guided (engine / recipe) | "
+                 "recipe cosine | first map (s) |")
+    lines.append("|" + "---|" * (len(names) + 10))
     for model, r in results["models"].items():
         ips = r["images_per_second"]
         lines.append(f"| {model} | " + " | ".join(str(ips.get(n, "–")) for n in names) +

@@ -1,5 +1,7 @@
 """Maps of the engine against the independent numpy reference (tests/reference.py)."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from tests import reference as ref
 from worker import Gradient, GuidedBackprop
 from worker.demo import question_model
+from worker.runtime import native_bfloat16
 
 SIZE = 32
 
@@ -120,8 +123,13 @@ def test_resize_on_device_is_wrt_model_input(model):
 
 def test_bfloat16_precision_keeps_the_map(model, images):
     fp32 = GuidedBackprop(model, batch_size=5, preprocessing="scale01", map_dtype="float32").explain(images)
-    bf16 = GuidedBackprop(model, batch_size=5, preprocessing="scale01", map_dtype="float32",
-                          precision="bfloat16").explain(images)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bf16 = GuidedBackprop(model, batch_size=5, preprocessing="scale01", map_dtype="float32",
+                              precision="bfloat16").explain(images)
+    # a CPU without native bfloat16 is told that bf16 will be slower than float32 there
+    warned = any("without avx512_bf16" in str(w.message) for w in caught)
+    assert warned == (native_bfloat16() is False)
     assert bf16.maps.dtype == np.float32
     a, b = fp32.maps.reshape(5, -1), bf16.maps.reshape(5, -1)
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

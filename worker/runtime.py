@@ -41,6 +41,22 @@ def default_conv_gradients() -> str:
     return "framework" if tf.config.list_physical_devices("GPU") else "forward"
 
 
+def native_bfloat16() -> bool | None:
+    """Whether this machine computes bfloat16 natively: a GPU, or a CPU with avx512_bf16 / amx_bf16.
+
+    None where the CPU's flags cannot be read (not Linux).  Without native kernels TensorFlow emulates
+    bfloat16 and ``precision="bfloat16"`` is slower than float32 (measured 0.73x on ResNet50 on an AVX2 CPU).
+    """
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def default_jit_compile() -> bool:
     """XLA on GPU; plain graph mode on CPU, where XLA measured 5-25 % slower for ResNet50."""
     return bool(tf.config.list_physical_devices("GPU"))

@@ -22,7 +22,7 @@ from worker.coverage import CoverageReport, inspect_ops
 from worker.models import load_model
 from worker.preprocessing import Preprocessing
 from worker.ops import FORWARD_CONV_GRADIENTS, gradient_scope
-from worker.runtime import configure_tensorflow, default_conv_gradients, default_jit_compile
+from worker.runtime import configure_tensorflow, default_conv_gradients, default_jit_compile, native_bfloat16
 from worker.targets import Target
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,9 @@ class Attribution:
         self.batch_size = int(batch_size)
         self.reduction, self.map_dtype, self.score, self.relu_policy = reduction, map_dtype, score, relu_policy
         self.precision = precision
+        if precision == "bfloat16" and native_bfloat16() is False:
+            warnings.warn("precision='bfloat16' on a CPU without avx512_bf16/amx_bf16: TensorFlow emulates it, "
+                          "so it is slower than float32 here (measured 0.73x on ResNet50)", stacklevel=2)
         self.jit_compile = default_jit_compile() if jit_compile == "auto" else bool(jit_compile)
         if conv_gradients not in CONV_GRADIENTS:
             raise ValueError(f"unknown conv_gradients {conv_gradients!r}; choose one of {CONV_GRADIENTS}")

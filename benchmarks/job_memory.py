@@ -1,0 +1,142 @@
+"""The job's memory as rows grow 10x: is it flat?
+
+    python -m benchmarks.job_memory [--rows 400] [--size 64]
+
+Runs ``worker.job.run`` on a local Ray cluster started in this process, on N and 10N rows (HF-style Parquet of
+PNG digits, the question's CNN), twice each, and samples every 0.25 s the proportional set size (PSS: shared
+pages, such as the object store's, counted once across processes) of the driver and of every process Ray
+started for it (GCS, raylet, workers, actors).  Linux only (reads /proc).
+Writes benchmarks/results/job_memory.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from benchmarks.common import git_revision, machine, write
+from benchmarks.end_to_end import make_data
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            tree.setdefault(ppid, []).append(int(name))
+    return tree
+
+
+def _pss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class Sampler(threading.Thread):
+    """Peak PSS of this process and of all its descendants, sampled in the background."""
+
+    def __init__(self, interval: float = 0.25):
+        super().__init__(daemon=True)
+        self.interval, self.stop, self.driver_peak, self.total_peak = interval, threading.Event(), 0.0, 0.0
+
+    def run(self):
+        me = os.getpid()
+        while not self.stop.is_set():
+            tree, todo, pids = _children(), [me], []
+            while todo:
+                pid = todo.pop()
+                pids.append(pid)
+                todo.extend(tree.get(pid, []))
+            driver = _pss_mb(me)
+            self.driver_peak = max(self.driver_peak, driver)
+            self.total_peak = max(self.total_peak, driver + sum(_pss_mb(p) for p in pids[1:]))
+            self.stop.wait(self.interval)
+
+
+def measure(data, model, out, batch):
+    from worker.job import JobConfig, run
+
+    sampler = Sampler()
+    sampler.start()
+    start = time.perf_counter()
+    summary = run(JobConfig(model=model, input=data, output=out, preprocessing="scale01", batch_size=batch,
+                            overwrite=True), echo=lambda *_: None)
+    seconds = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
+    assert summary["complete"], summary
+    return {"seconds": round(seconds, 2), "driver_peak_pss_mb": round(sampler.driver_peak, 1),
+            "all_processes_peak_pss_mb": round(sampler.total_peak, 1)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=400, help="the small run; the large run has 10x as many rows")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args(argv)
+    import ray
+
+    ray.init(logging_level="ERROR", include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tmp = tempfile.mkdtemp(prefix="job-memory-")
+    sizes = (args.rows, 10 * args.rows)
+    runs = []
+    try:
+        for rows in sizes:
+            data, model = make_data(os.path.join(tmp, str(rows)), rows, args.size)
+            for repeat in range(args.repeats):
+                runs.append({"rows": rows, "repeat": repeat,
+                             **measure(data, model, os.path.join(tmp, f"out{rows}"), args.batch_size)})
+                print(runs[-1], flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ray.shutdown()
+
+    def peak(rows, key):
+        return max(r[key] for r in runs if r["rows"] == rows)
+
+    small, large = sizes
+    growth = {key: round(peak(large, key) / peak(small, key), 3)
+              for key in ("driver_peak_pss_mb", "all_processes_peak_pss_mb")}
+    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "revision": git_revision(),
+               "command": "python -m benchmarks.job_memory " + " ".join(sys.argv[1:] if argv is None else argv),
+               "image_size": args.size, "batch_size": args.batch_size, "runs": runs, "peak_ratio_10x_rows": growth}
+    md = "\n".join([
+        f"# Job memory as rows grow 10x ({results['date']})", "",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores. Revision {results['revision']}.",
+        f"Command: `{results['command']}`", "",
+        f"`worker.job.run` on a local Ray cluster, HF-style Parquet of {args.size}x{args.size} PNG digits, the "
+        f"question's CNN, batch {args.batch_size}. Peak PSS (shared pages counted once) sampled every 0.25 s; "
+        "'all processes' is the driver plus every process Ray started (GCS, raylet, workers, actors).", "",
+        "| rows | repeat | seconds | driver peak PSS (MB) | all processes peak PSS (MB) |",
+        "|---|---|---|---|---|",
+        *[f"| {r['rows']} | {r['repeat']} | {r['seconds']} | {r['driver_peak_pss_mb']} | "
+          f"{r['all_processes_peak_pss_mb']} |" for r in runs], "",
+        f"Peak at {large} rows / peak at {small} rows: driver **{growth['driver_peak_pss_mb']}**, all processes "
+        f"**{growth['all_processes_peak_pss_mb']}**.", ""])
+    write(results, "job_memory", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
