@@ -77,19 +77,19 @@ def measure(data, model, out, batch):
     sampler = Sampler()
     sampler.start()
     start = time.perf_counter()
-    summary = run(JobConfig(model=model, input=data, output=out, preprocessing="scale01", batch_size=batch,
-                            overwrite=True), echo=lambda *_: None)
+    summary = run(JobConfig(model=model, input=data, output=out, preprocessing="scale01", batch_size=batch),
+                  echo=lambda *_: None)
     seconds = time.perf_counter() - start
     sampler.stop.set()
     sampler.join()
-    assert summary["complete"], summary
+    assert summary["complete"] and summary["rows_this_run"] == summary["rows_in"], summary
     return {"seconds": round(seconds, 2), "driver_peak_pss_mb": round(sampler.driver_peak, 1),
             "all_processes_peak_pss_mb": round(sampler.total_peak, 1)}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=400, help="the small run; the large run has 10x as many rows")
+    p.add_argument("--rows", type=int, default=500, help="the small run; the large run has 10x as many rows")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
@@ -106,7 +106,7 @@ def main(argv=None):
             data, model = make_data(os.path.join(tmp, str(rows)), rows, args.size)
             for repeat in range(args.repeats):
                 runs.append({"rows": rows, "repeat": repeat,
-                             **measure(data, model, os.path.join(tmp, f"out{rows}"), args.batch_size)})
+                             **measure(data, model, os.path.join(tmp, f"out{rows}-{repeat}"), args.batch_size)})
                 print(runs[-1], flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ rng = np.random.default_rng(0)
 # with multiplier 1 / 2 and stride 1 / 2.
 W = {k: tf.constant(rng.standard_normal(s), tf.float32) for k, s in {
     "k3": (3, 3, 4, 6), "k1": (1, 1, 4, 6), "k5": (5, 5, 4, 3), "k2": (2, 2, 4, 5), "g2": (3, 3, 2, 6),
-    "dw": (3, 3, 4, 1), "dw2": (3, 3, 4, 2), "dw5": (5, 5, 4, 1)}.items()}
+    "dw": (3, 3, 4, 1), "dw2": (3, 3, 4, 2), "dw5": (5, 5, 4, 1), "s6": (1, 1, 1, 6), "s4": (1, 1, 1, 4)}.items()}
 CASES = [
     ("3x3 same", lambda x: tf.nn.conv2d(x, W["k3"], 1, "SAME")),
     ("3x3 valid", lambda x: tf.nn.conv2d(x, W["k3"], 1, "VALID")),
@@ -32,6 +32,10 @@ CASES = [
     ("3x3 dilated same", lambda x: tf.nn.conv2d(x, W["k3"], 1, "SAME", dilations=2)),
     ("3x3 dilated valid", lambda x: tf.nn.conv2d(x, W["k3"], 1, "VALID", dilations=2)),
     ("grouped", lambda x: tf.nn.conv2d(x, W["g2"], 1, "SAME")),
+    # a per-channel scale after the convolution (BatchNorm's backward pass) is folded into the kernel
+    ("3x3 then channel scale", lambda x: tf.nn.conv2d(x, W["k3"], 1, "SAME") * W["s6"]),
+    ("1x1 stride 2 then channel scale", lambda x: W["s6"] * tf.nn.conv2d(x, W["k1"], 2, "VALID")),
+    ("depthwise then channel scale", lambda x: tf.nn.depthwise_conv2d(x, W["dw"], [1, 1, 1, 1], "SAME") * W["s4"]),
     ("depthwise dilated", lambda x: tf.nn.depthwise_conv2d(x, W["dw"], [1, 1, 1, 1], "SAME", dilations=[2, 2])),
     ("depthwise same", lambda x: tf.nn.depthwise_conv2d(x, W["dw"], [1, 1, 1, 1], "SAME")),
     ("depthwise 5x5 valid", lambda x: tf.nn.depthwise_conv2d(x, W["dw5"], [1, 1, 1, 1], "VALID")),

@@ -84,3 +84,22 @@ def test_decode_imports_no_tensorflow():
 
     code = "import worker.decode, worker.dataset, worker.schema, sys; print('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("policy", ["stretch", "center_crop", "pad"])
+def test_jpeg_draft_decodes_large_photos_at_reduced_scale(policy):
+    from skimage import data
+
+    full = data.astronaut()  # 512 x 512: the decoder may scale by 1/8 for a 64 x 48 input
+    jpeg = encode(full, "JPEG")
+    plain = decode_image(jpeg, (48, 64), policy)
+    draft = decode_image(jpeg, (48, 64), policy, jpeg_draft=True)
+    assert draft.shape == plain.shape == (48, 64, 3)
+    difference = np.abs(draft.astype(int) - plain.astype(int))
+    assert difference.max() > 0, "draft mode was not used"
+    assert difference.mean() < 4, difference.mean()  # a DCT-domain downscale, then the same resize
+    # images not larger than the model input, and other formats, decode exactly as without draft mode
+    small = encode(real_rgb()[0], "JPEG")
+    assert (decode_image(small, (48, 64), policy, jpeg_draft=True) == decode_image(small, (48, 64), policy)).all()
+    png = encode(full, "PNG")
+    assert (decode_image(png, (48, 64), policy, jpeg_draft=True) == decode_image(png, (48, 64), policy)).all()

@@ -359,7 +359,8 @@ def sample_images(metadata: dict, n: int) -> np.ndarray:
         table = read_unit(fs, unit, [job["image_column"]], None)
         for cell in image_cells(table[job["image_column"]]):
             try:
-                images.append(decode_image(cell, size, metadata["decode"]["resize"]))
+                images.append(decode_image(cell, size, metadata["decode"]["resize"],
+                                           jpeg_draft=metadata["decode"].get("jpeg_draft", False)))
             except DecodeError:
                 continue
             if len(images) == n:

@@ -39,6 +39,8 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--preprocessing", default="none", choices=[x for x in PRESETS if x != "custom"])
     m.add_argument("--resize", default="stretch", choices=RESIZE_POLICIES)
     m.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
+    m.add_argument("--jpeg-draft", action="store_true",
+                   help="decode large JPEGs at 1/2-1/8 scale (faster; pixels differ slightly from a full decode)")
     m.add_argument("--reduction", default="max_abs", choices=REDUCTIONS)
     m.add_argument("--map-dtype", default="float16", choices=MAP_DTYPES)
     m.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])

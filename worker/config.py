@@ -39,6 +39,7 @@ class JobConfig:
     allow_unsafe_deserialization: bool = False
     resize: str = "stretch"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    jpeg_draft: bool = False  # decode JPEGs at reduced scale where that still covers the model input
     actors: int | None = None
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
@@ -63,6 +64,9 @@ class JobConfig:
             "safe_mode": not self.allow_unsafe_deserialization,
         }
 
+    def decode_options(self, size: tuple[int, int]) -> DecodeOptions:
+        return DecodeOptions(size, self.resize, self.max_pixels, self.jpeg_draft)
+
     def validate(self) -> None:
         target = Target.parse(self.target)
         if target.kind == "label" and not self.label_column:
@@ -76,7 +80,7 @@ class JobConfig:
         clash = set(self.columns) & set(schema.RESULT_COLUMNS)
         if clash:
             raise ValueError(f"passed-through columns {sorted(clash)} clash with result columns")
-        DecodeOptions((1, 1), self.resize, self.max_pixels)
+        self.decode_options((1, 1))
         if self.mask_column and self.resize != "stretch":
             raise ValueError("mask metrics need resize='stretch' (masks and boxes are stretched like the images)")
 

@@ -41,6 +41,7 @@ class DecodeOptions:
     size: tuple[int, int]  # (H, W) of the model input
     resize: str = "stretch"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    jpeg_draft: bool = False  # decode JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the model input
 
     def __post_init__(self):
         if self.resize not in RESIZE_POLICIES:
@@ -50,12 +51,19 @@ class DecodeOptions:
 
 
 def decode_image(cell, size: tuple[int, int], resize: str = "stretch",
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode one cell to uint8 (size[0], size[1], 3)."""
-    return _fit(_open_cell(cell, "image", max_pixels), size, resize)
+                 max_pixels: int = DEFAULT_MAX_PIXELS, jpeg_draft: bool = False) -> np.ndarray:
+    """Decode one cell to uint8 (size[0], size[1], 3).
+
+    ``jpeg_draft`` lets the JPEG decoder scale by 1/2, 1/4 or 1/8 in the DCT domain (PIL's draft mode) as long
+    as the result is still at least as large as what ``resize`` scales the image to; the resize then finishes.
+    Several times faster for photos much larger than the model input; the pixels differ slightly from a full
+    decode (see benchmarks/results/decode.md).
+    """
+    draft = (lambda full: _scaled_size(full, size, resize)) if jpeg_draft else None
+    return _fit(_open_cell(cell, "image", max_pixels, draft=draft), size, resize)
 
 
-def _open_cell(cell, what: str, max_pixels: int, binary: bool = False) -> Image.Image:
+def _open_cell(cell, what: str, max_pixels: int, binary: bool = False, draft=None) -> Image.Image:
     """A cell (encoded bytes, HF struct or tensor) as an RGB image; ``binary`` tensors map non-zero to white."""
     if cell is None:
         raise DecodeError(f"{what} is missing (null)")
@@ -65,7 +73,7 @@ def _open_cell(cell, what: str, max_pixels: int, binary: bool = False) -> Image.
             raise DecodeError(f"{what} struct has no bytes (path={cell.get('path')!r}); embed the bytes")
         cell = data
     if isinstance(cell, (bytes, bytearray, memoryview)):
-        return _open_encoded(bytes(cell), max_pixels)
+        return _open_encoded(bytes(cell), max_pixels, draft)
     if binary:
         array = np.asarray(cell)
         cell = (array > 0).astype(np.uint8) * 255
@@ -92,7 +100,7 @@ def decode_mask(cell, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXEL
     return (np.asarray(image) > 127).astype(np.uint8)
 
 
-def _open_encoded(data: bytes, max_pixels: int) -> Image.Image:
+def _open_encoded(data: bytes, max_pixels: int, draft=None) -> Image.Image:
     if not data:
         raise DecodeError("image is empty (0 bytes)")
     try:
@@ -103,6 +111,8 @@ def _open_encoded(data: bytes, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise DecodeError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels "
                           "(decompression-bomb guard; raise max_pixels to allow it)")
+    if draft is not None and image.format == "JPEG" and image.mode in ("RGB", "L", "YCbCr"):
+        image.draft(image.mode, draft((width, height)))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -160,22 +170,29 @@ def _from_tensor(cell, max_pixels: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
 
 
+def _scaled_size(full: tuple[int, int], size: tuple[int, int], policy: str) -> tuple[int, int]:
+    """The (width, height) a ``full``-sized (width, height) image is resized to, before a crop or pad."""
+    height, width = size
+    if policy == "center_crop":
+        scale = max(width / full[0], height / full[1])
+        return max(width, round(full[0] * scale)), max(height, round(full[1] * scale))
+    if policy == "pad":
+        scale = min(width / full[0], height / full[1])
+        return max(1, round(full[0] * scale)), max(1, round(full[1] * scale))
+    return width, height
+
+
 def _fit(image: Image.Image, size: tuple[int, int], policy: str) -> np.ndarray:
     height, width = size
     if image.size != (width, height):
+        resized = image.resize(_scaled_size(image.size, size, policy), Image.BILINEAR)
         if policy == "center_crop":
-            scale = max(width / image.width, height / image.height)
-            resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                                   Image.BILINEAR)
             left, top = (resized.width - width) // 2, (resized.height - height) // 2
             image = resized.crop((left, top, left + width, top + height))
         elif policy == "pad":
-            scale = min(width / image.width, height / image.height)
-            resized = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                   Image.BILINEAR)
             canvas = Image.new("RGB", (width, height), (0, 0, 0))
             canvas.paste(resized, ((width - resized.width) // 2, (height - resized.height) // 2))
             image = canvas
         else:
-            image = image.resize((width, height), Image.BILINEAR)
+            image = resized
     return np.asarray(image, dtype=np.uint8)

@@ -28,7 +28,6 @@ import pyarrow as pa
 
 from worker import dataset, sink
 from worker.config import JobConfig, build_engine
-from worker.decode import DecodeOptions
 from worker.stages import ExplainBatch, decode_stage, fetch_model, read_stage
 
 
@@ -38,7 +37,7 @@ log = logging.getLogger(__name__)
 def job_identity(config: JobConfig, report: dict) -> dict:
     """What makes two runs the same job (resume) or different ones (refuse to mix)."""
     keys = ("input", "image_column", "id_column", "label_column", "columns", "target", "method", "preprocessing",
-            "reduction", "map_dtype", "score", "precision", "resize", "mask_column", "statistics")
+            "reduction", "map_dtype", "score", "precision", "resize", "jpeg_draft", "mask_column", "statistics")
     ident = {k: getattr(config, k) for k in keys}
     ident["columns"] = list(ident["columns"])
     ident["model_fingerprint"] = report["model"]["fingerprint"]
@@ -66,7 +65,8 @@ def run(config: JobConfig, *, echo=print) -> dict:
     versions = {"ray": ray.__version__, "pyarrow": pa.__version__, **report["versions"]}
     identity = job_identity(config, report)
     metadata = {**report, "versions": versions, "job": identity, "model_path": config.model,
-                "decode": {"resize": config.resize, "max_pixels": config.max_pixels, "size": [h, w]},
+                "decode": {"resize": config.resize, "max_pixels": config.max_pixels, "jpeg_draft": config.jpeg_draft,
+                           "size": [h, w]},
                 **config.extra_metadata}
     out_fs, out_root = dataset.filesystem(config.output)
     owner = {"fingerprint": identity["fingerprint"], "job": identity, "metadata": metadata}
@@ -96,7 +96,7 @@ def run(config: JobConfig, *, echo=print) -> dict:
                             fn_kwargs={"image_column": config.image_column, "label_column": config.label_column,
                                        "needs_label": target_kind == "label",
                                        "num_classes": num_classes,
-                                       "options": DecodeOptions((h, w), config.resize, config.max_pixels),
+                                       "options": config.decode_options((h, w)),
                                        "mask_column": config.mask_column})
         ds = ds.map_batches(ExplainBatch, batch_size=config.batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None,

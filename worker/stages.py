@@ -88,7 +88,7 @@ def decode_stage(table: pa.Table, *, image_column, label_column, needs_label, nu
         if errors[i]:
             continue
         try:
-            pixels[i] = decode_image(cell, options.size, options.resize, options.max_pixels)
+            pixels[i] = decode_image(cell, options.size, options.resize, options.max_pixels, options.jpeg_draft)
         except DecodeError as exc:
             errors[i] = f"decode: {exc}"
             continue
