@@ -1,7 +1,9 @@
-"""Every benchmark with one command: ``python -m benchmarks`` (about 15 minutes on 2 cores).
+"""Every benchmark with one command: ``python -m benchmarks`` (about 35 minutes on 2 cores).
 
-Runs the engine comparison (ResNet50, MobileNetV2, the question's CNN), the end-to-end Parquet -> Parquet job
-and the audit; each writes benchmarks/results/<name>.{json,md}, and results/README.md gathers the tables.
+Runs the engine comparison (ResNet50, MobileNetV2, the question's CNN), the end-to-end Parquet -> Parquet job,
+the job's memory as rows grow 10x, decode throughput (full vs JPEG draft), XLA's persistent cache across
+restarts, a profile of where the engine's time goes, and the audit; each writes
+benchmarks/results/<name>.{json,md}, and results/README.md gathers the tables.
 On a machine with a GPU, ``python -m benchmarks.gpu`` adds the GPU table.
 """
 
@@ -10,15 +12,22 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+NAMES = ("engine", "profile", "end_to_end", "job_memory", "decode", "xla_cache", "audit")
 
 
 def main() -> int:
-    for name in ("engine", "end_to_end", "audit"):
+    for name in NAMES:
         code = subprocess.call([sys.executable, "-m", f"benchmarks.{name}"], cwd=os.path.dirname(HERE))
         if code:
             return code
+    gather()
+    return 0
+
+
+def gather() -> None:
+    """results/README.md: every table, in the order they run (gpu last, where it exists)."""
     parts = []
-    for name in ("engine", "end_to_end", "audit", "gpu"):
+    for name in (*NAMES, "gpu"):
         path = os.path.join(HERE, "results", f"{name}.md")
         if os.path.exists(path):
             with open(path) as f:
@@ -26,7 +35,6 @@ def main() -> int:
     with open(os.path.join(HERE, "results", "README.md"), "w") as f:
         f.write("# Benchmark results\n\nMade by `python -m benchmarks`; each table names its date, machine and "
                 "command.\n\n" + "\n".join(parts))
-    return 0
 
 
 if __name__ == "__main__":

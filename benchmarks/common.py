@@ -53,3 +53,12 @@ def write(results: dict, name: str, markdown: str) -> None:
         json.dump(results, f, indent=2, sort_keys=True)
     with open(os.path.join(here, f"{name}.md"), "w") as f:
         f.write(markdown)
+
+
+def local_ray():
+    """Start Ray in this process, quietly, as the job benchmarks need it."""
+    import ray
+
+    ray.init(logging_level="ERROR", include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from benchmarks.common import git_revision, machine, write  # noqa: E402
+from benchmarks.common import git_revision, local_ray, machine, write  # noqa: E402
 
 
 def make_data(directory, rows, size):
@@ -74,10 +74,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
-    import ray
-
-    ray.init(logging_level="ERROR", include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray = local_ray()
     tmp = tempfile.mkdtemp(prefix="e2e-bench-")
     sizes = (args.rows, 3 * args.rows)
     times = {"engine_alone": {}, "ray_job": {}}

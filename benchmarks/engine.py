@@ -166,10 +166,13 @@ def markdown(results) -> str:
         ips = r["images_per_second"]
         lines.append(f"| {model} | " + " | ".join(str(ips.get(n, "–")) for n in names) +
                      f" | {r['ratios']['engine_fp32/forward']} | {r['ratios']['engine_fp32/recipe_eager']} | "
+                     f"{r['ratios'].get('engine_fp32/xplique', '–')} | "
+                     f"{r['ratios']['engine_fp32/engine_fp32_framework_conv']} | "
                      f"{r['ratios']['engine_bf16/engine_fp32']} | {r['bf16_min_cosine_to_fp32']} | "
                      f"{r['relus_guided_by_engine']} / {r['relus_swapped_by_recipe']} | "
                      f"{r['recipe_min_cosine_to_engine_probability_map']} | {r['time_to_first_map_s']} |")
     lines += ["", f"Peak RSS of the benchmark process: {results['peak_rss_mb']} MB.", "",
+              f"bf16 native on this CPU (avx512_bf16/amx_bf16): {results.get('native_bfloat16')}.", "",
               "*recipe cosine*: the lowest cosine similarity, over the batch, between the recipe's map and ours "
               "for the same (probability) score; below 1 means the recipe left ReLUs vanilla.", ""]
     return "\n".join(lines)
@@ -189,6 +192,9 @@ def main(argv=None):
         results["models"][name] = bench_model(name, args.batch_size, args.rounds, args.calls)
         print(name, results["models"][name]["images_per_second"], results["models"][name]["ratios"], flush=True)
     results["peak_rss_mb"] = peak_rss_mb()
+    from worker.runtime import native_bfloat16
+
+    results["native_bfloat16"] = native_bfloat16()
     write(results, "engine", markdown(results))
     print(markdown(results))
 

@@ -22,7 +22,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.common import git_revision, machine, write
+from benchmarks.common import git_revision, local_ray, machine, write
 from benchmarks.end_to_end import make_data
 
 
@@ -94,10 +94,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
-    import ray
-
-    ray.init(logging_level="ERROR", include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray = local_ray()
     tmp = tempfile.mkdtemp(prefix="job-memory-")
     sizes = (args.rows, 10 * args.rows)
     runs = []

@@ -124,18 +124,17 @@ def _transposed_kernel(w, groups):
     return tf.reshape(tf.transpose(w, [0, 1, 4, 3, 2]), [kh, kw, cout // groups, groups * cin_g])
 
 
-def _channel_scale(grad):
-    """``(g, scale)`` when ``grad`` is ``g * scale`` with a per-channel scale of shape (1, ..., 1, C), the shape a
-    BatchNorm's backward pass gives; else ``(grad, None)``.  The scale can then go into the (small) kernel instead
-    of over the (large) gradient, and the full-size multiply is pruned from the graph."""
-    if grad.op.type != "Mul" or grad.shape.rank != 4 or not grad.shape.is_fully_defined():
-        return grad, None
-    a, b = grad.op.inputs
-    for full, scale in ((a, b), (b, a)):
-        if (full.shape == grad.shape and scale.shape.rank is not None and scale.shape.is_fully_defined()
-                and scale.shape.num_elements() == grad.shape[-1] and scale.shape[-1] == grad.shape[-1]):
-            return full, tf.reshape(scale, [-1])
-    return grad, None
+def _fold_channel_scale(grad, kernel):
+    """``(g, kernel * scale)`` when ``grad`` is ``g * scale`` with a per-channel scale of shape (1, ..., 1, C), the
+    shape a BatchNorm's backward pass gives (C: the kernel's axis 2); else ``(grad, kernel)``.  The scale then goes
+    into the small kernel instead of over the large gradient, and the full-size multiply is pruned."""
+    if grad.op.type == "Mul" and grad.shape.rank == 4 and grad.shape.is_fully_defined():
+        for full, scale in (grad.op.inputs, reversed(grad.op.inputs)):
+            if (full.shape == grad.shape and scale.shape.is_fully_defined()
+                    and scale.shape.num_elements() == grad.shape[-1] == kernel.shape[2]
+                    and scale.shape[-1] == grad.shape[-1]):
+                return full, kernel * tf.reshape(tf.cast(scale, kernel.dtype), [1, 1, -1, 1])
+    return grad, kernel
 
 
 def _framework_attrs(op):
@@ -156,9 +155,7 @@ def _conv2d_forward_grad(op, grad):
     groups = x.shape[-1] // w.shape[2]
     kernel = _transposed_kernel(w, groups)
     if groups == 1:
-        grad, scale = _channel_scale(grad)
-        if scale is not None:
-            kernel = kernel * tf.reshape(tf.cast(scale, kernel.dtype), [1, 1, -1, 1])
+        grad, kernel = _fold_channel_scale(grad, kernel)
     grad, padding = _full_padding(grad, kh, kw, dilation, padding)
     return _interleave(tf.nn.conv2d(grad, kernel, 1, padding, dilations=dilation), stride, x), weights
 
@@ -172,10 +169,7 @@ def _depthwise_forward_grad(op, grad):
     if geometry is None or w.shape[3] != 1:  # a channel multiplier > 1 keeps the framework's gradient
         return gen_nn_ops.depthwise_conv2d_native_backprop_input(tf.shape(x), w, grad, **attrs), weights
     kh, kw, stride, dilation, padding = geometry
-    kernel = tf.reverse(w, [0, 1]) if (kh, kw) != (1, 1) else w
-    grad, scale = _channel_scale(grad)
-    if scale is not None:
-        kernel = kernel * tf.reshape(tf.cast(scale, kernel.dtype), [1, 1, -1, 1])
+    grad, kernel = _fold_channel_scale(grad, tf.reverse(w, [0, 1]) if (kh, kw) != (1, 1) else w)
     grad, padding = _full_padding(grad, kh, kw, dilation, padding)
     inputs = tf.nn.depthwise_conv2d(grad, kernel, [1, 1, 1, 1], padding, dilations=[dilation, dilation])
     return _interleave(inputs, stride, x), weights

@@ -1,0 +1,78 @@
+"""XLA's persistent compilation cache across process restarts (an actor restarting on the same node).
+
+    python -m benchmarks.xla_cache [--model resnet50] [--batch-size 16]
+
+Builds the engine with ``jit_compile=True`` in fresh processes: twice with no cache, then twice with
+``TF_XLA_FLAGS=--tf_xla_persistent_cache_directory=DIR`` (the first fills DIR, the second reads it), and
+reports each process's time to first map (load + trace + compile + one batch).  The flag is what
+deploy/Dockerfile sets.  Writes benchmarks/results/xla_cache.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from benchmarks.common import git_revision, machine, write
+
+CHILD = """
+import json, os, sys, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import numpy as np
+from benchmarks.engine import build
+from worker import GuidedBackprop
+model, preset = build(sys.argv[1])
+batch = int(sys.argv[2])
+start = time.perf_counter()
+engine = GuidedBackprop(model, batch_size=batch, preprocessing=preset, jit_compile=True, warmup=False)
+engine.explain(np.zeros((batch, *engine.source.input_size, 3), np.uint8))
+print(json.dumps({"first_map_s": round(time.perf_counter() - start, 2)}))
+"""
+
+
+def child(model, batch, cache):
+    env = dict(os.environ)
+    env.pop("TF_XLA_FLAGS", None)
+    if cache:
+        env["TF_XLA_FLAGS"] = f"--tf_xla_persistent_cache_directory={cache}"
+    out = subprocess.run([sys.executable, "-c", CHILD, model, str(batch)], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["first_map_s"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="xla-cache-") as cache:
+        runs = [("no cache", child(args.model, args.batch_size, None)),
+                ("no cache", child(args.model, args.batch_size, None)),
+                ("cache, empty (fills it)", child(args.model, args.batch_size, cache)),
+                ("cache, warm (restart)", child(args.model, args.batch_size, cache))]
+        cached_files = sum(len(files) for _, _, files in os.walk(cache))
+    for label, seconds in runs:
+        print(label, seconds, flush=True)
+    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "revision": git_revision(),
+               "command": "python -m benchmarks.xla_cache " + " ".join(sys.argv[1:] if argv is None else argv),
+               "model": args.model, "batch_size": args.batch_size, "cache_entries": cached_files,
+               "runs": [{"process": label, "time_to_first_map_s": s} for label, s in runs]}
+    md = "\n".join([
+        f"# XLA persistent cache across restarts ({results['date']})", "",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores. Revision {results['revision']}.",
+        f"Command: `{results['command']}`", "",
+        f"{args.model}, batch {args.batch_size}, `jit_compile=True`, each row a fresh process; time to first map = "
+        f"load + trace + XLA compile + one batch. Cache entries written: {cached_files}.", "",
+        "| process | time to first map (s) |", "|---|---|",
+        *[f"| {label} | {s} |" for label, s in runs], ""])
+    write(results, "xla_cache", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
