@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from tests import jobdata
 from worker.job import JobConfig, run
@@ -19,6 +20,7 @@ def _command(model, data, out):
             "--preprocessing", "scale01", "--batch-size", "4", "--rows-per-file", "8"]
 
 
+@pytest.mark.slow  # three full jobs in fresh Ray clusters: ~2 minutes on 2 cores
 def test_kill_driver_and_rerun(ray_local, job_model, tmp_path):
     images, labels = jobdata.digits(400)
     data = tmp_path / "data.parquet"
