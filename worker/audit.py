@@ -349,23 +349,22 @@ def findings(groups: dict, clusters: dict | None = None) -> list[dict]:
 def sample_images(metadata: dict, n: int) -> np.ndarray:
     """The first ``n`` decodable images of the job's input, at the model's input size."""
     from worker.dataset import plan, read_unit
-    from worker.decode import DecodeError, decode_image
+    from worker.decode import DecodeError, DecodeOptions
     from worker.stages import image_cells
 
-    job, size = metadata["job"], tuple(metadata["decode"]["size"])
+    job, options = metadata["job"], DecodeOptions.from_dict(metadata["decode"])
     fs, units = plan(job["input"], [job["image_column"]])
     images = []
     for unit in units:
         table = read_unit(fs, unit, [job["image_column"]], None)
         for cell in image_cells(table[job["image_column"]]):
             try:
-                images.append(decode_image(cell, size, metadata["decode"]["resize"],
-                                           jpeg_draft=metadata["decode"].get("jpeg_draft", False)))
+                images.append(options.decode(cell))
             except DecodeError:
                 continue
             if len(images) == n:
                 return np.stack(images)
-    return np.stack(images) if images else np.zeros((0, *size, 3), np.uint8)
+    return np.stack(images) if images else np.zeros((0, *options.size, 3), np.uint8)
 
 
 def run_audit(output: str, report_dir: str | None = None, label_column: str | None = "label",

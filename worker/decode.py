@@ -49,6 +49,15 @@ class DecodeOptions:
         if self.max_pixels < 1:
             raise ValueError("max_pixels must be positive")
 
+    def decode(self, cell) -> np.ndarray:
+        """One image cell to uint8 (H, W, 3) with these options (see :func:`decode_image`)."""
+        return decode_image(cell, self.size, self.resize, self.max_pixels, self.jpeg_draft)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DecodeOptions:
+        """Back from ``dataclasses.asdict`` as stored (JSON) in an output's metadata; absent fields default."""
+        return cls(**{**values, "size": tuple(values["size"])})
+
 
 def decode_image(cell, size: tuple[int, int], resize: str = "stretch",
                  max_pixels: int = DEFAULT_MAX_PIXELS, jpeg_draft: bool = False) -> np.ndarray:

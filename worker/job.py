@@ -64,10 +64,9 @@ def run(config: JobConfig, *, echo=print) -> dict:
 
     versions = {"ray": ray.__version__, "pyarrow": pa.__version__, **report["versions"]}
     identity = job_identity(config, report)
+    decode_options = config.decode_options((h, w))
     metadata = {**report, "versions": versions, "job": identity, "model_path": config.model,
-                "decode": {"resize": config.resize, "max_pixels": config.max_pixels, "jpeg_draft": config.jpeg_draft,
-                           "size": [h, w]},
-                **config.extra_metadata}
+                "decode": dataclasses.asdict(decode_options), **config.extra_metadata}
     out_fs, out_root = dataset.filesystem(config.output)
     owner = {"fingerprint": identity["fingerprint"], "job": identity, "metadata": metadata}
     done, files_before = sink.prepare(out_fs, out_root, owner, overwrite=config.overwrite)
@@ -96,7 +95,7 @@ def run(config: JobConfig, *, echo=print) -> dict:
                             fn_kwargs={"image_column": config.image_column, "label_column": config.label_column,
                                        "needs_label": target_kind == "label",
                                        "num_classes": num_classes,
-                                       "options": config.decode_options((h, w)),
+                                       "options": decode_options,
                                        "mask_column": config.mask_column})
         ds = ds.map_batches(ExplainBatch, batch_size=config.batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None,

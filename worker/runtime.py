@@ -35,10 +35,14 @@ def configure_tensorflow(threads: int | None = None, gpu_memory_limit_mb: int | 
         log.warning("TensorFlow already initialised; thread/GPU settings left as they are: %s", exc)
 
 
+def has_gpu() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 def default_conv_gradients() -> str:
     """Forward-kernel convolution gradients on CPU, where they measured faster; the framework's on GPU
     (cuDNN's backward-data kernels are tuned, and the swap is unmeasured there: benchmarks/gpu.py compares)."""
-    return "framework" if tf.config.list_physical_devices("GPU") else "forward"
+    return "framework" if has_gpu() else "forward"
 
 
 def native_bfloat16() -> bool | None:
@@ -47,7 +51,7 @@ def native_bfloat16() -> bool | None:
     None where the CPU's flags cannot be read (not Linux).  Without native kernels TensorFlow emulates
     bfloat16 and ``precision="bfloat16"`` is slower than float32 (measured 0.73x on ResNet50 on an AVX2 CPU).
     """
-    if tf.config.list_physical_devices("GPU"):
+    if has_gpu():
         return True
     try:
         with open("/proc/cpuinfo") as f:
@@ -59,4 +63,4 @@ def native_bfloat16() -> bool | None:
 
 def default_jit_compile() -> bool:
     """XLA on GPU; plain graph mode on CPU, where XLA measured 5-25 % slower for ResNet50."""
-    return bool(tf.config.list_physical_devices("GPU"))
+    return has_gpu()

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from worker import dataset, schema, sink
 from worker.config import JobConfig, build_engine
-from worker.decode import DecodeError, decode_image, decode_mask
+from worker.decode import DecodeError, decode_mask
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def decode_stage(table: pa.Table, *, image_column, label_column, needs_label, nu
         if errors[i]:
             continue
         try:
-            pixels[i] = decode_image(cell, options.size, options.resize, options.max_pixels, options.jpeg_draft)
+            pixels[i] = options.decode(cell)
         except DecodeError as exc:
             errors[i] = f"decode: {exc}"
             continue
