@@ -9,7 +9,12 @@ every ReLU.
 
 Keras safe mode stays on: a model that carries Python code (``Lambda`` layers,
 pickled functions) is refused unless ``safe_mode=False`` (CLI:
-``--allow-unsafe-deserialization``) is passed for a model you trust.
+``--allow-unsafe-deserialization``) is passed for a model you trust.  Keras
+restores a Lambda's bytecode without the module names it used; the usual ones
+(``tf``, ``keras``, ``np``, ``ops``) are provided, so ``Lambda(lambda t:
+tf.nn.relu(t))`` loads, and any other missing name is reported as such.  A model
+that still cannot be rebuilt, or is not an image classifier, fails with a
+:class:`ModelLoadError`, never an unexplained traceback.
 
 Example:
     >>> import keras
@@ -164,10 +169,11 @@ class SavedModelSource(ModelSource):
             raise ModelLoadError(f"signature {name!r} not found; available: {sorted(signatures)}")
         fn = signatures[name]
         frozen = convert_to_constants.convert_variables_to_constants_v2(fn)
-        self._graph_def = frozen.graph.as_graph_def()
+        graph_def = frozen.graph.as_graph_def()
         inputs = [t for t in frozen.inputs if t.dtype != tf.resource]
         if len(inputs) != 1:
             raise ModelLoadError(f"signature {name!r} has {len(inputs)} inputs; {SUPPORTED}")
+        self._graph_def = _placeholder_as_constant(graph_def, inputs[0].op.name)
         outputs = list(frozen.outputs)
         if len(outputs) != 1 and output is None:
             raise ModelLoadError(f"signature {name!r} has {len(outputs)} outputs; {SUPPORTED}")
@@ -195,6 +201,25 @@ class SavedModelSource(ModelSource):
         return self._fingerprint
 
 
+def _placeholder_as_constant(graph_def, name: str):
+    """The input Placeholder as a scalar constant: ``input_map`` replaces every use of it when the graph is
+    imported, but the node itself would still be imported, and XLA cannot compile a Placeholder inside a
+    function (``jit_compile=True``, the GPU default)."""
+    from tensorflow.core.framework import attr_value_pb2, node_def_pb2
+
+    out = type(graph_def)()
+    out.CopyFrom(graph_def)
+    for i, node in enumerate(out.node):
+        if node.name == name and node.op == "Placeholder":
+            dtype = tf.as_dtype(node.attr["dtype"].type)
+            const = node_def_pb2.NodeDef(name=name, op="Const")
+            const.attr["dtype"].CopyFrom(attr_value_pb2.AttrValue(type=dtype.as_datatype_enum))
+            const.attr["value"].CopyFrom(attr_value_pb2.AttrValue(
+                tensor=tf.make_tensor_proto(np.zeros((), dtype.as_numpy_dtype))))
+            out.node[i].CopyFrom(const)
+    return out
+
+
 def load_model(model, *, safe_mode: bool = True, output: int | None = None, signature: str | None = None,
                input_size=None, precision: str = "float32") -> ModelSource:
     """Open ``model`` (a keras.Model, a .keras/.h5 file or a SavedModel directory)."""
@@ -205,7 +230,8 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
     if isinstance(model, ModelSource):
         return model
     if isinstance(model, keras.Model):
-        return KerasSource(model, output=output, input_size=input_size, precision=precision)
+        return KerasSource(_with_inputs(model, "the model"), output=output, input_size=input_size,
+                           precision=precision)
     path = Path(os.fspath(model))
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
@@ -217,6 +243,8 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
         return SavedModelSource(str(path), signature=signature, output=output, input_size=input_size)
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise ModelLoadError(f"{path} is not a model file: expected .keras, .h5 or a SavedModel directory")
+    if not safe_mode:
+        _lambda_globals()
     try:
         loaded = keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode)
     except Exception as exc:  # noqa: BLE001 - keras raises many types for a bad file
@@ -226,8 +254,76 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
                 f"{path} carries Python code (e.g. a Lambda layer) and Keras safe mode is on. "
                 f"Only for a model you trust, pass {UNSAFE_OPT_IN}."
             ) from exc
-        raise ModelLoadError(f"{path} could not be loaded as a Keras model: {text.splitlines()[0] if text else exc!r}") from exc
-    return KerasSource(loaded, output=output, input_size=input_size, precision=precision)
+        raise ModelLoadError(f"{path} could not be loaded as a Keras model: {_first_line(exc)}") from exc
+    try:
+        return KerasSource(_with_inputs(loaded, path), output=output, input_size=input_size, precision=precision)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unusual model must not end in a bare traceback
+        raise ModelLoadError(f"{path} loaded, but could not be used as an image classifier: "
+                             f"{_first_line(exc)}; {SUPPORTED}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else repr(exc)
+
+
+def _lambda_globals() -> None:
+    """Give deserialised Lambda code the module names models are usually written with.
+
+    Keras rebuilds a Lambda's function from its bytecode with the globals of its own
+    ``python_utils`` module, where ``tf``, ``keras`` and ``np`` do not exist: the model then
+    fails while Keras rebuilds it (a Sequential silently stays without inputs).  Only names
+    that module does not define are added."""
+    try:
+        from keras.src.utils import python_utils
+    except ImportError:  # a Keras without that module: nothing to patch
+        return
+    import keras
+
+    for name, module in {"tf": tf, "keras": keras, "np": np, "ops": keras.ops}.items():
+        python_utils.__dict__.setdefault(name, module)
+
+
+def _with_inputs(model, where):
+    """A model with symbolic inputs.  A subclassed model has none, and a Sequential that Keras could not
+    rebuild on load has none either: wrap it in a functional model on an ``Input`` of its built shape, so it
+    works, or the failing layer (e.g. a Lambda's NameError) is named."""
+    import keras
+
+    try:
+        if model.inputs:
+            return model
+    except (AttributeError, ValueError):  # subclassed, or "Sequential model ... has no defined inputs yet"
+        pass
+    shape = None
+    if isinstance(model, keras.Sequential):
+        config = model.get_config()
+        first = (config.get("layers") or [{}])[0]
+        shape = first.get("config", {}).get("batch_shape") if first.get("class_name") == "InputLayer" else None
+        shape = shape or config.get("build_input_shape")
+    elif model.built:
+        shape = (model.get_build_config() or {}).get("input_shape")
+    if not shape or not isinstance(shape[0], (int, type(None))):
+        raise ModelLoadError(f"{where}: the model has no known input shape (a subclassed model never called, or a "
+                             "Sequential without keras.Input); call it once on a batch, or start it with "
+                             "keras.Input((H, W, C)), and save it again")
+    layers = model.layers if isinstance(model, keras.Sequential) else [model]
+    try:
+        x = inputs = keras.Input(batch_shape=(None, *tuple(shape)[1:]))
+        for layer in layers:
+            x = layer(x)
+    except Exception as exc:  # noqa: BLE001
+        root = exc
+        while (root.__cause__ or root.__context__) is not None:  # Keras wraps the layer's own error
+            root = root.__cause__ or root.__context__
+        raise ModelLoadError(
+            f"{where}: the model could not be rebuilt on an input of shape {tuple(shape)[1:]}: layer "
+            f"{layer.name!r} failed: {_first_line(root)}" + (
+                " (a Lambda's code runs without the names of the module it was written in; import inside the "
+                "function, or use a custom layer)" if isinstance(root, NameError) else "")) from exc
+    return keras.Model(inputs, x, name=model.name)
 
 
 def _hash_weights(model) -> str:
