@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from worker.schema import maps_to_numpy, read_metadata
 from worker.stats import MASK_COLUMNS, STAT_COLUMNS, frame
@@ -353,7 +354,7 @@ def sample_images(metadata: dict, n: int) -> np.ndarray:
     from worker.stages import image_cells
 
     job, options = metadata["job"], DecodeOptions.from_dict(metadata["decode"])
-    fs, units = plan(job["input"], [job["image_column"]])
+    fs, units, _ = plan(job["input"], [job["image_column"]])
     images = []
     for unit in units:
         table = read_unit(fs, unit, [job["image_column"]], None)
@@ -367,12 +368,34 @@ def sample_images(metadata: dict, n: int) -> np.ndarray:
     return np.stack(images) if images else np.zeros((0, *options.size, 3), np.uint8)
 
 
-def run_audit(output: str, report_dir: str | None = None, label_column: str | None = "label",
+def run_record(metadata: dict):
+    """The job's :class:`~worker.config.JobConfig` from an output's metadata (None if it has none)."""
+    from worker.config import JobConfig
+
+    return JobConfig.from_dict(metadata["config"]) if "config" in metadata else None
+
+
+def _read_files(batch: pa.Table, *, fs) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in batch["path"].to_pylist()],
+                            promote_options="permissive")
+
+
+def _read_outputs(fs, files):
+    """A Ray Dataset of committed output files, one block per file, read with pyarrow in the tasks (Ray's
+    ``read_parquet(filesystem=...)`` probes fsspec's HTTP module, which fails without aiohttp)."""
+    import ray
+
+    return ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+        _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"fs": fs})
+
+
+def run_audit(output: str, report_dir: str | None = None, label_column: str | None = None,
               controls: int = 0, model: str | None = None) -> dict:
     """Aggregate a job's output with Ray Data; write audit.json and report.html to ``report_dir``.
 
-    ``controls=N`` adds the sanity controls of :mod:`worker.controls` on the first N input images
-    (``model`` defaults to the path recorded by the job)."""
+    ``label_column`` defaults to the job's. ``controls=N`` adds the sanity controls of :mod:`worker.controls`
+    on the first N input images, with the engine the job used, rebuilt from its run record (``model``
+    defaults to the job's model; a remote one is fetched)."""
     import ray
 
     from worker import dataset, sink
@@ -381,35 +404,45 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     files = sink.committed_files(fs, root)
     if not files:
         raise ValueError(f"{output} holds no committed output files")
+    metadata = read_metadata(pq.read_schema(files[0], filesystem=fs)) or {}
+    config = run_record(metadata)
+    if label_column is None:
+        label_column = config.label_column if config is not None else "label"
     if not ray.is_initialized():
         ray.init(logging_level="ERROR")
-    ds = ray.data.read_parquet(files, filesystem=fs)
-    partials = ds.map_batches(partial_aggregates, batch_format="pyarrow", batch_size=1024,
-                              fn_kwargs={"label_column": label_column})
+    partials = _read_outputs(fs, files).map_batches(partial_aggregates, batch_format="pyarrow", batch_size=1024,
+                                                    fn_kwargs={"label_column": label_column})
     merged = merge_partials(partials.iter_batches(batch_format="pyarrow", batch_size=None))
     fitted = cluster_groups(merged)
     centroids = {g: c.centroids.tolist() for g, c in fitted.items() if c.k > 1}
     clusters = {g: [{"cluster": 0, "count": merged[g]["count"], "share": 1.0, "mean_map": merged[g]["mean_map"]}]
                 for g, c in fitted.items() if c.k == 1}
     if centroids:
-        assigned = ray.data.read_parquet(files, filesystem=fs).map_batches(
+        assigned = _read_outputs(fs, files).map_batches(
             assignment_partials, batch_format="pyarrow", batch_size=1024,
             fn_kwargs={"centroids": centroids, "label_column": label_column})
         clusters.update(merge_assignments(assigned.iter_batches(batch_format="pyarrow", batch_size=None)))
     add_cluster_examples(merged, fitted, clusters)
-    import pyarrow.parquet as pq
-
-    metadata = read_metadata(pq.read_schema(files[0], filesystem=fs)) or {}
     result = {"output": output, "groups": merged, "clusters": clusters, "findings": findings(merged, clusters),
               "metadata": metadata}
     if controls:
         from worker.controls import run_controls
 
+        if config is None:
+            raise ValueError(f"{output} was written without a run record (an older version): the controls "
+                             "cannot rebuild its engine; run the job again into a new output")
+        from worker.config import build_engine
+        from worker.stages import fetch_model
+
         images = sample_images(metadata, controls)
-        result["controls"] = run_controls(model or metadata["model_path"], images,
-                                          preprocessing=metadata["preprocessing"]["preset"],
-                                          score=metadata.get("score", "logits").split(" ")[0],
-                                          batch_size=min(32, max(1, len(images))))
+        model_path = fetch_model(model or config.model)
+
+        def make_engine(source=None, **overrides):
+            """The job's engine (same method and options) on ``source`` (default: the job's model)."""
+            return build_engine(config, model_path if source is None else source,
+                                **{"batch_size": min(32, max(1, len(images))), **overrides})
+
+        result["controls"] = run_controls(make_engine, images)
     if report_dir:
         write_report(result, report_dir)
     return result

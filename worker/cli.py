@@ -25,7 +25,8 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--input", required=True, help="Parquet file, directory or glob; local, s3:// or gs://")
     io.add_argument("--output", required=True, help="output directory (Parquet parts + _job.json + _summary.json)")
     io.add_argument("--image-column", default="image")
-    io.add_argument("--id-column", help="stable row id; default: <file>#<row>")
+    io.add_argument("--id-column", help="stable row id; default: the input's 'id' column if it has one, "
+                                        "else <file>#<row>")
     io.add_argument("--label-column", help="class labels (needed for --target label); passed through")
     io.add_argument("--mask-column", help="ground-truth mask (image/tensor) or box [y0, x0, y1, x1] in [0, 1]")
     io.add_argument("--columns", nargs="*", default=[], help="other input columns to pass through")
@@ -55,6 +56,9 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--cpus-per-actor", type=float)
     r.add_argument("--decode-cpus", type=float, help="CPUs kept for reading/decoding (default 25%%)")
     r.add_argument("--gpu-memory-limit-mb", type=int, help="hard TF memory limit (needed for fractional GPUs)")
+    r.add_argument("--actor-start-timeout", dest="actor_start_timeout_s", type=int, default=600,
+                   help="seconds for nodes to join and actors to start (model load included) before the job "
+                        "fails saying why (default 600)")
 
 
 def config_from_args(args):
@@ -77,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="per-class aggregates, findings and an HTML report of a job's output")
     audit.add_argument("--input", required=True, help="a job's output directory")
     audit.add_argument("--report", required=True, help="directory for report.html and audit.json")
-    audit.add_argument("--label-column", default="label")
+    audit.add_argument("--label-column", help="default: the job's label column")
     audit.add_argument("--controls", type=int, default=0, help="sanity controls on the first N input images")
     audit.add_argument("--model", help="model for the controls (default: the path the job recorded)")
     demo = sub.add_parser("demo", help="make real images and a model, run the job locally, write overlays")

@@ -1,14 +1,21 @@
 """What a run is: :class:`JobConfig`, the same fields as the CLI's flags, checked before any cluster time.
 
+The run record: :meth:`JobConfig.to_dict` is stored in every output file's metadata
+(key ``config``) and :meth:`JobConfig.from_dict` rebuilds it, so the audit and its
+controls use exactly the engine the job used.
+
 Example:
     >>> cfg = JobConfig(model="model.keras", input="images/", output="maps/", target="label",
-    ...                 label_column="label")
+    ...                 label_column="label", relu_policy="warn")
     >>> cfg.needed_columns()
     ['image', 'label']
+    >>> JobConfig.from_dict(cfg.to_dict()) == cfg
+    True
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from worker import schema
@@ -45,12 +52,27 @@ class JobConfig:
     cpus_per_actor: float | None = None
     decode_cpus: float | None = None
     gpu_memory_limit_mb: int | None = None
+    actor_start_timeout_s: int = 600  # nodes to join and actors to start (model load included), then fail
     rows_per_file: int = 1024
     overwrite: bool = False
     files: list[str] | None = None  # only these files of the input (incremental runs)
     statistics: bool = True  # per-row map statistics (worker.stats) as output columns
     mask_column: str | None = None  # ground-truth mask (image/tensor) or box [y0, x0, y1, x1] in [0, 1]
     extra_metadata: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (the run record stored with the output)."""
+        out = dataclasses.asdict(self)
+        out["columns"] = list(self.columns)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "JobConfig":
+        """The inverse of :meth:`to_dict`; keys this version does not know are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in values.items() if k in names}
+        known["columns"] = tuple(known.get("columns") or ())
+        return cls(**known)
 
     def needed_columns(self) -> list[str]:
         cols = [self.image_column, self.id_column, self.label_column, self.mask_column, *self.columns]
@@ -73,8 +95,8 @@ class JobConfig:
             raise ValueError("target 'label' needs label_column (CLI: --label-column)")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
-        if self.batch_size < 1 or self.rows_per_file < 1:
-            raise ValueError("batch_size and rows_per_file must be >= 1")
+        if self.batch_size < 1 or self.rows_per_file < 1 or self.actor_start_timeout_s < 1:
+            raise ValueError("batch_size, rows_per_file and actor_start_timeout_s must be >= 1")
         if "id" in self.columns:
             raise ValueError("'id' is the output's id column; pass it as id_column instead")
         clash = set(self.columns) & set(schema.RESULT_COLUMNS)

@@ -73,25 +73,26 @@ def randomized_copy(model, seed: int = 0):
     return keras.models.clone_model(model)
 
 
-def run_controls(model, images: np.ndarray, seed: int = 0, **engine_options) -> dict:
-    """Real maps vs random-class, randomised-model and edge controls on ``images`` (uint8, N x H x W x 3)."""
+def run_controls(make_engine, images: np.ndarray, seed: int = 0) -> dict:
+    """Real maps vs random-class, randomised-model and edge controls on ``images`` (uint8, N x H x W x 3).
+
+    ``make_engine(source=None, **overrides)`` builds the engine the maps were made with (the job's method and
+    options; see :func:`worker.audit.run_audit`), on another model when ``source`` is given."""
     from PIL import Image
 
-    from worker.attribution import GuidedBackprop
-
-    engine_options = {**engine_options, "map_dtype": "float32", "reduction": "max_abs", "target": "predicted"}
-    real_engine = GuidedBackprop(model, **engine_options)
+    fixed = {"map_dtype": "float32", "reduction": "max_abs"}
+    real_engine = make_engine(**fixed, target="predicted")
     real = real_engine.explain(images)
     classes = real_engine.source.num_classes
     rng = np.random.default_rng(seed)
     other = (real.predicted_class + rng.integers(1, max(classes, 2), len(images))) % max(classes, 2)
     controls = {
-        "random_class": GuidedBackprop(model, **{**engine_options, "target": "label"}).explain(images, other).as_float32()[:, 0],
+        "random_class": make_engine(**fixed, target="label").explain(images, other).as_float32()[:, 0],
     }
     keras_model = getattr(real_engine.source, "model", None)
     if keras_model is not None:
-        controls["randomized_model"] = GuidedBackprop(randomized_copy(keras_model, seed), **{
-            **engine_options, "relu_policy": "warn"}).explain(images).as_float32()[:, 0]
+        controls["randomized_model"] = make_engine(randomized_copy(keras_model, seed), **fixed, target="predicted",
+                                                   relu_policy="warn").explain(images).as_float32()[:, 0]
     h, w = real_engine.source.input_size
     resized = np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR)) for im in images])
     controls["edges"] = sobel_edges(resized)

@@ -74,8 +74,10 @@ def _walk(fs, root):
             if i.type == pafs.FileType.File]
 
 
-def plan(uri: str, needed: list[str], files: list[str] | None = None) -> tuple[pafs.FileSystem, list[Unit]]:
-    """Check every file's footer and columns; return the filesystem and the units of work.
+def plan(uri: str, needed: list[str], files: list[str] | None = None
+         ) -> tuple[pafs.FileSystem, list[Unit], list[str]]:
+    """Check every file's footer and columns; return the filesystem, the units of work and the columns
+    that every file has.
 
     ``files`` restricts the input to those of its files (as :func:`list_files` names them).
     """
@@ -87,6 +89,7 @@ def plan(uri: str, needed: list[str], files: list[str] | None = None) -> tuple[p
         listed = [f for f in listed if f in set(files)]
     files = listed
     units: list[Unit] = []
+    common: list[str] | None = None
     for path in files:
         try:
             with fs.open_input_file(path) as handle:
@@ -97,6 +100,7 @@ def plan(uri: str, needed: list[str], files: list[str] | None = None) -> tuple[p
         missing = [c for c in needed if c not in file_schema.names]
         if missing:
             raise InputError(f"{path} has no column(s) {missing}; its columns are {file_schema.names}")
+        common = file_schema.names if common is None else [c for c in common if c in file_schema.names]
         first = 0
         rel = posixpath.relpath(path, root) if root else path
         for rg in range(meta.num_row_groups):
@@ -104,7 +108,7 @@ def plan(uri: str, needed: list[str], files: list[str] | None = None) -> tuple[p
             if rows:
                 units.append(Unit(path, rel, rg, first, rows))
             first += rows
-    return fs, units
+    return fs, units, common or []
 
 
 def done_index(ids) -> np.ndarray:

@@ -45,11 +45,39 @@ def job_identity(config: JobConfig, report: dict) -> dict:
     return ident
 
 
+class ActorStartError(RuntimeError):
+    """The explain actors did not start within the job's time limit."""
+
+
+def _plan_when_nodes_hold_it(config: JobConfig, echo):
+    """Plan the actors from the alive nodes; while no plan fits (nodes still joining), retry until the
+    start time-out, then fail naming what was asked and the largest node."""
+    from worker.resources import PlacementError, alive_nodes, plan_actors
+
+    deadline = time.monotonic() + config.actor_start_timeout_s
+    waited = False
+    while True:
+        try:
+            return plan_actors(alive_nodes(), actors=config.actors, gpus_per_actor=config.gpus_per_actor,
+                               cpus_per_actor=config.cpus_per_actor, decode_cpus=config.decode_cpus,
+                               gpu_memory_limit_mb=config.gpu_memory_limit_mb)
+        except PlacementError as exc:
+            if "fractional GPUs" in str(exc) or time.monotonic() > deadline:
+                raise
+            if not waited:
+                echo(f"waiting up to {config.actor_start_timeout_s} s for nodes that can hold the actors: {exc}")
+                waited = True
+            time.sleep(2)
+
+
 def run(config: JobConfig, *, echo=print) -> dict:
     """Run the job to completion and return its summary (also written to ``_summary.json``)."""
     started = time.time()
     config.validate()
-    in_fs, units = dataset.plan(config.input, config.needed_columns(), files=config.files)
+    in_fs, units, in_columns = dataset.plan(config.input, config.needed_columns(), files=config.files)
+    if config.id_column is None and "id" in in_columns:
+        config = dataclasses.replace(config, id_column="id")
+        echo("the input has an 'id' column: it is used as the row id (choose another with --id-column)")
     probe = build_engine(config, fetch_model(config.model), batch_size=1, warmup=False)
     report = probe.report
     num_classes = probe.source.num_classes
@@ -65,7 +93,10 @@ def run(config: JobConfig, *, echo=print) -> dict:
     versions = {"ray": ray.__version__, "pyarrow": pa.__version__, **report["versions"]}
     identity = job_identity(config, report)
     decode_options = config.decode_options((h, w))
-    metadata = {**report, "versions": versions, "job": identity, "model_path": config.model,
+    # the run record: the audit and its controls rebuild the job's engine from it (the file list of an
+    # incremental run is left out: it can be long, and it is in the schedule's manifest)
+    record = {**config.to_dict(), "files": None}
+    metadata = {**report, "versions": versions, "job": identity, "model_path": config.model, "config": record,
                 "decode": dataclasses.asdict(decode_options), **config.extra_metadata}
     out_fs, out_root = dataset.filesystem(config.output)
     owner = {"fingerprint": identity["fingerprint"], "job": identity, "metadata": metadata}
@@ -79,12 +110,10 @@ def run(config: JobConfig, *, echo=print) -> dict:
         if not ray.is_initialized():
             ray.init(logging_level=logging.WARNING,
                      runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}})
-        from worker.resources import plan_actors
-
-        plan = plan_actors(ray.cluster_resources(), actors=config.actors, gpus_per_actor=config.gpus_per_actor,
-                           cpus_per_actor=config.cpus_per_actor, decode_cpus=config.decode_cpus,
-                           gpu_memory_limit_mb=config.gpu_memory_limit_mb)
+        plan = _plan_when_nodes_hold_it(config, echo)
         metadata["actors"] = plan.describe()
+        # fail, saying why, when the actors cannot start in time (Ray Data would otherwise wait forever)
+        ray.data.DataContext.get_current().wait_for_min_actors_s = config.actor_start_timeout_s
         done_ref = ray.put(dataset.done_index(done))
         ds = ray.data.from_items([dataclasses.asdict(u) for u in units], override_num_blocks=max(1, len(units)))
         read_columns = config.needed_columns()
@@ -103,7 +132,18 @@ def run(config: JobConfig, *, echo=print) -> dict:
         datasink = sink.AtomicParquetDatasink(out_fs, out_root, metadata, config.rows_per_file)
         # writes share the CPUs kept for read/decode: a default 1-CPU write task could wait forever
         # behind actors holding the rest of a small node
-        ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
+        try:
+            ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
+        except Exception as exc:
+            if "Timed out while starting actors" not in str(exc):
+                raise
+            from worker.resources import alive_nodes, describe_request
+
+            raise ActorStartError(
+                f"{plan.actors} explain actor(s) did not start within {config.actor_start_timeout_s} s: "
+                f"{describe_request(plan.num_cpus, plan.num_gpus, alive_nodes())}. Nodes may be busy with other "
+                "work, or an actor failed while loading the model (see the Ray logs); "
+                "raise --actor-start-timeout or lower --actors / --cpus-per-actor") from None
         result = datasink.result
 
     # the files committed before this run were read by prepare(); read only the ones new since (any a retried

@@ -1,15 +1,40 @@
-"""How many explain actors, and what each asks of Ray: GPUs when there are any, CPUs otherwise.
+"""How many explain actors, and what each asks of Ray: planned from what each *node* can hold.
 
-Actors never take every CPU: read and decode tasks keep a share
-(``decode_cpus``, default a quarter of the cluster's CPUs, at least 0.5).
-TensorFlow's thread pools are sized to the CPUs an actor was given, so Ray's
-accounting and the threads that really run agree.
+An actor must fit on one node, so the plan is made from the alive nodes'
+resources (``ray.nodes()``), not the cluster's sum: on a cluster of a 1-CPU
+head and a 2-CPU worker, an actor of 2.25 CPUs fits nowhere and would wait
+forever.  By default:
+
+- with GPUs: one actor per GPU (on every node that has one), 1 CPU each;
+- CPU only: actors as large as the largest node allows after its share of the
+  decode reserve, as many as the nodes hold, so the CPUs left serve reading and
+  decoding (``decode_cpus``, default a quarter of the cluster's CPUs, at least 0.5).
+
+A plan that cannot be placed fails here, before any cluster time is spent, with
+a message naming what was asked and the largest node.  TensorFlow's thread pools
+are sized to the CPUs an actor was given, so Ray's accounting and the threads
+that really run agree.
+
+Example (a 1-CPU head and a 2-CPU worker):
+    >>> plan = plan_actors([{"CPU": 1.0}, {"CPU": 2.0}])
+    >>> plan.actors, plan.num_cpus, plan.num_gpus
+    (1, 1.5, 0.0)
+    >>> plan_actors([{"CPU": 1.0}, {"CPU": 2.0}], cpus_per_actor=2.25)
+    Traceback (most recent call last):
+    ...
+    worker.resources.PlacementError: an explain actor asks for 2.25 CPUs and 0 GPUs, but the largest node has 2 CPUs and 0 GPUs (nodes: 1 CPU, 2 CPU); lower --cpus-per-actor
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+EPS = 1e-9
+
+
+class PlacementError(ValueError):
+    """The actors asked for cannot be placed on the cluster's nodes."""
 
 
 @dataclass(frozen=True)
@@ -24,30 +49,86 @@ class ActorPlan:
         return self.__dict__.copy()
 
 
-def plan_actors(cluster: dict, *, actors: int | None = None, gpus_per_actor: float | None = None,
+def alive_nodes() -> list[dict]:
+    """The resources of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def _fits(node: dict, cpus: float, gpus: float) -> int:
+    """How many actors of (cpus, gpus) one node holds."""
+    counts = []
+    if cpus > 0:
+        counts.append(math.floor(float(node.get("CPU", 0)) / cpus + EPS))
+    if gpus > 0:
+        counts.append(math.floor(float(node.get("GPU", 0)) / gpus + EPS))
+    return min(counts) if counts else 0
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _nodes_text(nodes: list[dict]) -> str:
+    parts = [f"{_fmt(float(n.get('CPU', 0)))} CPU" + (f" {_fmt(float(n['GPU']))} GPU" if n.get("GPU") else "")
+             for n in nodes]
+    return ", ".join(parts[:8]) + (f", ... ({len(parts)} nodes)" if len(parts) > 8 else "")
+
+
+def describe_request(cpus: float, gpus: float, nodes: list[dict]) -> str:
+    """'asks for X CPUs and Y GPUs, but the largest node has ...': for placement errors and time-outs."""
+    largest = max(nodes, key=lambda n: (float(n.get("GPU", 0)), float(n.get("CPU", 0))), default={})
+    return (f"an explain actor asks for {_fmt(cpus)} CPUs and {_fmt(gpus)} GPUs, but the largest node has "
+            f"{_fmt(float(largest.get('CPU', 0)))} CPUs and {_fmt(float(largest.get('GPU', 0)))} GPUs "
+            f"(nodes: {_nodes_text(nodes)})")
+
+
+def plan_actors(nodes: list[dict], *, actors: int | None = None, gpus_per_actor: float | None = None,
                 cpus_per_actor: float | None = None, decode_cpus: float | None = None,
                 gpu_memory_limit_mb: int | None = None) -> ActorPlan:
-    """Decide the actor pool for ``cluster`` (``ray.cluster_resources()``)."""
-    total_cpus = float(cluster.get("CPU", 1))
-    total_gpus = float(cluster.get("GPU", 0))
+    """Decide the actor pool for the alive ``nodes`` (a list of per-node resource dicts)."""
+    if isinstance(nodes, dict):  # one node given as a resource dict
+        nodes = [nodes]
+    nodes = [n for n in nodes if float(n.get("CPU", 0)) > 0 or float(n.get("GPU", 0)) > 0]
+    if not nodes:
+        raise PlacementError("the Ray cluster has no node with CPUs or GPUs")
+    total_cpus = sum(float(n.get("CPU", 0)) for n in nodes)
+    total_gpus = sum(float(n.get("GPU", 0)) for n in nodes)
+    largest_cpus = max(float(n.get("CPU", 0)) for n in nodes)
     reserve = decode_cpus if decode_cpus is not None else max(0.5, total_cpus / 4)
     decode_task = min(0.5, reserve)
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if total_gpus >= 1 else 0.0
     if gpus_per_actor:
-        if gpus_per_actor > total_gpus:
-            raise ValueError(f"gpus_per_actor={gpus_per_actor} but the cluster has {total_gpus} GPUs")
         if gpus_per_actor < 1 and not gpu_memory_limit_mb:
-            raise ValueError("fractional GPUs per actor need gpu_memory_limit_mb (a hard TensorFlow memory "
-                             "limit), or actors sharing a GPU will each try to take all of its memory")
-        n = actors or int(total_gpus // gpus_per_actor)
-        cpus = cpus_per_actor or 1.0
+            raise PlacementError("fractional GPUs per actor need gpu_memory_limit_mb (a hard TensorFlow memory "
+                                 "limit), or actors sharing a GPU will each try to take all of its memory")
+        cpus = cpus_per_actor if cpus_per_actor is not None else 1.0
+        room = sum(_fits(n, cpus, gpus_per_actor) for n in nodes)
+        if room == 0:
+            raise PlacementError(describe_request(cpus, gpus_per_actor, nodes) + "; lower --gpus-per-actor or "
+                                 "--cpus-per-actor")
+        n = actors or room
+        if n > room:
+            raise PlacementError(f"{n} actors of {_fmt(cpus)} CPUs and {_fmt(gpus_per_actor)} GPUs do not fit: the "
+                                 f"nodes hold {room} (nodes: {_nodes_text(nodes)})")
         return ActorPlan(n, cpus, gpus_per_actor, max(1, math.ceil(cpus)), decode_task)
-    n = actors or 1
+
     available = total_cpus - reserve
     if cpus_per_actor is None:
-        cpus_per_actor = max(0.5, available / n)
-    if cpus_per_actor * n > available + 1e-9:
-        raise ValueError(f"{n} actors x {cpus_per_actor} CPUs leave less than {reserve} of the cluster's "
-                         f"{total_cpus} CPUs for reading and decoding")
+        # as large as the largest node allows after its share of the reserve, but no more than actors need
+        share = largest_cpus * (1 - reserve / total_cpus)
+        cpus_per_actor = max(0.5, min(share, available / actors if actors else share))
+        cpus_per_actor = math.floor(cpus_per_actor * 4 + EPS) / 4 or 0.25
+    room = sum(_fits(n, cpus_per_actor, 0) for n in nodes)
+    if room == 0:
+        raise PlacementError(describe_request(cpus_per_actor, 0, nodes) + "; lower --cpus-per-actor")
+    n = actors or max(1, min(room, math.floor(available / cpus_per_actor + EPS)))
+    if n > room:
+        raise PlacementError(f"{n} actors of {_fmt(cpus_per_actor)} CPUs do not fit: the nodes hold {room} "
+                             f"(nodes: {_nodes_text(nodes)}); lower --actors or --cpus-per-actor")
+    if cpus_per_actor * n > available + EPS:
+        raise PlacementError(f"{n} actors x {_fmt(cpus_per_actor)} CPUs leave less than {_fmt(reserve)} of the "
+                             f"cluster's {_fmt(total_cpus)} CPUs for reading and decoding")
     return ActorPlan(n, cpus_per_actor, 0.0, max(1, math.ceil(cpus_per_actor)), decode_task)
