@@ -442,7 +442,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
             return build_engine(config, model_path if source is None else source,
                                 **{"batch_size": min(32, max(1, len(images))), **overrides})
 
-        result["controls"] = run_controls(make_engine, images)
+        result["controls"] = run_controls(make_engine, images, safe_mode=not config.allow_unsafe_deserialization)
     if report_dir:
         write_report(result, report_dir)
     return result

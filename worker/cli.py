@@ -57,8 +57,8 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--decode-cpus", type=float, help="CPUs kept for reading/decoding (default 25%%)")
     r.add_argument("--gpu-memory-limit-mb", type=int, help="hard TF memory limit (needed for fractional GPUs)")
     r.add_argument("--actor-start-timeout", dest="actor_start_timeout_s", type=int, default=600,
-                   help="seconds for nodes to join and actors to start (model load included) before the job "
-                        "fails saying why (default 600)")
+                   help="seconds for nodes to join and free the actors' resources before the job fails "
+                        "saying why (default 600)")
 
 
 def config_from_args(args):

@@ -52,7 +52,7 @@ class JobConfig:
     cpus_per_actor: float | None = None
     decode_cpus: float | None = None
     gpu_memory_limit_mb: int | None = None
-    actor_start_timeout_s: int = 600  # nodes to join and actors to start (model load included), then fail
+    actor_start_timeout_s: int = 600  # for nodes to join and free the actors' resources, then fail
     rows_per_file: int = 1024
     overwrite: bool = False
     files: list[str] | None = None  # only these files of the input (incremental runs)

@@ -65,19 +65,31 @@ def sobel_edges(images: np.ndarray) -> np.ndarray:
     return np.hypot(gx, gy)
 
 
-def randomized_copy(model, seed: int = 0):
-    """The same architecture with freshly initialised weights (the model-randomisation test)."""
+def randomized_copy(model, seed: int = 0, safe_mode: bool = True):
+    """The same architecture with freshly initialised weights (the model-randomisation test).
+
+    Cloning rebuilds the layers from their configs: a model with Lambda code needs ``safe_mode=False``,
+    as it did to load."""
+    import contextlib
+
     import keras
 
     keras.utils.set_random_seed(seed)
-    return keras.models.clone_model(model)
+    scope = contextlib.nullcontext()
+    if not safe_mode:
+        from keras.src.saving.serialization_lib import SafeModeScope
+
+        scope = SafeModeScope(False)
+    with scope:
+        return keras.models.clone_model(model)
 
 
-def run_controls(make_engine, images: np.ndarray, seed: int = 0) -> dict:
+def run_controls(make_engine, images: np.ndarray, seed: int = 0, safe_mode: bool = True) -> dict:
     """Real maps vs random-class, randomised-model and edge controls on ``images`` (uint8, N x H x W x 3).
 
     ``make_engine(source=None, **overrides)`` builds the engine the maps were made with (the job's method and
-    options; see :func:`worker.audit.run_audit`), on another model when ``source`` is given."""
+    options; see :func:`worker.audit.run_audit`), on another model when ``source`` is given; ``safe_mode`` is
+    how the model was loaded (for the randomised copy)."""
     from PIL import Image
 
     fixed = {"map_dtype": "float32", "reduction": "max_abs"}
@@ -91,7 +103,7 @@ def run_controls(make_engine, images: np.ndarray, seed: int = 0) -> dict:
     }
     keras_model = getattr(real_engine.source, "model", None)
     if keras_model is not None:
-        controls["randomized_model"] = make_engine(randomized_copy(keras_model, seed), **fixed, target="predicted",
+        controls["randomized_model"] = make_engine(randomized_copy(keras_model, seed, safe_mode), **fixed, target="predicted",
                                                    relu_policy="warn").explain(images).as_float32()[:, 0]
     h, w = real_engine.source.input_size
     resized = np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR)) for im in images])

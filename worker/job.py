@@ -49,12 +49,11 @@ class ActorStartError(RuntimeError):
     """The explain actors did not start within the job's time limit."""
 
 
-def _plan_when_nodes_hold_it(config: JobConfig, echo):
+def _plan_when_nodes_hold_it(config: JobConfig, deadline: float, echo):
     """Plan the actors from the alive nodes; while no plan fits (nodes still joining), retry until the
-    start time-out, then fail naming what was asked and the largest node."""
+    deadline, then fail naming what was asked and the largest node."""
     from worker.resources import PlacementError, alive_nodes, plan_actors
 
-    deadline = time.monotonic() + config.actor_start_timeout_s
     waited = False
     while True:
         try:
@@ -68,6 +67,28 @@ def _plan_when_nodes_hold_it(config: JobConfig, echo):
                 echo(f"waiting up to {config.actor_start_timeout_s} s for nodes that can hold the actors: {exc}")
                 waited = True
             time.sleep(2)
+
+
+def _wait_until_resources_free(plan, deadline: float, timeout_s: int) -> None:
+    """Reserve the actors' resources once (a placement group, released at once) so that a cluster whose
+    nodes are busy fails by the deadline saying why; Ray Data would wait for its actors forever."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from worker.resources import alive_nodes, describe_request
+
+    bundle = {"CPU": plan.num_cpus, **({"GPU": plan.num_gpus} if plan.num_gpus else {})}
+    group = placement_group([bundle] * plan.actors, strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=max(1.0, deadline - time.monotonic()))
+    except ray.exceptions.GetTimeoutError:
+        raise ActorStartError(
+            f"{plan.actors} explain actor(s) could not be placed within {timeout_s} s: "
+            f"{describe_request(plan.num_cpus, plan.num_gpus, alive_nodes())}, and the nodes that could hold them "
+            "are busy. Wait for other work to finish, or raise --actor-start-timeout, or lower --actors / "
+            "--cpus-per-actor") from None
+    finally:
+        remove_placement_group(group)
 
 
 def run(config: JobConfig, *, echo=print) -> dict:
@@ -110,10 +131,10 @@ def run(config: JobConfig, *, echo=print) -> dict:
         if not ray.is_initialized():
             ray.init(logging_level=logging.WARNING,
                      runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}})
-        plan = _plan_when_nodes_hold_it(config, echo)
+        deadline = time.monotonic() + config.actor_start_timeout_s
+        plan = _plan_when_nodes_hold_it(config, deadline, echo)
+        _wait_until_resources_free(plan, deadline, config.actor_start_timeout_s)
         metadata["actors"] = plan.describe()
-        # fail, saying why, when the actors cannot start in time (Ray Data would otherwise wait forever)
-        ray.data.DataContext.get_current().wait_for_min_actors_s = config.actor_start_timeout_s
         done_ref = ray.put(dataset.done_index(done))
         ds = ray.data.from_items([dataclasses.asdict(u) for u in units], override_num_blocks=max(1, len(units)))
         read_columns = config.needed_columns()
@@ -132,18 +153,7 @@ def run(config: JobConfig, *, echo=print) -> dict:
         datasink = sink.AtomicParquetDatasink(out_fs, out_root, metadata, config.rows_per_file)
         # writes share the CPUs kept for read/decode: a default 1-CPU write task could wait forever
         # behind actors holding the rest of a small node
-        try:
-            ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
-        except Exception as exc:
-            if "Timed out while starting actors" not in str(exc):
-                raise
-            from worker.resources import alive_nodes, describe_request
-
-            raise ActorStartError(
-                f"{plan.actors} explain actor(s) did not start within {config.actor_start_timeout_s} s: "
-                f"{describe_request(plan.num_cpus, plan.num_gpus, alive_nodes())}. Nodes may be busy with other "
-                "work, or an actor failed while loading the model (see the Ray logs); "
-                "raise --actor-start-timeout or lower --actors / --cpus-per-actor") from None
+        ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
         result = datasink.result
 
     # the files committed before this run were read by prepare(); read only the ones new since (any a retried
