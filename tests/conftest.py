@@ -15,6 +15,25 @@ def start_ray(**kwargs):
     return ray
 
 
+ENGINE_PATHS = {
+    "cpu_defaults": {},  # plain graph mode, forward-kernel convolution gradients
+    "gpu_defaults": {"jit_compile": True, "conv_gradients": "framework"},  # what "auto" means on a GPU
+}
+
+
+@pytest.fixture(params=sorted(ENGINE_PATHS))
+def engine_path(request):
+    """Engine options of each default path: the GPU's (XLA + the framework's convolution gradients) is
+    rehearsed on the CPU.  Check ``assert_path(gbp, engine_path)`` that it really ran."""
+    return ENGINE_PATHS[request.param]
+
+
+def assert_path(gbp, options) -> None:
+    expected_jit = options.get("jit_compile", False)
+    expected_conv = options.get("conv_gradients", "forward")
+    assert (gbp.report["jit_compile"], gbp.report["conv_gradients"]) == (expected_jit, expected_conv)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A real local Ray cluster: 2 CPUs, no GPU."""

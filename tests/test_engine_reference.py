@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tests import reference as ref
+from tests.conftest import assert_path
 from worker import Gradient, GuidedBackprop
 from worker.demo import question_model
 from worker.runtime import native_bfloat16
@@ -36,8 +37,10 @@ def _close(actual, expected):
     assert err <= 1e-5 * np.abs(expected).max(), f"max abs error {err} vs max {np.abs(expected).max()}"
 
 
-def test_question_model_matches_numpy_reference(model, images):
-    gbp = GuidedBackprop(model, batch_size=2, preprocessing="scale01", reduction="none", map_dtype="float32")
+def test_question_model_matches_numpy_reference(model, images, engine_path):
+    gbp = GuidedBackprop(model, batch_size=2, preprocessing="scale01", reduction="none", map_dtype="float32",
+                         **engine_path)
+    assert_path(gbp, engine_path)
     out = gbp.explain(images)
     expected, logits = ref.sequential_saliency(ref.layers_of(model), images / 255.0)
     assert out.maps.shape == (5, 1, SIZE, SIZE, 3)
@@ -58,9 +61,10 @@ def test_vanilla_gradient_matches_reference(model, images):
 
 
 @pytest.mark.parametrize("target", ["label", "class:0", "top:2"])
-def test_targets_match_reference(model, images, target):
+def test_targets_match_reference(model, images, target, engine_path):
     gbp = GuidedBackprop(model, batch_size=4, preprocessing="scale01", reduction="none", map_dtype="float32",
-                         target=target)
+                         target=target, **engine_path)
+    assert_path(gbp, engine_path)
     labels = np.array([1, 0, 1, 1, 0])
     out = gbp.explain(images, labels=labels)
     layers = ref.layers_of(model)

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 from keras import layers
 
+from tests.conftest import assert_path
 from tests.reference import guided_gate, vanilla_gate
 from worker import GuidedBackprop
 
@@ -104,9 +105,10 @@ def _assert_guided(maps, params, images):
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_relu_form_is_guided(form, images):
+def test_relu_form_is_guided(form, images, engine_path):
     model, params = build(form)
-    gbp, out = _explain(model, images, safe_mode=False)
+    gbp, out = _explain(model, images, safe_mode=False, **engine_path)
+    assert_path(gbp, engine_path)
     pre = _assert_guided(out.maps[:, 0], params, images)
     if params[4] is not None:  # the clipped forms really see pre-activations above the clip
         assert (pre > params[4]).any()
@@ -115,7 +117,7 @@ def test_relu_form_is_guided(form, images):
 
 
 @pytest.mark.parametrize("fmt", ["keras", "h5", "export"])
-def test_saved_formats_are_guided(fmt, images, tmp_path):
+def test_saved_formats_are_guided(fmt, images, tmp_path, engine_path):
     model, params = build("relu_layer_max6", seed=3)
     if fmt == "export":
         path = tmp_path / "exported"
@@ -123,7 +125,8 @@ def test_saved_formats_are_guided(fmt, images, tmp_path):
     else:
         path = tmp_path / f"model.{fmt}"
         model.save(str(path))
-    gbp, out = _explain(str(path), images)
+    gbp, out = _explain(str(path), images, **engine_path)  # a SavedModel under XLA: its placeholder compiles
+    assert_path(gbp, engine_path)
     _assert_guided(out.maps[:, 0], params, images)
     assert gbp.report["model"]["kind"] == ("saved_model" if fmt == "export" else "keras")
     assert gbp.report["score"] == "logits (final softmax stripped)"
