@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     add_explain_arguments(sub.add_parser("explain", help="explain every row of a Parquet image dataset"))
     scheduled = sub.add_parser("scheduled", help="run a YAML job file for one logical date (idempotent)")
     scheduled.add_argument("--config", required=True, help="job file (YAML); see worker.schedule")
-    scheduled.add_argument("--date", help="logical date YYYY-MM-DD (default: today)")
+    scheduled.add_argument("--date", help="logical date YYYY-MM-DD (default: today in UTC)")
     audit = sub.add_parser("audit", help="per-class aggregates, findings and an HTML report of a job's output")
     audit.add_argument("--input", required=True, help="a job's output directory")
     audit.add_argument("--report", required=True, help="directory for report.html and audit.json")

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from worker import dataset, sink
+from worker.lease import Lease
 from worker.config import JobConfig, build_engine
 from worker.stages import ExplainBatch, decode_stage, fetch_model, read_stage
 
@@ -121,63 +122,67 @@ def run(config: JobConfig, *, echo=print) -> dict:
                 "decode": dataclasses.asdict(decode_options), **config.extra_metadata}
     out_fs, out_root = dataset.filesystem(config.output)
     owner = {"fingerprint": identity["fingerprint"], "job": identity, "metadata": metadata}
-    done, files_before = sink.prepare(out_fs, out_root, owner, overwrite=config.overwrite)
-    rows_in = sum(u.rows for u in units)
-    if len(done):
-        echo(f"resuming: {len(done)} of {rows_in} rows are already in {config.output}")
+    lease = Lease(out_fs, out_root).acquire()  # one run at a time per output (OutputBusyError)
+    try:
+        done, files_before = sink.prepare(out_fs, out_root, owner, overwrite=config.overwrite)
+        rows_in = sum(u.rows for u in units)
+        if len(done):
+            echo(f"resuming: {len(done)} of {rows_in} rows are already in {config.output}")
 
-    result = {"rows": 0, "errors": 0, "files": []}
-    if rows_in > len(done):
-        if not ray.is_initialized():
-            ray.init(logging_level=logging.WARNING,
-                     runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}})
-        deadline = time.monotonic() + config.actor_start_timeout_s
-        plan = _plan_when_nodes_hold_it(config, deadline, echo)
-        _wait_until_resources_free(plan, deadline, config.actor_start_timeout_s)
-        metadata["actors"] = plan.describe()
-        done_ref = ray.put(dataset.done_index(done))
-        ds = ray.data.from_items([dataclasses.asdict(u) for u in units], override_num_blocks=max(1, len(units)))
-        read_columns = config.needed_columns()
-        ds = ds.map_batches(read_stage, batch_size=1, batch_format="pyarrow", num_cpus=plan.decode_cpus_per_task,
-                            fn_kwargs={"fs": in_fs, "columns": read_columns, "id_column": config.id_column,
-                                       "done": done_ref})
-        ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.decode_cpus_per_task,
-                            fn_kwargs={"image_column": config.image_column, "label_column": config.label_column,
-                                       "needs_label": target_kind == "label",
-                                       "num_classes": num_classes,
-                                       "options": decode_options,
-                                       "mask_column": config.mask_column})
-        ds = ds.map_batches(ExplainBatch, batch_size=config.batch_size, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None,
-                            fn_constructor_kwargs={"config": config, "threads": plan.threads, "map_shape": map_shape})
-        datasink = sink.AtomicParquetDatasink(out_fs, out_root, metadata, config.rows_per_file)
-        # writes share the CPUs kept for read/decode: a default 1-CPU write task could wait forever
-        # behind actors holding the rest of a small node
-        ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
-        result = datasink.result
+        result = {"rows": 0, "errors": 0, "files": []}
+        if rows_in > len(done):
+            if not ray.is_initialized():
+                ray.init(logging_level=logging.WARNING,
+                         runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}})
+            deadline = time.monotonic() + config.actor_start_timeout_s
+            plan = _plan_when_nodes_hold_it(config, deadline, echo)
+            _wait_until_resources_free(plan, deadline, config.actor_start_timeout_s)
+            metadata["actors"] = plan.describe()
+            done_ref = ray.put(dataset.done_index(done))
+            ds = ray.data.from_items([dataclasses.asdict(u) for u in units], override_num_blocks=max(1, len(units)))
+            read_columns = config.needed_columns()
+            ds = ds.map_batches(read_stage, batch_size=1, batch_format="pyarrow", num_cpus=plan.decode_cpus_per_task,
+                                fn_kwargs={"fs": in_fs, "columns": read_columns, "id_column": config.id_column,
+                                           "done": done_ref})
+            ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.decode_cpus_per_task,
+                                fn_kwargs={"image_column": config.image_column, "label_column": config.label_column,
+                                           "needs_label": target_kind == "label",
+                                           "num_classes": num_classes,
+                                           "options": decode_options,
+                                           "mask_column": config.mask_column})
+            ds = ds.map_batches(ExplainBatch, batch_size=config.batch_size, batch_format="pyarrow",
+                                compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None,
+                                fn_constructor_kwargs={"config": config, "threads": plan.threads, "map_shape": map_shape})
+            datasink = sink.AtomicParquetDatasink(out_fs, out_root, metadata, config.rows_per_file)
+            # writes share the CPUs kept for read/decode: a default 1-CPU write task could wait forever
+            # behind actors holding the rest of a small node
+            ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
+            result = datasink.result
 
-    # the files committed before this run were read by prepare(); read only the ones new since (any a retried
-    # write task committed included, so a duplicate across files is still seen)
-    before = set(files_before)
-    new_files = [f for f in sink.committed_files(out_fs, out_root) if f not in before]
-    ids = np.concatenate([done, sink.read_ids(out_fs, new_files)])
-    elapsed = time.time() - started
-    summary = {
-        "output": config.output,
-        "rows_in": rows_in,
-        "rows_out": int(len(ids)),
-        "rows_resumed": int(len(done)),
-        "rows_this_run": result["rows"],
-        "errors_this_run": result["errors"],
-        "duplicate_ids": int(len(ids) - len(set(ids.tolist()))),
-        "files_this_run": len(result["files"]),
-        "seconds": round(elapsed, 2),
-        "rows_per_second": round(result["rows"] / elapsed, 2) if elapsed else None,
-        "complete": int(len(ids)) == rows_in,
-        "model_fingerprint": identity["model_fingerprint"],
-    }
-    sink.finish(out_fs, out_root, summary)
-    echo(f"done: {summary['rows_this_run']} rows ({summary['errors_this_run']} with errors) in "
-         f"{summary['seconds']} s, {summary['rows_per_second']} rows/s; {summary['rows_out']}/{rows_in} rows in "
-         f"{config.output}")
-    return summary
+        # the files committed before this run were read by prepare(); read only the ones new since (any a retried
+        # write task committed included, so a duplicate across files is still seen)
+        before = set(files_before)
+        new_files = [f for f in sink.committed_files(out_fs, out_root) if f not in before]
+        ids = np.concatenate([done, sink.read_ids(out_fs, new_files)])
+        elapsed = time.time() - started
+        summary = {
+            "output": config.output,
+            "rows_in": rows_in,
+            "rows_out": int(len(ids)),
+            "rows_resumed": int(len(done)),
+            "rows_this_run": result["rows"],
+            "errors_this_run": result["errors"],
+            "duplicate_ids": dataset.duplicates(ids),
+            "files_this_run": len(result["files"]),
+            "seconds": round(elapsed, 2),
+            "rows_per_second": round(result["rows"] / elapsed, 2) if elapsed else None,
+            "complete": int(len(ids)) == rows_in,
+            "model_fingerprint": identity["model_fingerprint"],
+        }
+        sink.finish(out_fs, out_root, summary)
+        echo(f"done: {summary['rows_this_run']} rows ({summary['errors_this_run']} with errors) in "
+             f"{summary['seconds']} s, {summary['rows_per_second']} rows/s; {summary['rows_out']}/{rows_in} rows in "
+             f"{config.output}")
+        return summary
+    finally:
+        lease.release()

@@ -12,10 +12,16 @@ A job file names inputs, model, options and an output root::
     batch_size: 32
 
 ``guided-saliency scheduled --config job.yaml --date 2026-11-29`` writes under
-``<output_root>/date=2026-11-29``.  Re-running the same date resumes instead of
-duplicating rows.  In incremental mode a manifest
+``<output_root>/date=2026-11-29``; without ``--date`` the logical date is today in
+UTC, on every deployment path (one rule, whatever the clock's zone).  Re-running
+the same date resumes instead of duplicating rows.  In incremental mode a manifest
 ``<output_root>/_manifests/<model hash>.json`` records every input file done for
 this model and these options; the next run processes only files not in it.
+
+One scheduled run at a time per output root: a run holds a lease on it
+(:mod:`worker.lease`), and a run that finds another live one (an overlapping
+trigger, a retry while the first still runs) exits cleanly, saying so, with
+nothing written.
 
 Example:
     >>> cfg = parse_config({"model": "m.keras", "input": "in/", "output_root": "out"})
@@ -32,9 +38,10 @@ import json
 import posixpath
 
 from worker import dataset
-from worker.fingerprint import hash_path
 from worker.config import JobConfig
+from worker.fingerprint import hash_path
 from worker.job import run
+from worker.lease import Lease, OutputBusyError
 from worker.stages import fetch_model
 
 SCHEDULE_KEYS = {"output_root": str, "partition": str, "incremental": bool}
@@ -102,9 +109,26 @@ def _manifest_path(cfg: dict) -> str:
     return posixpath.join(cfg["output_root"], "_manifests", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
 
+def today_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+
+
 def scheduled_run(cfg: dict, date: str | None = None, echo=print) -> dict:
-    date = date or datetime.date.today().isoformat()
+    date = date or today_utc()
     datetime.date.fromisoformat(date)
+    fs, root = dataset.filesystem(cfg["output_root"])
+    try:
+        lease = Lease(fs, root).acquire()
+    except OutputBusyError as exc:
+        echo(f"not started: {exc}")
+        return {"output": output_for(cfg, date), "skipped": str(exc), "rows_this_run": 0, "complete": True}
+    try:
+        return _run_date(cfg, date, echo)
+    finally:
+        lease.release()
+
+
+def _run_date(cfg: dict, date: str, echo) -> dict:
     files = None
     manifest = {"files": {}}
     if cfg["incremental"]:

@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
+from worker.lease import LEASE_FILE
 from worker.schema import with_metadata
 
 JOB_FILE = "_job.json"
@@ -52,6 +53,7 @@ def prepare(fs: pafs.FileSystem, root: str, job: dict, overwrite: bool = False) 
     if info.type == pafs.FileType.File:
         raise OutputExistsError(f"output {root} is a file, not a directory")
     existing = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)) if info.type != pafs.FileType.NotFound else []
+    existing = [i for i in existing if posixpath.basename(i.path) != LEASE_FILE]
     job_path = posixpath.join(root, JOB_FILE)
     if existing:
         owner = None
@@ -65,7 +67,8 @@ def prepare(fs: pafs.FileSystem, root: str, job: dict, overwrite: bool = False) 
                 f"output {root} is not empty: it holds {what}. Choose a new output, or pass "
                 "overwrite=True (CLI: --overwrite) to delete it and start again")
         if not same:
-            fs.delete_dir_contents(root)
+            for item in existing:  # everything but the lease of the run doing this
+                (fs.delete_dir if item.type == pafs.FileType.Directory else fs.delete_file)(item.path)
     fs.create_dir(root, recursive=True)
     _remove_staging(fs, root)
     with fs.open_output_stream(job_path) as handle:
@@ -75,9 +78,11 @@ def prepare(fs: pafs.FileSystem, root: str, job: dict, overwrite: bool = False) 
 
 
 def read_ids(fs: pafs.FileSystem, files: list[str]) -> np.ndarray:
-    """The ``id`` column of ``files``, as one object array."""
-    ids = [pq.read_table(path, columns=["id"], filesystem=fs)["id"].to_numpy(zero_copy_only=False) for path in files]
-    return np.concatenate(ids).astype(object) if ids else np.array([], dtype=object)
+    """The ``id`` column of ``files``, as one fixed-width bytes array (:func:`worker.dataset.id_bytes`)."""
+    from worker.dataset import id_bytes
+
+    parts = [id_bytes(pq.read_table(path, columns=["id"], filesystem=fs)["id"]) for path in files]
+    return np.concatenate(parts) if parts else np.array([], np.bytes_)
 
 
 def _remove_staging(fs: pafs.FileSystem, root: str) -> None:

@@ -1,0 +1,125 @@
+"""One run at a time per output: a lease file, claimed by write-then-verify and kept fresh by a heartbeat.
+
+A run claims ``<dir>/_lease.json`` (owner token, host, pid, heartbeat time).  Another run that finds a live
+lease is refused with :class:`OutputBusyError`; a lease whose heartbeat is older than ``stale_s``, or whose
+holder is a dead process on this host (a killed driver), is taken over.  Claiming writes the lease, waits
+``settle_s`` (far longer than the gap between any claimant's check and its write) and reads it back: of two
+runs that claim at once only the last writer goes on.  That works on object stores too, which are strongly
+consistent but have no create-if-absent in pyarrow's filesystems.
+
+Example:
+    >>> import tempfile, pyarrow.fs as pafs
+    >>> root = tempfile.mkdtemp()
+    >>> with Lease(pafs.LocalFileSystem(), root, settle_s=0):
+    ...     Lease(pafs.LocalFileSystem(), root, settle_s=0).acquire()  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    worker.lease.OutputBusyError: ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import socket
+import threading
+import time
+import uuid
+
+import pyarrow.fs as pafs
+
+LEASE_FILE = "_lease.json"
+
+
+class OutputBusyError(RuntimeError):
+    """Another live run holds this output."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    def __init__(self, fs: pafs.FileSystem, root: str, *, stale_s: float = 120, heartbeat_s: float = 20,
+                 settle_s: float | None = None):
+        self.fs, self.root = fs, root
+        self.path = posixpath.join(root, LEASE_FILE)
+        if settle_s is None:  # a local check-to-write gap is microseconds; an object store's, a round trip
+            settle_s = 0.2 if isinstance(fs, pafs.LocalFileSystem) else 2.0
+        self.stale_s, self.heartbeat_s, self.settle_s = stale_s, heartbeat_s, settle_s
+        self.owner = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict | None:
+        try:
+            with self.fs.open_input_stream(self.path) as handle:
+                return json.loads(handle.read())
+        except (FileNotFoundError, json.JSONDecodeError, OSError):
+            return None
+
+    def _write(self) -> None:
+        record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+        with self.fs.open_output_stream(self.path) as handle:
+            handle.write(json.dumps(record).encode())
+
+    def _live_holder(self) -> dict | None:
+        held = self._read()
+        if not held or held.get("owner") == self.owner:
+            return None
+        age = time.time() - float(held.get("heartbeat", 0))
+        if age > self.stale_s:
+            return None
+        if held.get("host") == socket.gethostname() and not _alive(int(held.get("pid", 0))):
+            return None
+        return {**held, "age": age}
+
+    def _busy(self, held: dict) -> OutputBusyError:
+        return OutputBusyError(
+            f"{self.root} is being written by another run (host {held.get('host')}, pid {held.get('pid')}, "
+            f"alive {held['age']:.0f} s ago); one run at a time per output. If that run was killed on another "
+            f"machine, its lease expires {self.stale_s:.0f} s after its last heartbeat")
+
+    def acquire(self) -> "Lease":
+        if self.fs.get_file_info(self.root).type == pafs.FileType.File:
+            raise NotADirectoryError(f"output {self.root} is a file, not a directory")
+        held = self._live_holder()
+        if held:
+            raise self._busy(held)
+        self.fs.create_dir(self.root, recursive=True)
+        self._write()
+        time.sleep(self.settle_s)
+        held = self._read()
+        if not held or held.get("owner") != self.owner:
+            raise self._busy({**(held or {}), "age": 0.0})
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="lease-heartbeat")
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._write()
+            except OSError:  # a passing storage error: the next beat tries again
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        held = self._read()
+        if held and held.get("owner") == self.owner:
+            self.fs.delete_file(self.path)
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
