@@ -1,0 +1,27 @@
+"""Row ids as fixed-width bytes (resume index, duplicate check) equal the ids as Python strings."""
+
+import numpy as np
+import pyarrow as pa
+
+from worker.dataset import done_index, duplicates, id_bytes, is_done
+
+
+def test_id_bytes_match_python_strings_for_slices_chunks_and_unicode():
+    ids = ["f.parquet#0", "", "x", "ü-id-ß", "f.parquet#10000000"] * 3
+    arr = pa.array(ids)
+    assert [b.decode() for b in id_bytes(arr).tolist()] == ids
+    assert [b.decode() for b in id_bytes(arr.slice(3, 7)).tolist()] == ids[3:10]
+    chunked = pa.chunked_array([arr.slice(0, 4), arr.slice(4)])
+    assert [b.decode() for b in id_bytes(chunked).tolist()] == ids
+    assert id_bytes(pa.array([], pa.string())).shape == (0,)
+    assert [b.decode() for b in id_bytes(pa.array([7, 8])).tolist()] == ["7", "8"]  # integer id columns
+
+
+def test_resume_index_and_duplicates():
+    rng = np.random.default_rng(0)
+    ids = [f"part-{i}.parquet#{j}" for i in range(30) for j in rng.permutation(50)]
+    index = done_index(pa.array(ids[::2]))
+    mask = is_done(index, pa.array(ids))
+    assert mask.tolist() == [i % 2 == 0 for i in range(len(ids))]
+    assert duplicates(id_bytes(pa.array(ids))) == 0
+    assert duplicates(np.concatenate([id_bytes(pa.array(ids)), id_bytes(pa.array(ids[:7]))])) == 7
