@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from keras import layers
 
-from tests.test_relu_forms import SHAPE, TfRelu, reference
+from tests.test_relu_forms import SHAPE, TfRelu, reference, save_model
 from worker import GuidedBackprop
 from worker.models import ModelLoadError
 
@@ -61,16 +61,6 @@ def build(kind, relu, seed):
     return model, params
 
 
-def save(model, fmt, tmp_path):
-    if fmt == "export":
-        path = tmp_path / "exported"
-        model.export(str(path), verbose=False)
-    else:
-        path = tmp_path / f"model.{fmt}"
-        model.save(str(path))
-    return str(path)
-
-
 @pytest.mark.parametrize("relu", ["plain", "lambda", "custom"])
 @pytest.mark.parametrize("fmt", ["keras", "h5", "export"])
 @pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
@@ -78,7 +68,7 @@ def test_every_saved_form_loads_with_exact_maps_or_says_why(kind, fmt, relu, tmp
     model, params = build(kind, relu, seed=11)
     images = np.random.default_rng(3).integers(0, 256, (4, *SHAPE), dtype=np.uint8)
     try:
-        path = save(model, fmt, tmp_path)
+        path = save_model(model, fmt, tmp_path)
     except Exception as exc:  # noqa: BLE001 - Keras itself cannot save this form: nothing of ours to load
         pytest.skip(f"Keras cannot save {kind} as {fmt}: {type(exc).__name__}")
     try:

@@ -116,16 +116,21 @@ def test_relu_form_is_guided(form, images, engine_path):
     assert gbp.report["coverage"]["unguided"] == []
 
 
+def save_model(model, fmt, directory) -> str:
+    """Save as a user would: ``.keras``, ``.h5`` or a SavedModel (``fmt="export"``); return the path."""
+    if fmt == "export":
+        path = directory / "exported"
+        model.export(str(path), verbose=False)
+    else:
+        path = directory / f"model.{fmt}"
+        model.save(str(path))
+    return str(path)
+
+
 @pytest.mark.parametrize("fmt", ["keras", "h5", "export"])
 def test_saved_formats_are_guided(fmt, images, tmp_path, engine_path):
     model, params = build("relu_layer_max6", seed=3)
-    if fmt == "export":
-        path = tmp_path / "exported"
-        model.export(str(path), verbose=False)
-    else:
-        path = tmp_path / f"model.{fmt}"
-        model.save(str(path))
-    gbp, out = _explain(str(path), images, **engine_path)  # a SavedModel under XLA: its placeholder compiles
+    gbp, out = _explain(save_model(model, fmt, tmp_path), images, **engine_path)  # a SavedModel under XLA: its placeholder compiles
     assert_path(gbp, engine_path)
     _assert_guided(out.maps[:, 0], params, images)
     assert gbp.report["model"]["kind"] == ("saved_model" if fmt == "export" else "keras")

@@ -396,7 +396,6 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     ``label_column`` defaults to the job's. ``controls=N`` adds the sanity controls of :mod:`worker.controls`
     on the first N input images, with the engine the job used, rebuilt from its run record (``model``
     defaults to the job's model; a remote one is fetched)."""
-    import ray
 
     from worker import dataset, sink
 
@@ -408,8 +407,9 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     config = run_record(metadata)
     if label_column is None:
         label_column = config.label_column if config is not None else "label"
-    if not ray.is_initialized():
-        ray.init(logging_level="ERROR")
+    from worker.resources import connect
+
+    connect(logging_level="ERROR")
     partials = _read_outputs(fs, files).map_batches(partial_aggregates, batch_format="pyarrow", batch_size=1024,
                                                     fn_kwargs={"label_column": label_column})
     merged = merge_partials(partials.iter_batches(batch_format="pyarrow", batch_size=None))

@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 
 import numpy as np
@@ -131,9 +130,9 @@ def run(config: JobConfig, *, echo=print) -> dict:
 
         result = {"rows": 0, "errors": 0, "files": []}
         if rows_in > len(done):
-            if not ray.is_initialized():
-                ray.init(logging_level=logging.WARNING,
-                         runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}})
+            from worker.resources import connect
+
+            connect()
             deadline = time.monotonic() + config.actor_start_timeout_s
             plan = _plan_when_nodes_hold_it(config, deadline, echo)
             _wait_until_resources_free(plan, deadline, config.actor_start_timeout_s)

@@ -27,7 +27,9 @@ Example (a 1-CPU head and a 2-CPU worker):
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 
 EPS = 1e-9
@@ -47,6 +49,23 @@ class ActorPlan:
 
     def describe(self) -> dict:
         return self.__dict__.copy()
+
+
+def connect(logging_level=logging.WARNING) -> None:
+    """Attach to the cluster in RAY_ADDRESS (or one ``ray start`` made here), or start a lean local one: no
+    dashboard (seconds of start-up and a process the job does not need; start ``ray start --head`` and set
+    RAY_ADDRESS for one)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
+    try:
+        ray.init(logging_level=logging_level, runtime_env=env, include_dashboard=False)
+    except ValueError as exc:  # attaching to an existing cluster: it decides about its dashboard
+        if "dashboard" not in str(exc):
+            raise
+        ray.init(logging_level=logging_level, runtime_env=env)
 
 
 def alive_nodes() -> list[dict]:
