@@ -76,6 +76,31 @@ def test_default_flags_fit_the_nodes_and_an_impossible_ask_says_why(cluster, job
     assert time.monotonic() - started < 100
 
 
+def test_busy_nodes_fail_in_bounded_time_saying_why(cluster, job_model, tmp_path):
+    import ray
+
+    c, _ = cluster
+    ray.init(address=c.address, logging_level="ERROR")
+    try:
+        @ray.remote(num_cpus=2)
+        class Hog:  # holds the only node that can host the default actor
+            def ready(self):
+                return True
+
+        hog = Hog.remote()
+        ray.get(hog.ready.remote(), timeout=60)
+        data = _data(tmp_path, 40)
+        started = time.monotonic()
+        code, out = _finish(_job(c.address, ["--model", job_model, "--input", data, "--output", str(tmp_path / "o"),
+                                             "--preprocessing", "scale01", "--actor-start-timeout", "5"]), 120)
+        assert code == 2, out[-3000:]
+        assert "could not be placed within 5 s" in out and "are busy" in out, out[-3000:]
+        assert time.monotonic() - started < 100
+        ray.kill(hog)
+    finally:
+        ray.shutdown()
+
+
 def _node_of(pid, c):
     """The cluster node whose raylet is an ancestor of process ``pid``."""
     import psutil

@@ -26,8 +26,9 @@ import numpy as np
 import pyarrow as pa
 
 from worker import dataset, sink
-from worker.lease import Lease
 from worker.config import JobConfig, build_engine
+from worker.lease import Lease
+from worker.resources import connect, place_actors
 from worker.stages import ExplainBatch, decode_stage, fetch_model, read_stage
 
 
@@ -43,52 +44,6 @@ def job_identity(config: JobConfig, report: dict) -> dict:
     ident["model_fingerprint"] = report["model"]["fingerprint"]
     ident["fingerprint"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     return ident
-
-
-class ActorStartError(RuntimeError):
-    """The explain actors did not start within the job's time limit."""
-
-
-def _plan_when_nodes_hold_it(config: JobConfig, deadline: float, echo):
-    """Plan the actors from the alive nodes; while no plan fits (nodes still joining), retry until the
-    deadline, then fail naming what was asked and the largest node."""
-    from worker.resources import PlacementError, alive_nodes, plan_actors
-
-    waited = False
-    while True:
-        try:
-            return plan_actors(alive_nodes(), actors=config.actors, gpus_per_actor=config.gpus_per_actor,
-                               cpus_per_actor=config.cpus_per_actor, decode_cpus=config.decode_cpus,
-                               gpu_memory_limit_mb=config.gpu_memory_limit_mb)
-        except PlacementError as exc:
-            if "fractional GPUs" in str(exc) or time.monotonic() > deadline:
-                raise
-            if not waited:
-                echo(f"waiting up to {config.actor_start_timeout_s} s for nodes that can hold the actors: {exc}")
-                waited = True
-            time.sleep(2)
-
-
-def _wait_until_resources_free(plan, deadline: float, timeout_s: int) -> None:
-    """Reserve the actors' resources once (a placement group, released at once) so that a cluster whose
-    nodes are busy fails by the deadline saying why; Ray Data would wait for its actors forever."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    from worker.resources import alive_nodes, describe_request
-
-    bundle = {"CPU": plan.num_cpus, **({"GPU": plan.num_gpus} if plan.num_gpus else {})}
-    group = placement_group([bundle] * plan.actors, strategy="PACK")
-    try:
-        ray.get(group.ready(), timeout=max(1.0, deadline - time.monotonic()))
-    except ray.exceptions.GetTimeoutError:
-        raise ActorStartError(
-            f"{plan.actors} explain actor(s) could not be placed within {timeout_s} s: "
-            f"{describe_request(plan.num_cpus, plan.num_gpus, alive_nodes())}, and the nodes that could hold them "
-            "are busy. Wait for other work to finish, or raise --actor-start-timeout, or lower --actors / "
-            "--cpus-per-actor") from None
-    finally:
-        remove_placement_group(group)
 
 
 def run(config: JobConfig, *, echo=print) -> dict:
@@ -130,12 +85,10 @@ def run(config: JobConfig, *, echo=print) -> dict:
 
         result = {"rows": 0, "errors": 0, "files": []}
         if rows_in > len(done):
-            from worker.resources import connect
-
             connect()
-            deadline = time.monotonic() + config.actor_start_timeout_s
-            plan = _plan_when_nodes_hold_it(config, deadline, echo)
-            _wait_until_resources_free(plan, deadline, config.actor_start_timeout_s)
+            plan = place_actors(config.actor_start_timeout_s, echo, actors=config.actors,
+                                gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
+                                decode_cpus=config.decode_cpus, gpu_memory_limit_mb=config.gpu_memory_limit_mb)
             metadata["actors"] = plan.describe()
             done_ref = ray.put(dataset.done_index(done))
             ds = ray.data.from_items([dataclasses.asdict(u) for u in units], override_num_blocks=max(1, len(units)))

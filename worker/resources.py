@@ -39,6 +39,10 @@ class PlacementError(ValueError):
     """The actors asked for cannot be placed on the cluster's nodes."""
 
 
+class ActorStartError(RuntimeError):
+    """Nodes that could hold the actors stayed busy past the start time-out."""
+
+
 @dataclass(frozen=True)
 class ActorPlan:
     actors: int
@@ -151,3 +155,41 @@ def plan_actors(nodes: list[dict], *, actors: int | None = None, gpus_per_actor:
         raise PlacementError(f"{n} actors x {_fmt(cpus_per_actor)} CPUs leave less than {_fmt(reserve)} of the "
                              f"cluster's {_fmt(total_cpus)} CPUs for reading and decoding")
     return ActorPlan(n, cpus_per_actor, 0.0, max(1, math.ceil(cpus_per_actor)), decode_task)
+
+
+def place_actors(timeout_s: float, echo=print, **asks) -> ActorPlan:
+    """Plan the actors (:func:`plan_actors`) from the connected cluster's alive nodes and check that their
+    resources can be reserved now.  While no plan fits (nodes still joining) or the nodes are busy, wait, up to
+    ``timeout_s`` in all; then fail saying what was asked and what the largest node has.  Ray Data itself
+    would wait for its actors forever."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    deadline = time.monotonic() + timeout_s
+    waited = False
+    while True:
+        try:
+            plan = plan_actors(alive_nodes(), **asks)
+            break
+        except PlacementError as exc:
+            if "fractional GPUs" in str(exc) or time.monotonic() > deadline:
+                raise
+            if not waited:
+                echo(f"waiting up to {timeout_s:g} s for nodes that can hold the actors: {exc}")
+                waited = True
+            time.sleep(2)
+    bundle = {"CPU": plan.num_cpus, **({"GPU": plan.num_gpus} if plan.num_gpus else {})}
+    group = placement_group([bundle] * plan.actors, strategy="PACK")  # reserved and released at once
+    try:
+        ray.get(group.ready(), timeout=max(1.0, deadline - time.monotonic()))
+    except ray.exceptions.GetTimeoutError:
+        raise ActorStartError(
+            f"{plan.actors} explain actor(s) could not be placed within {timeout_s:g} s: "
+            f"{describe_request(plan.num_cpus, plan.num_gpus, alive_nodes())}, and the nodes that could hold them "
+            "are busy. Wait for other work to finish, raise --actor-start-timeout, or lower --actors / "
+            "--cpus-per-actor") from None
+    finally:
+        remove_placement_group(group)
+    return plan
