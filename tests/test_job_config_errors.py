@@ -6,6 +6,7 @@ from tests import jobdata
 from tests.test_job import config
 from worker.dataset import InputError
 from worker.job import run
+from worker.sink import OutputExistsError
 
 
 def test_bad_configuration_fails_before_cluster_time(job_model, tmp_path):
@@ -26,5 +27,35 @@ def test_bad_configuration_fails_before_cluster_time(job_model, tmp_path):
         run(config(job_model, tmp_path / "d.parquet", out, target="label"))
     with pytest.raises(ValueError, match="does not exist"):
         run(config(str(tmp_path / "missing.keras"), tmp_path / "d.parquet", out))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no Parquet files found"):
+        run(config(job_model, tmp_path / "empty", out))
+    for name, model, message in _bad_models(tmp_path):
+        with pytest.raises((ValueError, RuntimeError), match=message):
+            run(config(model, tmp_path / "d.parquet", out))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not ours")
+    with pytest.raises(OutputExistsError, match="not empty.*--overwrite"):
+        run(config(job_model, tmp_path / "d.parquet", other))
+    assert (other / "notes.txt").exists()  # never overwritten silently
     assert not out.exists()
     assert not ray.is_initialized()  # none of these started a cluster
+
+
+def _bad_models(tmp_path):
+    import keras
+
+    image = keras.Input((32, 32, 3))
+    flat = keras.layers.Flatten()(image)
+    segmenter = keras.Model(image, keras.layers.Conv2D(2, 1, activation="relu")(image))
+    no_relu = keras.Model(image, keras.layers.Dense(10)(keras.layers.Dense(8, activation="sigmoid")(flat)))
+    lam = keras.Model(image, keras.layers.Dense(10)(keras.layers.Lambda(lambda t: t * 2.0)(
+        keras.layers.Dense(8, activation="relu")(flat))))
+    out = []
+    for name, model, message in [("segmenter", segmenter, "not an image classifier"),
+                                 ("no_relu", no_relu, "no ReLU"), ("lambda", lam, "allow-unsafe-deserialization")]:
+        path = tmp_path / f"{name}.keras"
+        model.save(str(path))
+        out.append((name, str(path), message))
+    return out
