@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf  # module level: a Lambda must not close over a local import
 
 from tests import jobdata
 from tests.images import bomb_png, encode
@@ -28,10 +30,12 @@ def test_actor_killed_mid_run(ray_local, job_model, tmp_path):
         batch_size=4, rows_per_file=8), echo=lambda *_: None)))
     job.start()
     deadline = time.time() + 240
-    while time.time() < deadline and not list((out / "_workers").glob("*.json")):
-        time.sleep(0.1)
-    time.sleep(2)  # the actor has built its engine and is explaining batches
-    assert job.is_alive(), "the job ended before its actor could be killed"
+    # the actor is mid-run when some rows are committed and others are not: it has explained batches and
+    # holds more (batch 4, a part file every 8 rows: 120 of them)
+    while time.time() < deadline and not list(out.glob("part-*.parquet")):
+        time.sleep(0.05)
+    committed = sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("part-*.parquet"))
+    assert job.is_alive() and 0 < committed < 960, "the job ended before its actor could be killed"
     victim = json.loads(next((out / "_workers").glob("*.json")).read_text())["pid"]
     os.kill(victim, signal.SIGKILL)
     job.join(timeout=600)
@@ -102,3 +106,39 @@ def test_large_images_under_object_store_pressure(job_model, tmp_path):
     finally:
         ray.shutdown()
     assert summary["rows_out"] == 8 and summary["errors_this_run"] == 0 and summary["complete"]
+
+
+@pytest.mark.slow
+def test_poison_row_through_the_real_job(ray_local, tmp_path):
+    """A real model that fails on one input (an all-white image trips an assertion in a Lambda): that row gets
+    the error, and every other row's map is the one the engine gives for that row's own image."""
+    import keras
+
+    from worker import GuidedBackprop
+
+    keras.utils.set_random_seed(1)
+    image = keras.Input((32, 32, 3))
+    checked = keras.layers.Lambda(lambda t: tf.tuple([t], control_inputs=[tf.debugging.assert_less(
+        tf.reduce_max(tf.reduce_min(t, axis=[1, 2, 3])), 0.99, message="poisoned input")])[0])(image)
+    h = keras.layers.Conv2D(4, 3, activation="relu")(checked)
+    model = keras.Model(image, keras.layers.Dense(10)(keras.layers.Flatten()(h)))
+    path = str(tmp_path / "poison.keras")
+    model.save(path)
+    images, labels = jobdata.digits(12)
+    images[5] = 255  # the poison
+    jobdata.write_hf(tmp_path / "d.parquet", images, labels, row_group=12)
+    summary = run(JobConfig(model=path, input=str(tmp_path / "d.parquet"), output=str(tmp_path / "out"),
+                            preprocessing="scale01", batch_size=4, map_dtype="float32",
+                            allow_unsafe_deserialization=True), echo=lambda *_: None)
+    assert summary["rows_out"] == 12 and summary["errors_this_run"] == 1
+    table = pq.read_table(str(tmp_path / "out"))
+    rows = {r: i for i, r in enumerate(table["id"].to_pylist())}
+    errors = table["error"].to_pylist()
+    assert "poisoned input" in errors[rows["d.parquet#5"]] and errors[rows["d.parquet#5"]].startswith("explain:")
+    from worker.schema import read_maps
+
+    maps = read_maps(table)
+    engine = GuidedBackprop(path, preprocessing="scale01", batch_size=1, map_dtype="float32", safe_mode=False)
+    for i in [0, 4, 6, 11]:  # beside the poison, in its batch and after it
+        expected = engine.explain(images[i:i + 1]).maps[0, 0]
+        np.testing.assert_allclose(maps[rows[f"d.parquet#{i}"]], expected, rtol=1e-5, atol=1e-7)

@@ -183,13 +183,24 @@ class ExplainBatch:
             try:
                 parts.append(self.engine.explain(images[j:j + 1], None if labels is None else labels[j:j + 1]))
             except Exception as exc:  # noqa: BLE001
-                errors[row] = f"explain: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                errors[row] = f"explain: {type(exc).__name__}: {error_line(exc)}"
                 valid[row] = False
         if not parts:
             return None, errors
         merged = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
                   for f in dataclasses.fields(parts[0]) if f.name != "report"}
         return type(parts[0])(**merged), errors
+
+
+def error_line(exc: BaseException, limit: int = 400) -> str:
+    """The line of an exception's text that says what went wrong.  TensorFlow's runtime errors start with
+    'Graph execution error:' and a traceback of where the op was defined; the cause (an assertion's message,
+    an op's complaint) is the first unindented line after them."""
+    noise = ("Graph execution error", "Detected at node", "Traceback", "File ", "[[")
+    for line in str(exc).splitlines():
+        if line.strip() and not line.startswith((" ", "\t")) and not line.strip().startswith(noise):
+            return line.strip()[:limit]
+    return ""
 
 
 class JobMetrics:
