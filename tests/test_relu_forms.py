@@ -8,7 +8,7 @@ from keras import layers
 
 from tests.conftest import assert_path
 from tests.reference import guided_gate, vanilla_gate
-from worker import GuidedBackprop
+from worker import Deconvnet, GuidedBackprop
 
 SHAPE = (6, 6, 3)
 
@@ -66,7 +66,12 @@ def build(form, seed=0):
     return model, (w1, b1, w2, b2, upper)
 
 
-def reference(params, images, guided=True, hidden_target=None):
+def deconv_gate(grad, pre, upper=None):
+    """Deconvnet: positive gradients pass, whatever the forward input (``pre``, ``upper`` unused)."""
+    return grad * (grad > 0)
+
+
+def reference(params, images, guided=True, hidden_target=None, gate=None):
     w1, b1, w2, b2, upper = params
     x = images.reshape(len(images), -1) / 255.0
     pre = x @ w1 + b1
@@ -76,7 +81,7 @@ def reference(params, images, guided=True, hidden_target=None):
         g_act = w2[:, logits.argmax(1)].T
     else:
         g_act = np.ones_like(act) if hidden_target == "sum" else np.eye(16)[[hidden_target] * len(x)]
-    g_pre = (guided_gate if guided else vanilla_gate)(g_act, pre, upper)
+    g_pre = (gate or (guided_gate if guided else vanilla_gate))(g_act, pre, upper)
     return (g_pre @ w1.T).reshape(images.shape), pre
 
 
@@ -164,3 +169,18 @@ def test_probability_score_differentiates_softmax(images):
     np.testing.assert_allclose(out.maps[:, 0], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
     np.testing.assert_allclose(out.target_score[:, 0], p.max(1), rtol=1e-5)
     assert gbp.report["score"] == "probability (model softmax output)"
+
+
+@pytest.mark.parametrize("form", ["dense_activation_relu", "activation_layer_relu6", "relu_layer_max6",
+                                  "lambda_tf_nn_relu", "nested_model"])
+def test_deconvnet_passes_positive_gradients_at_every_relu(form, images):
+    model, params = build(form, seed=8)
+    dcn = Deconvnet(model, batch_size=8, preprocessing="scale01", reduction="none", map_dtype="float32",
+                    safe_mode=False)
+    maps = dcn.explain(images).maps[:, 0]
+    expected, _ = reference(params, images, gate=deconv_gate)
+    guided, _ = reference(params, images)
+    assert np.abs(expected - guided).max() > 1e-3, "this model does not tell deconvnet from guided backprop"
+    np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    assert dcn.report["method"] == "deconvnet" and dcn.report["coverage"]["guided_total"] == 1
+    assert dcn.report["coverage"]["unguided"] == []

@@ -9,6 +9,7 @@ import importlib
 
 _EXPORTS = {
     "Attribution": "worker.attribution",
+    "Deconvnet": "worker.attribution",
     "Explanation": "worker.attribution",
     "Gradient": "worker.attribution",
     "GuidedBackprop": "worker.attribution",

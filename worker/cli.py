@@ -14,6 +14,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 
+from worker.config import METHODS
 from worker.decode import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
 from worker.preprocessing import PRESETS
 from worker.reduction import MAP_DTYPES, REDUCTIONS
@@ -33,7 +34,9 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--overwrite", action="store_true", help="replace an output that belongs to another job")
     io.add_argument("--rows-per-file", type=int, default=1024)
     m = p.add_argument_group("method")
-    m.add_argument("--method", default="guided_backprop", choices=["guided_backprop", "gradient"])
+    m.add_argument("--method", default="guided_backprop", choices=list(METHODS),
+                   help="guided_backprop | deconvnet (positive gradients at every ReLU, no forward gate) | "
+                        "gradient (plain)")
     m.add_argument("--target", default="predicted",
                    help="predicted | label | class:K | top:K | layer:NAME[:CHANNEL]")
     m.add_argument("--score", default="logits", choices=["logits", "probability"])

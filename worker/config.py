@@ -107,7 +107,7 @@ class JobConfig:
             raise ValueError("mask metrics need resize='stretch' (masks and boxes are stretched like the images)")
 
 
-METHODS = {"guided_backprop": "GuidedBackprop", "gradient": "Gradient"}
+METHODS = {"guided_backprop": "GuidedBackprop", "deconvnet": "Deconvnet", "gradient": "Gradient"}
 
 
 def build_engine(config: JobConfig, model_path: str, **overrides):

@@ -43,15 +43,17 @@ class CoverageReport:
         return {**asdict(self), "guided_total": self.guided_total}
 
 
-def inspect_ops(ops, graph) -> CoverageReport:
-    """Report on ``ops`` (the ops a model's forward pass created in ``graph``)."""
+def inspect_ops(ops, graph, overrides: dict[str, str] | None = None) -> CoverageReport:
+    """Report on ``ops`` (the ops a model's forward pass created in ``graph``): which ReLU-family ops carry the
+    gradient ``overrides`` gives their type (default: guided backprop's)."""
+    overrides = overrides or GUIDED_OVERRIDES
     guided: Counter = Counter()
     other: Counter = Counter()
     unguided: list[str] = []
     called: set[str] = set()
     for op in ops:
         if op.type in GUIDED_OVERRIDES:
-            if gradient_tag(op) == GUIDED_OVERRIDES[op.type]:
+            if gradient_tag(op) == overrides.get(op.type):
                 guided[op.type] += 1
             else:
                 unguided.append(op.name)

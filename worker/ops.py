@@ -63,6 +63,24 @@ def _guided_relu6_grad(op, grad):
     return gen_nn_ops.relu6_grad(tf.nn.relu(grad), op.outputs[0])
 
 
+DECONV_RELU = "WorkerDeconvRelu"
+DECONV_RELU6 = "WorkerDeconvRelu6"
+
+#: Deconvnet (Zeiler & Fergus, 2014): at every ReLU/ReLU6 only positive gradients pass back, whatever the
+#: forward input was (guided backprop adds the forward gate).
+DECONV_OVERRIDES = {"Relu": DECONV_RELU, "Relu6": DECONV_RELU6}
+
+
+@tf.RegisterGradient(DECONV_RELU)
+def _deconv_relu_grad(op, grad):
+    return tf.nn.relu(grad)
+
+
+@tf.RegisterGradient(DECONV_RELU6)
+def _deconv_relu6_grad(op, grad):
+    return tf.nn.relu(grad)
+
+
 CONV_INPUT_GRAD = "WorkerConv2DForwardGrad"
 DEPTHWISE_INPUT_GRAD = "WorkerDepthwiseForwardGrad"
 

@@ -148,7 +148,7 @@ class Attribution:
                      **(FORWARD_CONV_GRADIENTS if self.conv_gradients == "forward" else {})}
         with gradient_scope(overrides):
             output, activation = self.source.forward(x, layer)
-        self.coverage = inspect_ops(graph.get_operations()[first_op:], graph)
+        self.coverage = inspect_ops(graph.get_operations()[first_op:], graph, self.gradient_overrides)
 
         logits, had_softmax = _strip_softmax(output)
         logits = tf.cast(logits, tf.float32)
