@@ -20,6 +20,7 @@ from worker.stages import ExplainBatch, decode_stage
 from worker.decode import DecodeOptions
 
 
+@pytest.mark.slow
 def test_actor_killed_mid_run(ray_local, job_model, tmp_path):
     images, labels = jobdata.digits(960)
     jobdata.write_hf(tmp_path / "d.parquet", images, labels, row_group=8)
@@ -91,6 +92,7 @@ def test_decompression_bomb_is_a_row_error(ray_local, job_model, tmp_path):
     assert np.isfinite(table["predicted_prob"].to_numpy(zero_copy_only=False)[[0, 2]]).all()
 
 
+@pytest.mark.slow
 def test_large_images_under_object_store_pressure(job_model, tmp_path):
     """Blocks of large encoded images bigger than the object store: Ray spills, the job completes."""
     from tests.conftest import start_ray
