@@ -111,9 +111,9 @@ class ExplainBatch:
 
         configure_tensorflow(threads, config.gpu_memory_limit_mb)
         self.config, self.map_shape = config, tuple(map_shape)
+        self._record_worker(threads)  # first: every actor that starts is recorded, however short the run
         self.engine = build_engine(config, fetch_model(config.model))
         self.k = self.engine.target.maps_per_image
-        self._record_worker(threads)
         self.metrics = JobMetrics()
 
     def _record_worker(self, threads):
@@ -123,11 +123,13 @@ class ExplainBatch:
         import ray
         import tensorflow as tf
 
+        from worker.runtime import default_jit_compile
+
         info = {"pid": os.getpid(), "host": socket.gethostname(), "threads": threads,
                 "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "tf_devices": [d.name for d in tf.config.list_logical_devices()],
-                "jit_compile": self.engine.jit_compile}
+                "jit_compile": default_jit_compile()}  # the engine's "auto"
         fs, root = dataset.filesystem(self.config.output)
         fs.create_dir(posixpath.join(root, sink.WORKERS_DIR), recursive=True)
         with fs.open_output_stream(posixpath.join(root, sink.WORKERS_DIR, f"{info['host']}-{info['pid']}.json")) as f:
