@@ -46,6 +46,13 @@ def git_revision() -> str:
         return ""
 
 
+def provenance(results: dict) -> list[str]:
+    """The markdown lines under a table's title: machine, revision and the command that made it."""
+    m = results["machine"]
+    return [f"Machine: {m['cpu']}, {m['cores']} cores. Revision {results['revision']}.",
+            f"Command: `{results['command']}`", ""]
+
+
 def write(results: dict, name: str, markdown: str) -> None:
     here = os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(here, exist_ok=True)

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import git_revision, interleaved, machine, write
+from benchmarks.common import git_revision, interleaved, machine, provenance, write
 
 
 def photos() -> dict[str, bytes]:
@@ -65,8 +65,7 @@ def main(argv=None):
                "size": args.size, "photos": rows}
     md = "\n".join([
         f"# Decode benchmark ({results['date']})", "",
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores. Revision {results['revision']}.",
-        f"Command: `{results['command']}`", "",
+        *provenance(results),
         f"`worker.decode.decode_image` of a JPEG (quality 90) to {args.size}x{args.size}, one core, images/s "
         "(medians of interleaved rounds). Draft: `jpeg_draft=True` (`--jpeg-draft`).", "",
         "| photo | full decode | draft | speed-up | draft vs full: mean abs diff (levels) | PSNR (dB) |",

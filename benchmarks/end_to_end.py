@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from benchmarks.common import git_revision, local_ray, machine, write  # noqa: E402
+from benchmarks.common import git_revision, local_ray, machine, provenance, write  # noqa: E402
 
 
 def make_data(directory, rows, size):
@@ -101,8 +101,7 @@ def main(argv=None):
                "ratio_large_run_ray_job/engine_alone": round(total["ray_job"] / total["engine_alone"], 3)}
     md = "\n".join([
         f"# End-to-end benchmark ({results['date']})", "",
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores. Revision {results['revision']}.",
-        f"Command: `{results['command']}`", "",
+        *provenance(results),
         f"HF-style Parquet of {args.size}x{args.size} PNG digits, the question's CNN, batch {args.batch_size}. Both "
         f"sides include engine build and Parquet I/O; runs of {small} and {large} rows give the steady rate "
         "(marginal rows/s) and the fixed cost (start-up: actor process, TensorFlow import, model build).", "",

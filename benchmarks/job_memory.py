@@ -22,7 +22,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.common import git_revision, local_ray, machine, write
+from benchmarks.common import git_revision, local_ray, machine, provenance, write
 from benchmarks.end_to_end import make_data
 
 
@@ -120,8 +120,7 @@ def main(argv=None):
                "image_size": args.size, "batch_size": args.batch_size, "runs": runs, "peak_ratio_10x_rows": growth}
     md = "\n".join([
         f"# Job memory as rows grow 10x ({results['date']})", "",
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores. Revision {results['revision']}.",
-        f"Command: `{results['command']}`", "",
+        *provenance(results),
         f"`worker.job.run` on a local Ray cluster, HF-style Parquet of {args.size}x{args.size} PNG digits, the "
         f"question's CNN, batch {args.batch_size}. Peak PSS (shared pages counted once) sampled every 0.25 s; "
         "'all processes' is the driver plus every process Ray started (GCS, raylet, workers, actors).", "",

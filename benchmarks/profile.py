@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.common import git_revision, machine, write
+from benchmarks.common import git_revision, machine, provenance, write
 from benchmarks.engine import build
 
 
@@ -89,8 +89,7 @@ def main(argv=None):
                "engine_ops": rows}
     md = "\n".join([
         f"# Engine profile ({results['date']})", "",
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores. Revision {results['revision']}.",
-        f"Command: `{results['command']}`", "",
+        *provenance(results),
         f"{args.model}, batch {batch}, conv_gradients={engine.conv_gradients}. Wall time per batch: forward only "
         f"{results['wall_ms_per_batch']['forward_only']} ms, engine {results['wall_ms_per_batch']['engine']} ms "
         f"(ratio {round(fwd_wall / eng_wall, 3)}). Kernel time summed by op type (grappler's fused ops are named "

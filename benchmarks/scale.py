@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.common import git_revision, machine, write
+from benchmarks.common import git_revision, machine, provenance, write
 from benchmarks.job_memory import _children, _pss_mb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,8 +199,7 @@ def main(argv=None):
                "job_rows_per_second_whole_run": round(args.rows / full["seconds"], 1)}
     md = "\n".join([
         f"# Scale rehearsal: {args.rows:,} rows ({results['date']})", "",
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores. Revision {results['revision']}.",
-        f"Command: `{results['command']}`", "",
+        *provenance(results),
         f"{args.rows:,} PNG images of {args.size}x{args.size} (scikit-learn digits) in {args.files} files, a "
         f"one-convolution model, batch {args.batch_size}, `python -m jobs.explain` with Ray started in the job's "
         "process. Peak PSS sampled every 0.5 s. One run of each (a rehearsal, not a ratio: the engine rate is "

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks.common import git_revision, machine, write
+from benchmarks.common import git_revision, machine, provenance, write
 
 CHILD = """
 import json, os, sys, time
@@ -64,8 +64,7 @@ def main(argv=None):
                "runs": [{"process": label, "time_to_first_map_s": s} for label, s in runs]}
     md = "\n".join([
         f"# XLA persistent cache across restarts ({results['date']})", "",
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores. Revision {results['revision']}.",
-        f"Command: `{results['command']}`", "",
+        *provenance(results),
         f"{args.model}, batch {args.batch_size}, `jit_compile=True`, each row a fresh process; time to first map = "
         f"load + trace + XLA compile + one batch. Cache entries written: {cached_files}.", "",
         "| process | time to first map (s) |", "|---|---|",

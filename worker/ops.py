@@ -71,13 +71,9 @@ DECONV_RELU6 = "WorkerDeconvRelu6"
 DECONV_OVERRIDES = {"Relu": DECONV_RELU, "Relu6": DECONV_RELU6}
 
 
-@tf.RegisterGradient(DECONV_RELU)
-def _deconv_relu_grad(op, grad):
-    return tf.nn.relu(grad)
-
-
 @tf.RegisterGradient(DECONV_RELU6)
-def _deconv_relu6_grad(op, grad):
+@tf.RegisterGradient(DECONV_RELU)
+def _deconv_grad(op, grad):
     return tf.nn.relu(grad)
 
 

@@ -39,6 +39,10 @@ class PlacementError(ValueError):
     """The actors asked for cannot be placed on the cluster's nodes."""
 
 
+class BadActorRequest(PlacementError):
+    """An ask no cluster can satisfy, however long one waits (a configuration error)."""
+
+
 class ActorStartError(RuntimeError):
     """Nodes that could hold the actors stayed busy past the start time-out."""
 
@@ -125,7 +129,7 @@ def plan_actors(nodes: list[dict], *, actors: int | None = None, gpus_per_actor:
         gpus_per_actor = 1.0 if total_gpus >= 1 else 0.0
     if gpus_per_actor:
         if gpus_per_actor < 1 and not gpu_memory_limit_mb:
-            raise PlacementError("fractional GPUs per actor need gpu_memory_limit_mb (a hard TensorFlow memory "
+            raise BadActorRequest("fractional GPUs per actor need gpu_memory_limit_mb (a hard TensorFlow memory "
                                  "limit), or actors sharing a GPU will each try to take all of its memory")
         cpus = cpus_per_actor if cpus_per_actor is not None else 1.0
         room = sum(_fits(n, cpus, gpus_per_actor) for n in nodes)
@@ -173,8 +177,10 @@ def place_actors(timeout_s: float, echo=print, **asks) -> ActorPlan:
         try:
             plan = plan_actors(alive_nodes(), **asks)
             break
+        except BadActorRequest:
+            raise
         except PlacementError as exc:
-            if "fractional GPUs" in str(exc) or time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 raise
             if not waited:
                 echo(f"waiting up to {timeout_s:g} s for nodes that can hold the actors: {exc}")
