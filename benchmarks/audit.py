@@ -3,7 +3,7 @@
     python -m benchmarks.audit [--rows 10000 100000] [--size 32]
 
 Synthetic job outputs (10 classes, float16 maps, statistics columns) are written as Parquet, then audited
-with worker.audit.run_audit on a local Ray. Reports maps/s and the driver's peak RSS growth per run, which
+with worker.audit.run.run_audit on a local Ray. Reports maps/s and the driver's peak RSS growth per run, which
 should stay flat as rows grow (partials are small; the clustering sample is capped).
 Writes benchmarks/results/audit.{json,md}.
 """
@@ -27,8 +27,8 @@ from benchmarks.common import git_revision, machine, write
 
 
 def synthetic_output(directory, rows, size, classes=10, rows_per_file=10_000, seed=0):
-    from worker.schema import map_column
-    from worker.stats import map_statistics
+    from worker.data.schema import map_column
+    from worker.data.stats import map_statistics
 
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -54,7 +54,7 @@ def main(argv=None):
     import ray
 
     from worker.audit import run_audit
-    from worker.stats import map_statistics
+    from worker.data.stats import map_statistics
 
     ray.init(logging_level="ERROR", include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

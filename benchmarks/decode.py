@@ -3,7 +3,7 @@
     python -m benchmarks.decode [--size 224] [--rounds 5]
 
 The photos ship with scikit-image (astronaut 512x512, coffee 400x600, chelsea 300x451), also upscaled to
-a 12-megapixel camera size (4000x3000), JPEG quality 90. For each: images/s of worker.decode.decode_image to
+a 12-megapixel camera size (4000x3000), JPEG quality 90. For each: images/s of worker.data.decode.decode_image to
 size x size (stretch), one core, full decode vs ``jpeg_draft=True``, and how far the draft pixels are from
 the full decode's (mean absolute difference in 0-255 levels, PSNR).  This is what sizes the CPUs of decode a
 GPU needs (README, Sizing).  Writes benchmarks/results/decode.{json,md}.
@@ -37,7 +37,7 @@ def photos() -> dict[str, bytes]:
 
 
 def main(argv=None):
-    from worker.decode import decode_image
+    from worker.data.decode import decode_image
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=224)
@@ -66,7 +66,7 @@ def main(argv=None):
     md = "\n".join([
         f"# Decode benchmark ({results['date']})", "",
         *provenance(results),
-        f"`worker.decode.decode_image` of a JPEG (quality 90) to {args.size}x{args.size}, one core, images/s "
+        f"`worker.data.decode.decode_image` of a JPEG (quality 90) to {args.size}x{args.size}, one core, images/s "
         "(medians of interleaved rounds). Draft: `jpeg_draft=True` (`--jpeg-draft`).", "",
         "| photo | full decode | draft | speed-up | draft vs full: mean abs diff (levels) | PSNR (dB) |",
         "|---|---|---|---|---|---|",

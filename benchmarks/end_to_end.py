@@ -5,7 +5,7 @@
 Both sides start from the same HF-style Parquet file and end with a Parquet file
 of maps, and both include building the engine (load + trace + warm-up):
   engine_alone  one process: read, decode (PIL), GuidedBackprop.explain, write
-  ray_job       worker.job.run on a local Ray cluster already started (as on a real cluster)
+  ray_job       worker.job.driver.run on a local Ray cluster already started (as on a real cluster)
 Rounds alternate the two. Also reports peak RSS of the job's driver as rows grow.
 Writes benchmarks/results/end_to_end.{json,md}.
 """
@@ -45,8 +45,8 @@ def make_data(directory, rows, size):
 
 def engine_alone(data, model, out, batch):
     from worker import GuidedBackprop
-    from worker.decode import decode_image
-    from worker.schema import result_columns
+    from worker.data.decode import decode_image
+    from worker.data.schema import result_columns
 
     start = time.perf_counter()
     engine = GuidedBackprop(model, batch_size=batch, preprocessing="scale01")

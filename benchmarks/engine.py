@@ -72,7 +72,7 @@ def cosine(a, b):
 
 def bench_model(name, batch, rounds, calls):
     from worker import GuidedBackprop
-    from worker.preprocessing import Preprocessing
+    from worker.engine.preprocessing import Preprocessing
 
     model, preset = build(name)
     size = model.input_shape[1:3]
@@ -192,7 +192,7 @@ def main(argv=None):
         results["models"][name] = bench_model(name, args.batch_size, args.rounds, args.calls)
         print(name, results["models"][name]["images_per_second"], results["models"][name]["ratios"], flush=True)
     results["peak_rss_mb"] = peak_rss_mb()
-    from worker.runtime import native_bfloat16
+    from worker.engine.runtime import native_bfloat16
 
     results["native_bfloat16"] = native_bfloat16()
     write(results, "engine", markdown(results))

@@ -31,7 +31,7 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=5)
     args = p.parse_args(argv)
     from worker import GuidedBackprop
-    from worker.preprocessing import Preprocessing
+    from worker.engine.preprocessing import Preprocessing
 
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:

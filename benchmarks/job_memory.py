@@ -2,7 +2,7 @@
 
     python -m benchmarks.job_memory [--rows 400] [--size 64]
 
-Runs ``worker.job.run`` on a local Ray cluster started in this process, on N and 10N rows (HF-style Parquet of
+Runs ``worker.job.driver.run`` on a local Ray cluster started in this process, on N and 10N rows (HF-style Parquet of
 PNG digits, the question's CNN), twice each, and samples every 0.25 s the proportional set size (PSS: shared
 pages, such as the object store's, counted once across processes) of the driver and of every process Ray
 started for it (GCS, raylet, workers, actors).  Linux only (reads /proc).
@@ -121,7 +121,7 @@ def main(argv=None):
     md = "\n".join([
         f"# Job memory as rows grow 10x ({results['date']})", "",
         *provenance(results),
-        f"`worker.job.run` on a local Ray cluster, HF-style Parquet of {args.size}x{args.size} PNG digits, the "
+        f"`worker.job.driver.run` on a local Ray cluster, HF-style Parquet of {args.size}x{args.size} PNG digits, the "
         f"question's CNN, batch {args.batch_size}. Peak PSS (shared pages counted once) sampled every 0.25 s; "
         "'all processes' is the driver plus every process Ray started (GCS, raylet, workers, actors).", "",
         "| rows | repeat | seconds | driver peak PSS (MB) | all processes peak PSS (MB) |",

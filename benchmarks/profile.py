@@ -28,7 +28,9 @@ from benchmarks.engine import build
 
 def trace(concrete, feeds, threads, repeats=3):
     """{(side, op type): ms}, wall ms per call, for a concrete function run in a session with a full trace."""
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
 
     frozen = convert_variables_to_constants_v2(concrete)
     graph = tf.Graph()
@@ -58,7 +60,7 @@ def trace(concrete, feeds, threads, repeats=3):
 
 def main(argv=None):
     from worker import GuidedBackprop
-    from worker.preprocessing import Preprocessing
+    from worker.engine.preprocessing import Preprocessing
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet50")

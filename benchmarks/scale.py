@@ -62,9 +62,10 @@ class TreeSampler(threading.Thread):
 
 
 def make_data(directory: str, rows: int, files: int, size: int) -> tuple[str, str]:
+    import io
+
     import keras
     from PIL import Image
-    import io
 
     from worker.demo import digits_images
 
@@ -96,7 +97,7 @@ def make_data(directory: str, rows: int, files: int, size: int) -> tuple[str, st
 def engine_alone(data: str, model: str, batch: int, rows: int) -> float:
     """Rows/s of one process: read, decode (the job's decode path), explain; model build excluded."""
     from worker import GuidedBackprop
-    from worker.decode import DecodeOptions
+    from worker.data.decode import DecodeOptions
 
     engine = GuidedBackprop(model, batch_size=batch)
     options = DecodeOptions(engine.source.input_size)

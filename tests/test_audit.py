@@ -5,9 +5,17 @@ import pyarrow as pa
 import pytest
 
 from tests import jobdata
-from worker.audit import GRID, Moments, downsample, findings, merge_partials, partial_aggregates, run_audit
-from worker.schema import map_column
-from worker.stats import map_statistics
+from worker.audit.run import (
+    GRID,
+    Moments,
+    downsample,
+    findings,
+    merge_partials,
+    partial_aggregates,
+    run_audit,
+)
+from worker.data.schema import map_column
+from worker.data.stats import map_statistics
 
 
 def _output_table(maps, labels, predicted):
@@ -88,7 +96,12 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
 
 
 def test_clusters_find_the_planted_subgroup_out_of_core():
-    from worker.audit import assignment_partials, cluster_groups, findings, merge_assignments
+    from worker.audit.run import (
+        assignment_partials,
+        cluster_groups,
+        findings,
+        merge_assignments,
+    )
 
     rng = np.random.default_rng(2)
     n = 300
@@ -109,7 +122,7 @@ def test_clusters_find_the_planted_subgroup_out_of_core():
     assigned = merge_assignments(pa.concat_tables([assignment_partials(b, centroids, "label") for b in blocks]))
     sizes = sorted(c["count"] for c in assigned["true:0"])
     assert sizes == sorted([int(shortcut.sum()), int(n - shortcut.sum())])
-    from worker.audit import add_cluster_examples
+    from worker.audit.run import add_cluster_examples
 
     add_cluster_examples(merged, {"true:0": fitted}, assigned)
     small = min(assigned["true:0"], key=lambda c: c["count"])
@@ -125,7 +138,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     from PIL import Image
 
-    from worker.audit import write_report
+    from worker.audit.run import write_report
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:

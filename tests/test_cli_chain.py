@@ -8,9 +8,9 @@ import json
 
 import keras
 import numpy as np
-import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import tensorflow as tf
 from keras import layers
 

@@ -1,4 +1,4 @@
-"""The forward-kernel convolution gradients (worker.ops.FORWARD_CONV_GRADIENTS) against TensorFlow's own
+"""The forward-kernel convolution gradients (worker.engine.ops.FORWARD_CONV_GRADIENTS) against TensorFlow's own
 backprop kernels, for every geometry: each path that takes the forward kernels and each that falls back.
 
 TensorFlow has no CPU gradient for grouped or dilated ``Conv2D`` ops; there the reference is the framework's
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from worker.ops import FORWARD_CONV_GRADIENTS, gradient_scope
+from worker.engine.ops import FORWARD_CONV_GRADIENTS, gradient_scope
 
 rng = np.random.default_rng(0)
 

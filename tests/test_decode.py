@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.images import bomb_png, encode, png16, real_rgb
-from worker.decode import DecodeError, decode_image
+from worker.data.decode import DecodeError, decode_image
 
 SIZE = (32, 32)
 
@@ -82,7 +82,7 @@ def test_resize_policies(photo, policy):
 def test_decode_imports_no_tensorflow():
     import subprocess
 
-    code = "import worker.decode, worker.dataset, worker.schema, sys; print('tensorflow' in sys.modules)"
+    code = "import worker.data.decode, worker.data.dataset, worker.data.schema, sys; print('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 

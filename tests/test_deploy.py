@@ -9,9 +9,9 @@ components, the images transformer on every ``containers`` list, a configMapGene
 import pathlib
 import re
 import shlex
-import tomllib
 
 import pytest
+import tomllib
 import yaml
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
@@ -145,7 +145,7 @@ def test_each_path_is_complete_on_its_own(path):
     commands = _commands(docs)
     assert commands, f"{path} runs nothing"
     from worker.cli import parser
-    from worker.schedule import parse_config
+    from worker.job.schedule import parse_config
 
     for argv in commands:
         module = argv[argv.index("-m") + 1]
@@ -153,7 +153,7 @@ def test_each_path_is_complete_on_its_own(path):
         args = argv[argv.index("-m") + 2:]
         sub = module.split(".")[1]
         parsed = parser().parse_args([sub, *args])  # every flag is one the CLI accepts
-        assert "--date" not in args, f"{path}: one date rule (UTC today, in worker.schedule), not a shell clock"
+        assert "--date" not in args, f"{path}: one date rule (UTC today, in worker.job.schedule), not a shell clock"
         if sub == "scheduled":
             directory, name = parsed.config.rsplit("/", 1)
             assert directory in mounted, f"{path}: {parsed.config} is not mounted where the entrypoint runs"

@@ -10,7 +10,7 @@ from tests import reference as ref
 from tests.conftest import assert_path
 from worker import Gradient, GuidedBackprop
 from worker.demo import question_model
-from worker.runtime import native_bfloat16
+from worker.engine.runtime import native_bfloat16
 
 SIZE = 32
 

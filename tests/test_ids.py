@@ -3,7 +3,7 @@
 import numpy as np
 import pyarrow as pa
 
-from worker.dataset import done_index, duplicates, id_bytes, is_done
+from worker.data.dataset import done_index, duplicates, id_bytes, is_done
 
 
 def test_id_bytes_match_python_strings_for_slices_chunks_and_unicode():

@@ -9,10 +9,10 @@ import pytest
 
 from tests import jobdata
 from worker import GuidedBackprop
-from worker.decode import decode_image
+from worker.data.decode import decode_image
+from worker.data.schema import read_maps, read_metadata
+from worker.data.sink import OutputExistsError
 from worker.job import JobConfig, run
-from worker.schema import read_maps, read_metadata
-from worker.sink import OutputExistsError
 
 
 def config(model, inp, out, **kw):
@@ -39,7 +39,7 @@ def test_hf_directory_end_to_end(ray_local, job_model, tmp_path):
     assert summary["rows_in"] == summary["rows_out"] == 40 and summary["complete"]
     assert summary["duplicate_ids"] == 0 and summary["errors_this_run"] == 0
     table = read(out)
-    from worker.stats import STAT_COLUMNS
+    from worker.data.stats import STAT_COLUMNS
 
     assert table.column_names == ["id", "label", "note", "predicted_class", "predicted_prob", "target_class",
                                   "target_score", "map", "map_scale", "error", *STAT_COLUMNS]

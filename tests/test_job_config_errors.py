@@ -4,9 +4,9 @@ import pytest
 
 from tests import jobdata
 from tests.test_job import config
-from worker.dataset import InputError
+from worker.data.dataset import InputError
+from worker.data.sink import OutputExistsError
 from worker.job import run
-from worker.sink import OutputExistsError
 
 
 def test_bad_configuration_fails_before_cluster_time(job_model, tmp_path):

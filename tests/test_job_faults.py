@@ -14,10 +14,10 @@ import tensorflow as tf  # module level: a Lambda must not close over a local im
 
 from tests import jobdata
 from tests.images import bomb_png, encode
-from worker.config import JobConfig
+from worker.data.decode import DecodeOptions
 from worker.job import run
-from worker.stages import ExplainBatch, decode_stage
-from worker.decode import DecodeOptions
+from worker.job.config import JobConfig
+from worker.job.stages import ExplainBatch, decode_stage
 
 
 @pytest.mark.slow
@@ -76,7 +76,7 @@ def test_poison_row_is_isolated(job_model):
                            options=DecodeOptions((32, 32)))
     actor = ExplainBatch.__new__(ExplainBatch)
     actor.config, actor.map_shape, actor.k = cfg, (32, 32), 1
-    from worker.config import build_engine
+    from worker.job.config import build_engine
 
     actor.engine = _PoisonedEngine(build_engine(cfg, job_model))
     out = actor._explain_table(decoded)
@@ -124,7 +124,6 @@ def test_poison_row_through_the_real_job(ray_local, tmp_path):
     import keras
 
     from worker import GuidedBackprop
-
     keras.utils.set_random_seed(1)
     image = keras.Input((32, 32, 3))
     checked = keras.layers.Lambda(lambda t: tf.tuple([t], control_inputs=[tf.debugging.assert_less(
@@ -144,7 +143,7 @@ def test_poison_row_through_the_real_job(ray_local, tmp_path):
     rows = {r: i for i, r in enumerate(table["id"].to_pylist())}
     errors = table["error"].to_pylist()
     assert "poisoned input" in errors[rows["d.parquet#5"]] and errors[rows["d.parquet#5"]].startswith("explain:")
-    from worker.schema import read_maps
+    from worker.data.schema import read_maps
 
     maps = read_maps(table)
     engine = GuidedBackprop(path, preprocessing="scale01", batch_size=1, map_dtype="float32", safe_mode=False)

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 
 from tests import jobdata
 from tests.conftest import start_ray
+from worker.data.schema import maps_to_numpy
 from worker.job import JobConfig, run
-from worker.schema import maps_to_numpy
 
 
 def test_two_logical_gpus_two_actors(job_model, tmp_path):

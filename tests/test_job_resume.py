@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests import jobdata
+from worker.data.schema import read_maps
 from worker.job import JobConfig, run
-from worker.schema import read_maps
 
 
 def _command(model, data, out):

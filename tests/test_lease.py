@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests import jobdata
-from worker.lease import LEASE_FILE, Lease, OutputBusyError
+from worker.data.lease import LEASE_FILE, Lease, OutputBusyError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

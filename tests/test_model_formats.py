@@ -14,7 +14,7 @@ from keras import layers
 
 from tests.test_relu_forms import SHAPE, TfRelu, reference, save_model
 from worker import GuidedBackprop
-from worker.models import ModelLoadError
+from worker.engine.models import ModelLoadError
 
 
 @keras.saving.register_keras_serializable(package="tests")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from worker.resources import PlacementError, plan_actors
+from worker.job.resources import PlacementError, plan_actors
 
 
 def test_one_actor_per_gpu_on_every_gpu_node():

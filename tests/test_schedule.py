@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from tests import jobdata
-from worker.schedule import ConfigError, load_config, parse_config, scheduled_run
+from worker.job.schedule import ConfigError, load_config, parse_config, scheduled_run
 
 BASE = {"model": "m.keras", "input": "in/", "output_root": "out"}
 

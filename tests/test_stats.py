@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from worker.decode import DecodeError, decode_mask
-from worker.stats import frame, map_statistics, mask_statistics
+from worker.data.decode import DecodeError, decode_mask
+from worker.data.stats import frame, map_statistics, mask_statistics
 
 
 def test_uniform_map():

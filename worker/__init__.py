@@ -1,24 +1,24 @@
 """Guided-backprop saliency at dataset scale for TensorFlow/Keras image classifiers.
 
 The engine (:class:`GuidedBackprop`) knows nothing of Ray or Parquet; the batch
-job in :mod:`worker.job` wires it into Ray Data.  Names are imported lazily so
+job in :mod:`worker.job.driver` wires it into Ray Data.  Names are imported lazily so
 that the decode and I/O modules (which run in CPU tasks) never import TensorFlow.
 """
 
 import importlib
 
 _EXPORTS = {
-    "Attribution": "worker.attribution",
-    "Deconvnet": "worker.attribution",
-    "Explanation": "worker.attribution",
-    "Gradient": "worker.attribution",
-    "GuidedBackprop": "worker.attribution",
-    "UnguidedReluError": "worker.attribution",
-    "ModelLoadError": "worker.models",
-    "UnsafeModelError": "worker.models",
-    "load_model": "worker.models",
-    "Preprocessing": "worker.preprocessing",
-    "Target": "worker.targets",
+    "Attribution": "worker.engine.methods",
+    "Deconvnet": "worker.engine.methods",
+    "Explanation": "worker.engine.methods",
+    "Gradient": "worker.engine.methods",
+    "GuidedBackprop": "worker.engine.methods",
+    "UnguidedReluError": "worker.engine.methods",
+    "ModelLoadError": "worker.engine.models",
+    "UnsafeModelError": "worker.engine.models",
+    "load_model": "worker.engine.models",
+    "Preprocessing": "worker.engine.preprocessing",
+    "Target": "worker.engine.targets",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,10 +14,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 
-from worker.config import METHODS
-from worker.decode import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
-from worker.preprocessing import PRESETS
-from worker.reduction import MAP_DTYPES, REDUCTIONS
+from worker.data.decode import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
+from worker.engine.options import MAP_DTYPES, METHODS, PRECISIONS, PRESETS, REDUCTIONS, RELU_POLICIES, SCORES
 
 
 def add_explain_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +37,7 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                         "gradient (plain)")
     m.add_argument("--target", default="predicted",
                    help="predicted | label | class:K | top:K | layer:NAME[:CHANNEL]")
-    m.add_argument("--score", default="logits", choices=["logits", "probability"])
+    m.add_argument("--score", default="logits", choices=SCORES)
     m.add_argument("--preprocessing", default="none", choices=[x for x in PRESETS if x != "custom"])
     m.add_argument("--resize", default="stretch", choices=RESIZE_POLICIES)
     m.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
@@ -47,9 +45,9 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode large JPEGs at 1/2-1/8 scale (faster; pixels differ slightly from a full decode)")
     m.add_argument("--reduction", default="max_abs", choices=REDUCTIONS)
     m.add_argument("--map-dtype", default="float16", choices=MAP_DTYPES)
-    m.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--precision", default="float32", choices=PRECISIONS)
     m.add_argument("--no-statistics", action="store_true", help="skip the per-row map statistics columns")
-    m.add_argument("--relu-policy", default="error", choices=["error", "warn"])
+    m.add_argument("--relu-policy", default="error", choices=RELU_POLICIES)
     m.add_argument("--allow-unsafe-deserialization", action="store_true",
                    help="load models carrying Python code (Lambda layers); only for models you trust")
     r = p.add_argument_group("resources")
@@ -65,10 +63,10 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
-    """The explain flags are named like :class:`~worker.config.JobConfig`'s fields (``--no-statistics`` aside)."""
+    """The explain flags are named like :class:`~worker.job.config.JobConfig`'s fields (``--no-statistics`` aside)."""
     import dataclasses
 
-    from worker.config import JobConfig
+    from worker.job.config import JobConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(JobConfig) if hasattr(args, f.name)}
     return JobConfig(**{**values, "columns": tuple(args.columns)}, statistics=not args.no_statistics)
@@ -79,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     add_explain_arguments(sub.add_parser("explain", help="explain every row of a Parquet image dataset"))
     scheduled = sub.add_parser("scheduled", help="run a YAML job file for one logical date (idempotent)")
-    scheduled.add_argument("--config", required=True, help="job file (YAML); see worker.schedule")
+    scheduled.add_argument("--config", required=True, help="job file (YAML); see worker.job.schedule")
     scheduled.add_argument("--date", help="logical date YYYY-MM-DD (default: today in UTC)")
     audit = sub.add_parser("audit", help="per-class aggregates, findings and an HTML report of a job's output")
     audit.add_argument("--input", required=True, help="a job's output directory")
@@ -106,7 +104,7 @@ def main(argv=None) -> int:
             result = run_audit(args.input, args.report, args.label_column, args.controls, args.model)
             summary = {"report": args.report, "groups": len(result["groups"]), "findings": result["findings"]}
         elif args.command == "scheduled":
-            from worker.schedule import load_config, scheduled_run
+            from worker.job.schedule import load_config, scheduled_run
 
             summary = scheduled_run(load_config(args.config), args.date)
         else:

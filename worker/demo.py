@@ -94,7 +94,7 @@ def overlay(image: np.ndarray, saliency: np.ndarray, scale: int = 4) -> np.ndarr
     """image | map | blend, side by side, as uint8 RGB (the map normalised to its own max)."""
     from PIL import Image
 
-    from worker.colormap import hot
+    from worker.audit.colormap import hot
 
     heat = hot(saliency)
     if heat.shape[:2] != image.shape[:2]:
@@ -115,8 +115,8 @@ def run_demo(output: str = "demo_output", images: int = 600, size: int = 32, epo
     import pyarrow.parquet as pq
     from PIL import Image
 
+    from worker.data.schema import read_maps
     from worker.job import JobConfig, run
-    from worker.schema import read_maps
 
     if os.path.exists(output) and os.listdir(output):
         if not os.path.exists(os.path.join(output, MARKER)):

@@ -17,20 +17,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-REDUCTIONS = ("max_abs", "sum_abs", "l2", "none")
-MAP_DTYPES = ("float16", "float32")
-
-
-def check(reduction: str, dtype: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
-    if dtype not in MAP_DTYPES:
-        raise ValueError(f"unknown map dtype {dtype!r}; choose one of {MAP_DTYPES}")
+from worker.engine.options import check_choices
 
 
 def reduce_map(grads: tf.Tensor, reduction: str, dtype: str) -> tuple[tf.Tensor, tf.Tensor]:
     """float32 (..., H, W, C) -> ((..., H, W) reduced over channels or unchanged for 'none', scale (...,))."""
-    check(reduction, dtype)
+    check_choices(reduction=reduction, map_dtype=dtype)
     if reduction == "max_abs":
         out = tf.reduce_max(tf.abs(grads), axis=-1)
     elif reduction == "sum_abs":

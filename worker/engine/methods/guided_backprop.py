@@ -20,8 +20,8 @@ Example:
 
 from __future__ import annotations
 
-from worker.attribution.base import Attribution
-from worker.ops import GUIDED_OVERRIDES
+from worker.engine.methods.base import Attribution
+from worker.engine.ops import GUIDED_OVERRIDES
 
 
 class GuidedBackprop(Attribution):

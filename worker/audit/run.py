@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from worker.schema import maps_to_numpy, read_metadata
-from worker.stats import MASK_COLUMNS, STAT_COLUMNS, frame
+from worker.data.schema import maps_to_numpy, read_metadata
+from worker.data.stats import MASK_COLUMNS, STAT_COLUMNS, frame
 
 GRID = 16
 SAMPLE_SIZE = 1000  # maps per class kept (uniformly, out of core) for clustering
@@ -223,7 +223,7 @@ def merge_partials(partials) -> dict:
 
 def cluster_groups(groups: dict, seed: int = 0) -> dict:
     """SpRAy on each group's sample: {group: Clustering} for groups with enough sampled maps."""
-    from worker.clusters import spectral_clusters
+    from worker.audit.clusters import spectral_clusters
 
     return {g: spectral_clusters(v["sample"].reshape(len(v["sample"]), -1), seed=seed)
             for g, v in groups.items() if "sample" in v and len(v["sample"]) >= 20}
@@ -231,7 +231,7 @@ def cluster_groups(groups: dict, seed: int = 0) -> dict:
 
 def assignment_partials(table: pa.Table, centroids: dict, label_column: str | None = None) -> pa.Table:
     """Assign every map of a block to its class's nearest cluster; per (group, cluster) counts and sums."""
-    from worker.clusters import assign
+    from worker.audit.clusters import assign
 
     table, grids = _explained_grids(table)
     rows_out = {"group": [], "cluster": [], "count": [], "grid_sum": []}
@@ -349,9 +349,9 @@ def findings(groups: dict, clusters: dict | None = None) -> list[dict]:
 
 def sample_images(metadata: dict, n: int) -> np.ndarray:
     """The first ``n`` decodable images of the job's input, at the model's input size."""
-    from worker.dataset import plan, read_unit
-    from worker.decode import DecodeError, DecodeOptions
-    from worker.stages import image_cells
+    from worker.data.dataset import plan, read_unit
+    from worker.data.decode import DecodeError, DecodeOptions
+    from worker.job.stages import image_cells
 
     job, options = metadata["job"], DecodeOptions.from_dict(metadata["decode"])
     fs, units, _ = plan(job["input"], [job["image_column"]])
@@ -369,8 +369,8 @@ def sample_images(metadata: dict, n: int) -> np.ndarray:
 
 
 def run_record(metadata: dict):
-    """The job's :class:`~worker.config.JobConfig` from an output's metadata (None if it has none)."""
-    from worker.config import JobConfig
+    """The job's :class:`~worker.job.config.JobConfig` from an output's metadata (None if it has none)."""
+    from worker.job.config import JobConfig
 
     return JobConfig.from_dict(metadata["config"]) if "config" in metadata else None
 
@@ -393,13 +393,12 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
               controls: int = 0, model: str | None = None) -> dict:
     """Aggregate a job's output with Ray Data; write audit.json and report.html to ``report_dir``.
 
-    ``label_column`` defaults to the job's. ``controls=N`` adds the sanity controls of :mod:`worker.controls`
+    ``label_column`` defaults to the job's. ``controls=N`` adds the sanity controls of :mod:`worker.audit.controls`
     on the first N input images, with the engine the job used, rebuilt from its run record (``model``
     defaults to the job's model; a remote one is fetched)."""
 
-    from worker import dataset, sink
-
-    fs, root = dataset.filesystem(output)
+    from worker.data import sink, storage
+    fs, root = storage.filesystem(output)
     files = sink.committed_files(fs, root)
     if not files:
         raise ValueError(f"{output} holds no committed output files")
@@ -407,7 +406,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     config = run_record(metadata)
     if label_column is None:
         label_column = config.label_column if config is not None else "label"
-    from worker.resources import connect
+    from worker.job.resources import connect
 
     connect(logging_level="ERROR")
     partials = _read_outputs(fs, files).map_batches(partial_aggregates, batch_format="pyarrow", batch_size=1024,
@@ -426,13 +425,13 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     result = {"output": output, "groups": merged, "clusters": clusters, "findings": findings(merged, clusters),
               "metadata": metadata}
     if controls:
-        from worker.controls import run_controls
+        from worker.audit.controls import run_controls
 
         if config is None:
             raise ValueError(f"{output} was written without a run record (an older version): the controls "
                              "cannot rebuild its engine; run the job again into a new output")
-        from worker.config import build_engine
-        from worker.stages import fetch_model
+        from worker.data.storage import fetch_model
+        from worker.job.config import build_engine
 
         images = sample_images(metadata, controls)
         model_path = fetch_model(model or config.model)
@@ -451,7 +450,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
 def _png(grid: np.ndarray, vmax: float) -> str:
     from PIL import Image
 
-    from worker.colormap import hot
+    from worker.audit.colormap import hot
 
     image = Image.fromarray(hot(grid, vmax)).resize((128, 128), Image.NEAREST)
     buffer = io.BytesIO()

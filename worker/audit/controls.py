@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from worker.stats import map_statistics
+from worker.data.stats import map_statistics
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -88,7 +88,7 @@ def run_controls(make_engine, images: np.ndarray, seed: int = 0, safe_mode: bool
     """Real maps vs random-class, randomised-model and edge controls on ``images`` (uint8, N x H x W x 3).
 
     ``make_engine(source=None, **overrides)`` builds the engine the maps were made with (the job's method and
-    options; see :func:`worker.audit.run_audit`), on another model when ``source`` is given; ``safe_mode`` is
+    options; see :func:`worker.audit.run.run_audit`), on another model when ``source`` is given; ``safe_mode`` is
     how the model was loaded (for the randomised copy)."""
     from PIL import Image
 

@@ -7,47 +7,27 @@ engine once in ``__init__`` and maps a pyarrow batch to output rows.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
 import posixpath
-import tempfile
 import time
 
 import numpy as np
 import pyarrow as pa
 
-from worker import dataset, schema, sink
-from worker.config import JobConfig, build_engine
-from worker.decode import DecodeError, decode_mask
+from worker.data import dataset, schema, sink, storage
+from worker.data.decode import DecodeError, decode_mask
+from worker.engine.explanation import Explanation
+from worker.engine.targets import label_problem
+from worker.data.storage import fetch_model
+from worker.job.config import JobConfig, build_engine
 
 log = logging.getLogger(__name__)
 
 
-def fetch_model(uri: str) -> str:
-    """A local path for ``uri``; a model on s3:// or gs:// is copied to a temporary directory once."""
-    if "://" not in uri:
-        return uri
-    import pyarrow.fs as pafs
-
-    local = os.path.join(tempfile.gettempdir(), "guided-saliency-models",
-                         hashlib.sha1(uri.encode()).hexdigest()[:16], posixpath.basename(uri.rstrip("/")))
-    if not os.path.exists(local):
-        fs, path = dataset.filesystem(uri)
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"model {uri} does not exist")
-        staging = local + f".{os.getpid()}.part"
-        os.makedirs(os.path.dirname(staging), exist_ok=True)
-        pafs.copy_files(path, staging, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        os.replace(staging, local)
-    return local
-
-
 def read_stage(batch: pa.Table, *, fs, columns, id_column, done) -> pa.Table:
-    """Row groups -> rows; ``done`` is an ObjectRef of a :func:`worker.dataset.done_index` (resume)."""
+    """Row groups -> rows; ``done`` is an ObjectRef of a :func:`worker.data.dataset.done_index` (resume)."""
     import ray
 
     if isinstance(done, ray.ObjectRef):  # Ray Data does not resolve refs inside fn_kwargs
@@ -93,11 +73,7 @@ def decode_stage(table: pa.Table, *, image_column, label_column, needs_label, nu
             errors[i] = f"decode: {exc}"
             continue
         if needs_label:
-            label = labels[i]
-            if label is None:
-                errors[i] = "label is missing"
-            elif not isinstance(label, (int, np.integer)) or not 0 <= int(label) < num_classes:
-                errors[i] = f"label {label!r} out of range [0, {num_classes})"
+            errors[i] = label_problem(labels[i], num_classes)
     table = table.drop_columns([image_column])
     tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(pixels)
     return table.append_column(schema.IMAGE_COLUMN, tensor).append_column("error", pa.array(errors, pa.string()))
@@ -107,7 +83,7 @@ class ExplainBatch:
     """Ray Data callable class: builds the engine once, maps a pyarrow batch to output rows."""
 
     def __init__(self, config: JobConfig, threads: int, map_shape: tuple[int, ...]):
-        from worker.runtime import configure_tensorflow
+        from worker.engine.runtime import configure_tensorflow
 
         configure_tensorflow(threads, config.gpu_memory_limit_mb)
         self.config, self.map_shape = config, tuple(map_shape)
@@ -123,14 +99,14 @@ class ExplainBatch:
         import ray
         import tensorflow as tf
 
-        from worker.runtime import default_jit_compile
+        from worker.engine.runtime import default_jit_compile
 
         info = {"pid": os.getpid(), "host": socket.gethostname(), "threads": threads,
                 "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "tf_devices": [d.name for d in tf.config.list_logical_devices()],
                 "jit_compile": default_jit_compile()}  # the engine's "auto"
-        fs, root = dataset.filesystem(self.config.output)
+        fs, root = storage.filesystem(self.config.output)
         fs.create_dir(posixpath.join(root, sink.WORKERS_DIR), recursive=True)
         with fs.open_output_stream(posixpath.join(root, sink.WORKERS_DIR, f"{info['host']}-{info['pid']}.json")) as f:
             f.write(json.dumps(info).encode())
@@ -163,19 +139,15 @@ class ExplainBatch:
     def _statistics(self, table, valid, explanation) -> dict:
         if not self.config.statistics:
             return {}
-        from worker import stats
-
-        maps = explanation.as_float32()[:, 0] if explanation is not None else np.zeros((0, *self.map_shape[-2:]))
-        values = stats.map_statistics(maps) if len(maps) else {k: np.zeros(0) for k in stats.STAT_COLUMNS}
+        from worker.data import stats
+        maps = explanation.as_float32()[:, 0]
+        values = stats.map_statistics(maps)
         if self.config.mask_column:
             masks = table[schema.MASK_COLUMN].combine_chunks().to_numpy_ndarray()[valid]
-            values.update(stats.mask_statistics(maps, masks) if len(maps)
-                          else {k: np.zeros(0) for k in stats.MASK_COLUMNS})
+            values.update(stats.mask_statistics(maps, masks))
         return schema.placed_columns(valid, values)
 
     def _explain(self, images, labels, valid, errors):
-        if not len(images):
-            return None, errors
         try:
             return self.engine.explain(images, labels), errors
         except Exception as exc:  # noqa: BLE001 - isolate the row(s) that fail, keep the rest
@@ -187,11 +159,7 @@ class ExplainBatch:
             except Exception as exc:  # noqa: BLE001
                 errors[row] = f"explain: {type(exc).__name__}: {error_line(exc)}"
                 valid[row] = False
-        if not parts:
-            return None, errors
-        merged = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
-                  for f in dataclasses.fields(parts[0]) if f.name != "report"}
-        return type(parts[0])(**merged), errors
+        return (Explanation.concatenate(parts) if parts else self.engine.explain(images[:0])), errors
 
 
 def error_line(exc: BaseException, limit: int = 400) -> str:

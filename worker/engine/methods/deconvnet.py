@@ -18,8 +18,8 @@ Example:
 
 from __future__ import annotations
 
-from worker.attribution.base import Attribution
-from worker.ops import DECONV_OVERRIDES
+from worker.engine.methods.base import Attribution
+from worker.engine.ops import DECONV_OVERRIDES
 
 
 class Deconvnet(Attribution):

@@ -27,8 +27,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from worker.lease import LEASE_FILE
-from worker.schema import with_metadata
+from worker.data.lease import LEASE_FILE
+from worker.data.schema import with_metadata
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
@@ -78,8 +78,8 @@ def prepare(fs: pafs.FileSystem, root: str, job: dict, overwrite: bool = False) 
 
 
 def read_ids(fs: pafs.FileSystem, files: list[str]) -> np.ndarray:
-    """The ``id`` column of ``files``, as one fixed-width bytes array (:func:`worker.dataset.id_bytes`)."""
-    from worker.dataset import id_bytes
+    """The ``id`` column of ``files``, as one fixed-width bytes array (:func:`worker.data.dataset.id_bytes`)."""
+    from worker.data.dataset import id_bytes
 
     parts = [id_bytes(pq.read_table(path, columns=["id"], filesystem=fs)["id"]) for path in files]
     return np.concatenate(parts) if parts else np.array([], np.bytes_)

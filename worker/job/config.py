@@ -18,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from worker import schema
-from worker.decode import DEFAULT_MAX_PIXELS, DecodeOptions
-from worker.targets import Target
+from worker.data import schema
+from worker.data.decode import DEFAULT_MAX_PIXELS, DecodeOptions
+from worker.engine.options import METHODS, EngineOptions, check_choices
 
 
 @dataclass
@@ -56,7 +56,7 @@ class JobConfig:
     rows_per_file: int = 1024
     overwrite: bool = False
     files: list[str] | None = None  # only these files of the input (incremental runs)
-    statistics: bool = True  # per-row map statistics (worker.stats) as output columns
+    statistics: bool = True  # per-row map statistics (worker.data.stats) as output columns
     mask_column: str | None = None  # ground-truth mask (image/tensor) or box [y0, x0, y1, x1] in [0, 1]
     extra_metadata: dict = field(default_factory=dict)
 
@@ -78,23 +78,21 @@ class JobConfig:
         cols = [self.image_column, self.id_column, self.label_column, self.mask_column, *self.columns]
         return list(dict.fromkeys(c for c in cols if c))
 
-    def engine_options(self) -> dict:
-        return {
-            "target": self.target, "batch_size": self.batch_size, "preprocessing": self.preprocessing,
-            "reduction": self.reduction, "map_dtype": self.map_dtype, "score": self.score,
-            "precision": self.precision, "relu_policy": self.relu_policy,
-            "safe_mode": not self.allow_unsafe_deserialization,
-        }
+    def engine_options(self) -> EngineOptions:
+        """The engine this run explains with (its method aside)."""
+        return EngineOptions(target=self.target, batch_size=self.batch_size, preprocessing=self.preprocessing,
+                             reduction=self.reduction, map_dtype=self.map_dtype, score=self.score,
+                             precision=self.precision, relu_policy=self.relu_policy,
+                             safe_mode=not self.allow_unsafe_deserialization)
 
     def decode_options(self, size: tuple[int, int]) -> DecodeOptions:
         return DecodeOptions(size, self.resize, self.max_pixels, self.jpeg_draft)
 
     def validate(self) -> None:
-        target = Target.parse(self.target)
-        if target.kind == "label" and not self.label_column:
+        check_choices(method=self.method)
+        self.engine_options().check()
+        if self.target == "label" and not self.label_column:
             raise ValueError("target 'label' needs label_column (CLI: --label-column)")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
         if self.batch_size < 1 or self.rows_per_file < 1 or self.actor_start_timeout_s < 1:
             raise ValueError("batch_size, rows_per_file and actor_start_timeout_s must be >= 1")
         if "id" in self.columns:
@@ -107,11 +105,9 @@ class JobConfig:
             raise ValueError("mask metrics need resize='stretch' (masks and boxes are stretched like the images)")
 
 
-METHODS = {"guided_backprop": "GuidedBackprop", "deconvnet": "Deconvnet", "gradient": "Gradient"}
-
-
 def build_engine(config: JobConfig, model_path: str, **overrides):
-    from worker import attribution
+    """The run's engine on ``model_path``; ``overrides`` replace options or add constructor arguments."""
+    from worker.engine import methods
 
-    cls = getattr(attribution, METHODS[config.method])
-    return cls(model_path, **{**config.engine_options(), **overrides})
+    cls = getattr(methods, METHODS[config.method])
+    return cls(model_path, **{**config.engine_options().to_dict(), **overrides})

@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from worker.attribution.base import Attribution
+from worker.engine.methods.base import Attribution
 
 
 class Gradient(Attribution):

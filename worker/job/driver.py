@@ -10,7 +10,7 @@ bad target), and claims the output directory (refusing another job's output,
 resuming its own).
 
 Example:
-    >>> from worker.config import JobConfig
+    >>> from worker.job.config import JobConfig
     >>> summary = run(JobConfig(model="model.keras", input="images/", output="maps/"))  # doctest: +SKIP
 """
 
@@ -25,12 +25,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from worker import dataset, sink
-from worker.config import JobConfig, build_engine
-from worker.lease import Lease
-from worker.resources import connect, place_actors
-from worker.stages import ExplainBatch, decode_stage, fetch_model, read_stage
-
+from worker.data import dataset, sink, storage
+from worker.data.lease import Lease
+from worker.job.config import JobConfig, build_engine
+from worker.job.resources import connect, place_actors
+from worker.job.stages import ExplainBatch, decode_stage, read_stage
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ def run(config: JobConfig, *, echo=print) -> dict:
     if config.id_column is None and "id" in in_columns:
         config = dataclasses.replace(config, id_column="id")
         echo("the input has an 'id' column: it is used as the row id (choose another with --id-column)")
-    probe = build_engine(config, fetch_model(config.model), batch_size=1, warmup=False)
+    probe = build_engine(config, storage.fetch_model(config.model), batch_size=1, warmup=False)
     report = probe.report
     num_classes = probe.source.num_classes
     k, target_kind = probe.target.maps_per_image, probe.target.kind
@@ -74,7 +73,7 @@ def run(config: JobConfig, *, echo=print) -> dict:
     record = {**config.to_dict(), "files": None}
     metadata = {**report, "versions": versions, "job": identity, "model_path": config.model, "config": record,
                 "decode": dataclasses.asdict(decode_options), **config.extra_metadata}
-    out_fs, out_root = dataset.filesystem(config.output)
+    out_fs, out_root = storage.filesystem(config.output)
     owner = {"fingerprint": identity["fingerprint"], "job": identity, "metadata": metadata}
     lease = Lease(out_fs, out_root).acquire()  # one run at a time per output (OutputBusyError)
     try:

@@ -22,9 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-
-class InputError(ValueError):
-    """The input dataset cannot be read as asked: raised before any cluster time is spent."""
+from worker.data.storage import InputError, filesystem
 
 
 @dataclass(frozen=True)
@@ -34,16 +32,6 @@ class Unit:
     row_group: int
     first_row: int
     rows: int
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or URI."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), posixpath.abspath(uri) if not uri.startswith("/") else uri
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot open {uri}: {exc}") from exc
 
 
 def list_files(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:

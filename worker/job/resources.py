@@ -22,7 +22,7 @@ Example (a 1-CPU head and a 2-CPU worker):
     >>> plan_actors([{"CPU": 1.0}, {"CPU": 2.0}], cpus_per_actor=2.25)
     Traceback (most recent call last):
     ...
-    worker.resources.PlacementError: an explain actor asks for 2.25 CPUs and 0 GPUs, but the largest node has 2 CPUs and 0 GPUs (nodes: 1 CPU, 2 CPU); lower --cpus-per-actor
+    worker.job.resources.PlacementError: an explain actor asks for 2.25 CPUs and 0 GPUs, but the largest node has 2 CPUs and 0 GPUs (nodes: 1 CPU, 2 CPU); lower --cpus-per-actor
 """
 
 from __future__ import annotations

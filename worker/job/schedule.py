@@ -19,7 +19,7 @@ the same date resumes instead of duplicating rows.  In incremental mode a manife
 this model and these options; the next run processes only files not in it.
 
 One scheduled run at a time per output root: a run holds a lease on it
-(:mod:`worker.lease`), and a run that finds another live one (an overlapping
+(:mod:`worker.data.lease`), and a run that finds another live one (an overlapping
 trigger, a retry while the first still runs) exits cleanly, saying so, with
 nothing written.
 
@@ -37,12 +37,12 @@ import hashlib
 import json
 import posixpath
 
-from worker import dataset
-from worker.config import JobConfig
-from worker.fingerprint import hash_path
-from worker.job import run
-from worker.lease import Lease, OutputBusyError
-from worker.stages import fetch_model
+from worker.data import dataset, storage
+from worker.data.lease import Lease, OutputBusyError
+from worker.data.storage import fetch_model
+from worker.engine.fingerprint import hash_path
+from worker.job.config import JobConfig
+from worker.job.driver import run
 
 SCHEDULE_KEYS = {"output_root": str, "partition": str, "incremental": bool}
 REQUIRED = ("model", "input", "output_root")
@@ -83,7 +83,7 @@ def parse_config(raw) -> dict:
 def load_config(path: str) -> dict:
     import yaml
 
-    fs, p = dataset.filesystem(path)
+    fs, p = storage.filesystem(path)
     with fs.open_input_stream(p) as handle:
         try:
             raw = yaml.safe_load(handle.read())
@@ -116,7 +116,7 @@ def today_utc() -> str:
 def scheduled_run(cfg: dict, date: str | None = None, echo=print) -> dict:
     date = date or today_utc()
     datetime.date.fromisoformat(date)
-    fs, root = dataset.filesystem(cfg["output_root"])
+    fs, root = storage.filesystem(cfg["output_root"])
     try:
         lease = Lease(fs, root).acquire()
     except OutputBusyError as exc:
@@ -132,7 +132,7 @@ def _run_date(cfg: dict, date: str, echo) -> dict:
     files = None
     manifest = {"files": {}}
     if cfg["incremental"]:
-        fs, path = dataset.filesystem(_manifest_path(cfg))
+        fs, path = storage.filesystem(_manifest_path(cfg))
         if fs.get_file_info(path).type.name == "File":
             with fs.open_input_stream(path) as handle:
                 manifest = json.loads(handle.read())

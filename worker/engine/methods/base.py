@@ -1,7 +1,7 @@
 """The small base every attribution method shares: build once, compile once, explain batches.
 
 A method only says which gradient overrides its forward pass is traced with
-(:attr:`Attribution.gradient_overrides`, see :mod:`worker.ops`).  The base does the rest inside one
+(:attr:`Attribution.gradient_overrides`, see :mod:`worker.engine.ops`).  The base does the rest inside one
 ``tf.function`` with a fixed batch shape: uint8 images in, preprocessing on the
 device, forward pass, target selection, one backward pass per map, channel
 reduction on the device, and only the reduced maps back to the host.
@@ -12,55 +12,25 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
 
-from worker import reduction as reduction_ops
-from worker.coverage import CoverageReport, inspect_ops
-from worker.models import load_model
-from worker.preprocessing import Preprocessing
-from worker.ops import FORWARD_CONV_GRADIENTS, gradient_scope
-from worker.runtime import configure_tensorflow, default_conv_gradients, default_jit_compile, native_bfloat16
-from worker.targets import Target
+from worker.engine import reduction as reduction_ops
+from worker.engine.coverage import CoverageReport, inspect_ops
+from worker.engine.explanation import Explanation
+from worker.engine.models import load_model
+from worker.engine.ops import FORWARD_CONV_GRADIENTS, gradient_scope
+from worker.engine.options import check_choices
+from worker.engine.preprocessing import Preprocessing
+from worker.engine.runtime import configure_tensorflow, default_conv_gradients, default_jit_compile, native_bfloat16
+from worker.engine.scores import class_scores
+from worker.engine.targets import Target, label_problem
 
 log = logging.getLogger(__name__)
 
-SCORES = ("logits", "probability")
-CONV_GRADIENTS = ("auto", "forward", "framework")
-RELU_POLICIES = ("error", "warn")
-
-
 class UnguidedReluError(RuntimeError):
     """A model has a ReLU the method could not guide, or no ReLU at all."""
-
-
-@dataclass
-class Explanation:
-    """Maps and what they explain, for N images and K maps per image.
-
-    maps: (N, K, H, W) reduced or (N, K, H, W, C) full; float32, or float16 normalised per map.
-    map_scale: (N, K) float32: the true map is ``maps * map_scale`` (1 for float32), see :meth:`as_float32`.
-    predicted_class, predicted_prob: (N,).  target_class, target_score: (N, K);
-    target_class is -1 for layer targets.
-    """
-
-    maps: np.ndarray
-    map_scale: np.ndarray
-    predicted_class: np.ndarray
-    predicted_prob: np.ndarray
-    target_class: np.ndarray
-    target_score: np.ndarray
-    report: dict = field(default_factory=dict, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.maps)
-
-    def as_float32(self) -> np.ndarray:
-        """The maps at their true scale, float32."""
-        scale = self.map_scale.reshape(self.map_scale.shape + (1,) * (self.maps.ndim - 2))
-        return self.maps.astype(np.float32) * scale
 
 
 class Attribution:
@@ -68,9 +38,9 @@ class Attribution:
 
     Args:
         model: a ``keras.Model``, a ``.keras``/``.h5`` path or a SavedModel directory.
-        target: what to differentiate, see :mod:`worker.targets` (default ``predicted``).
+        target: what to differentiate, see :mod:`worker.engine.targets` (default ``predicted``).
         batch_size: the fixed compiled batch; a short batch is padded, the padding dropped.
-        preprocessing: a preset name or :class:`~worker.preprocessing.Preprocessing`.
+        preprocessing: a preset name or :class:`~worker.engine.preprocessing.Preprocessing`.
         reduction: ``max_abs`` (default), ``sum_abs``, ``l2`` or ``none`` (full H x W x C).
         map_dtype: ``float16`` (default) or ``float32``.
         score: ``logits`` (default; a final softmax is stripped) or ``probability``.
@@ -79,7 +49,7 @@ class Attribution:
             the final cast.
         jit_compile: ``auto`` (XLA on GPU, plain graph on CPU, where XLA measured slower), True or False.
         conv_gradients: how convolutions' input gradients are computed: ``forward`` (forward kernels with the
-            flipped kernel, :data:`worker.ops.FORWARD_CONV_GRADIENTS`), ``framework`` (TensorFlow's own
+            flipped kernel, :data:`worker.engine.ops.FORWARD_CONV_GRADIENTS`), ``framework`` (TensorFlow's own
             backprop kernels) or ``auto`` (forward on CPU, where it measured faster; framework on GPU).
             Both give the same maps up to float rounding.
         safe_mode: Keras safe mode when loading (default on).
@@ -100,11 +70,8 @@ class Attribution:
         configure_tensorflow(threads)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if score not in SCORES:
-            raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
-        if relu_policy not in RELU_POLICIES:
-            raise ValueError(f"unknown relu_policy {relu_policy!r}; choose one of {RELU_POLICIES}")
-        reduction_ops.check(reduction, map_dtype)
+        check_choices(score=score, relu_policy=relu_policy, reduction=reduction, map_dtype=map_dtype,
+                      conv_gradients=conv_gradients)
         self.target = Target.parse(target)
         self.preprocessing = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing(preprocessing)
         self.batch_size = int(batch_size)
@@ -114,20 +81,12 @@ class Attribution:
             warnings.warn("precision='bfloat16' on a CPU without avx512_bf16/amx_bf16: TensorFlow emulates it, "
                           "so it is slower than float32 here (measured 0.73x on ResNet50)", stacklevel=2)
         self.jit_compile = default_jit_compile() if jit_compile == "auto" else bool(jit_compile)
-        if conv_gradients not in CONV_GRADIENTS:
-            raise ValueError(f"unknown conv_gradients {conv_gradients!r}; choose one of {CONV_GRADIENTS}")
         self.conv_gradients = default_conv_gradients() if conv_gradients == "auto" else conv_gradients
         self.source = load_model(model, safe_mode=safe_mode, output=output, signature=signature,
                                  input_size=input_size, precision=precision)
-        if self.target.kind == "class" and self.target.index >= self.source.num_classes:
-            raise ValueError(f"target class {self.target.index} out of range: the model has "
-                             f"{self.source.num_classes} classes")
-        if self.target.kind == "top" and self.target.index > self.source.num_classes:
-            raise ValueError(f"top:{self.target.index} asks for more classes than the model's "
-                             f"{self.source.num_classes}")
-        self.coverage: CoverageReport | None = None
+        self.target.check_classes(self.source.num_classes)
+        self.coverage: CoverageReport | None = None  # what the first trace found
         self._score_note = ""
-        self._function = tf.function(self._compute, jit_compile=self.jit_compile, autograph=False)
         self._concrete: dict[tuple[int, int], object] = {}
         self._concrete_for(self.source.input_size)
         if warmup:
@@ -139,49 +98,21 @@ class Attribution:
     gradient_overrides: dict[str, str] = {}
 
     # -- the compiled function ---------------------------------------------------------------
-    def _compute(self, images, labels):
+    def _compute(self, images, labels, found: dict):
+        """The traced function; what the trace finds (coverage, which score) goes into ``found``."""
         x = self.preprocessing.apply(images, self.source.input_size, self.source.channels)
         graph = tf.compat.v1.get_default_graph()
         first_op = len(graph.get_operations())
-        layer = self.target.layer if self.target.kind == "layer" else None
         overrides = {**self.gradient_overrides,
                      **(FORWARD_CONV_GRADIENTS if self.conv_gradients == "forward" else {})}
         with gradient_scope(overrides):
-            output, activation = self.source.forward(x, layer)
-        self.coverage = inspect_ops(graph.get_operations()[first_op:], graph, self.gradient_overrides)
+            output, activation = self.source.forward(x, self.target.layer)
+        found["coverage"] = inspect_ops(graph.get_operations()[first_op:], graph, self.gradient_overrides)
 
-        logits, had_softmax = _strip_softmax(output)
-        logits = tf.cast(logits, tf.float32)
-        probs = tf.nn.softmax(logits)  # equals the model's output when that is a softmax
-        if self.score == "probability":
-            if not had_softmax:
-                raise ValueError("score='probability' needs a model whose output is a softmax; this one is not")
-            differentiated, self._score_note = tf.cast(output, tf.float32), "probability (model softmax output)"
-        else:
-            differentiated = logits
-            self._score_note = "logits (final softmax stripped)" if had_softmax else "logits (model output, no softmax)"
+        logits, differentiated, found["score"] = class_scores(output, self.score)
         predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        predicted_prob = tf.gather(probs, predicted, batch_dims=1)
-
-        if self.target.kind == "layer":
-            act = tf.cast(activation, tf.float32)
-            if self.target.index is not None:
-                if not 0 <= self.target.index < act.shape[-1]:
-                    raise ValueError(f"channel {self.target.index} out of range: layer {layer!r} has "
-                                     f"{act.shape[-1]} channels")
-                act = act[..., self.target.index]
-            scores = tf.reshape(tf.reduce_sum(tf.reshape(act, [tf.shape(act)[0], -1]), axis=1), [-1, 1])
-            classes = tf.fill(tf.shape(scores), -1)
-        else:
-            if self.target.kind == "predicted":
-                classes = predicted[:, None]
-            elif self.target.kind == "label":
-                classes = labels[:, None]
-            elif self.target.kind == "class":
-                classes = tf.fill([tf.shape(logits)[0], 1], self.target.index)
-            else:
-                classes = tf.math.top_k(logits, k=self.target.index).indices
-            scores = tf.gather(differentiated, classes, batch_dims=1)
+        predicted_prob = tf.gather(tf.nn.softmax(logits), predicted, batch_dims=1)
+        scores, classes = self.target.select(logits, differentiated, labels, activation)
 
         grads = [tf.gradients(tf.reduce_sum(scores[:, k]), x)[0] for k in range(scores.shape[1])]
         grads = tf.stack([tf.cast(g, tf.float32) for g in grads], axis=1)
@@ -203,8 +134,12 @@ class Attribution:
                             self.source.input_size)
             spec = (tf.TensorSpec((self.batch_size, *size, 3), tf.uint8),
                     tf.TensorSpec((self.batch_size,), tf.int32))
-            concrete = self._function.get_concrete_function(*spec)
-            if len(self._concrete) == 0:
+            found: dict = {}
+            function = tf.function(lambda images, labels: self._compute(images, labels, found),
+                                   jit_compile=self.jit_compile, autograph=False)
+            concrete = function.get_concrete_function(*spec)
+            if not self._concrete:
+                self.coverage, self._score_note = found["coverage"], found["score"]
                 self._check_coverage()
             self._concrete[size] = concrete
         return self._concrete[size]
@@ -259,14 +194,9 @@ class Attribution:
             out = self._run(chunk, chunk_labels)
             parts.append({k: v[: b - short] for k, v in out.items()})
         if not parts:
-            h, w = self.source.input_size
-            k = self.target.maps_per_image
-            shape = (0, k, h, w) + ((self.source.channels,) if self.reduction == "none" else ())
-            return Explanation(np.zeros(shape, self.map_dtype), np.zeros((0, k), np.float32), np.zeros(0, np.int32),
-                               np.zeros(0, np.float32),
-                               np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), self.report)
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return Explanation(**merged, report=self.report)
+            shape = (*self.source.input_size, *((self.source.channels,) if self.reduction == "none" else ()))
+            return Explanation.empty(self.target.maps_per_image, shape, self.map_dtype, self.report)
+        return Explanation.concatenate([Explanation(**p, report=self.report) for p in parts])
 
     def _check_images(self, images) -> np.ndarray:
         images = np.asarray(images)
@@ -285,18 +215,9 @@ class Attribution:
         labels = np.asarray(labels)
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be {n} integers; got shape {labels.shape}, dtype {labels.dtype}")
-        bad = np.flatnonzero((labels < 0) | (labels >= self.source.num_classes))
-        if bad.size:
-            raise ValueError(f"labels out of range [0, {self.source.num_classes}) at positions "
-                             f"{bad[:10].tolist()}: {labels[bad[:10]].tolist()}")
+        bad = [i for i, v in enumerate(labels.tolist()) if label_problem(v, self.source.num_classes)]
+        if bad:
+            raise ValueError(f"labels out of range [0, {self.source.num_classes}) at positions {bad[:10]}: "
+                             f"{labels[bad[:10]].tolist()}")
         return labels.astype(np.int32)
 
-
-def _strip_softmax(output: tf.Tensor) -> tuple[tf.Tensor, bool]:
-    """If ``output`` is a softmax (through Identity/Cast ops), return its input logits."""
-    tensor = output
-    while tensor.op.type in ("Identity", "Cast") and tensor.op.inputs:
-        tensor = tensor.op.inputs[0]
-    if tensor.op.type == "Softmax":
-        return tensor.op.inputs[0], True
-    return output, False

@@ -13,7 +13,7 @@ passed-through     the columns named with ``columns=`` (and the label column)
                    normalised per map (largest magnitude 1)
 ``map_scale``       float32 (list<float32> for ``top:K``): the true map is ``map * map_scale``
 ``error``           null, or why this row could not be explained (its other results are null)
-statistics         float32 columns of :mod:`worker.stats` (of the first map for ``top:K``), and the
+statistics         float32 columns of :mod:`worker.data.stats` (of the first map for ``top:K``), and the
                    mask metrics when a mask or box column is given
 =================  ==================================================================
 
@@ -84,17 +84,12 @@ def maps_to_numpy(column) -> np.ndarray:
 
 
 def result_columns(valid, explanation, errors, map_shape, map_dtype: str, k: int) -> dict[str, pa.Array]:
-    """Result columns for all rows, from the Explanation of the ``valid`` ones (None when none are)."""
+    """Result columns for all rows, from the Explanation of the ``valid`` ones (empty when none are)."""
     valid = np.asarray(valid, bool)
     mask, list_mask = ~valid, pa.array(~valid)
-    if explanation is None:
-        maps = np.zeros((0, *map_shape), np.float16 if map_dtype == "float16" else np.float32)
-        pc = pp = np.zeros(0)
-        tc = ts = ms = np.zeros((0, k))
-    else:
-        maps = explanation.maps[:, 0] if k == 1 else explanation.maps
-        pc, pp = explanation.predicted_class, explanation.predicted_prob
-        tc, ts, ms = explanation.target_class, explanation.target_score, explanation.map_scale
+    maps = explanation.maps[:, 0] if k == 1 else explanation.maps
+    pc, pp = explanation.predicted_class, explanation.predicted_prob
+    tc, ts, ms = explanation.target_class, explanation.target_score, explanation.map_scale
 
     def per_map(values, dtype, arrow_type):
         if k == 1:

@@ -1,7 +1,7 @@
 """Which nonlinearities of a traced model were guided: the coverage report.
 
 Guided backprop is exact only if *every* ReLU is guided.  After the model is
-traced inside :func:`worker.ops.guided_scope`, we walk the ops the model
+traced inside :func:`worker.engine.ops.guided_scope`, we walk the ops the model
 created: each ``Relu``/``Relu6`` must carry the guided gradient tag; a ReLU
 hidden in a function body the override cannot reach (a ``tf.function`` called
 from a custom layer, say) is listed as unguided.  Other nonlinearities
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from worker.ops import GUIDED_OVERRIDES, OTHER_NONLINEARITIES, gradient_tag
+from worker.engine.ops import GUIDED_OVERRIDES, OTHER_NONLINEARITIES, gradient_tag
 
 _CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 

@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass
 
 import tensorflow as tf
 
+from worker.engine.options import PRESETS, RESIZE_METHODS, choose
+
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
-PRESETS = ("none", "scale01", "tf", "caffe", "torch", "custom")
-RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area")
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,8 @@ class Preprocessing:
     resize_method: str = "bilinear"
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preprocessing preset {self.preset!r}; choose one of {PRESETS}")
-        if self.resize_method not in RESIZE_METHODS:
-            raise ValueError(f"unknown resize method {self.resize_method!r}; choose one of {RESIZE_METHODS}")
+        choose("preprocessing preset", self.preset, PRESETS)
+        choose("resize method", self.resize_method, RESIZE_METHODS)
         if self.preset != "custom" and (self.mean is not None or self.std is not None or self.scale != 1.0):
             raise ValueError("scale/mean/std are only used with preset='custom'")
 

@@ -18,7 +18,7 @@ forward kernels are faster than the framework's ``Conv2DBackpropInput`` (see
 
 Example:
     >>> import tensorflow as tf
-    >>> from worker.ops import guided_scope
+    >>> from worker.engine.ops import guided_scope
     >>> @tf.function
     ... def grad(x):
     ...     with guided_scope():

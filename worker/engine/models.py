@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from worker.fingerprint import hash_path
+from worker.engine.fingerprint import hash_path
+from worker.engine.options import check_choices
 
 UNSAFE_OPT_IN = "safe_mode=False (CLI: --allow-unsafe-deserialization)"
 SUPPORTED = (
@@ -225,8 +226,7 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
     """Open ``model`` (a keras.Model, a .keras/.h5 file or a SavedModel directory)."""
     import keras
 
-    if precision not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"unknown precision {precision!r}; choose float32, bfloat16 or float16")
+    check_choices(precision=precision)
     if isinstance(model, ModelSource):
         return model
     if isinstance(model, keras.Model):

@@ -1,0 +1,8 @@
+"""Attribution methods, one per module, behind :class:`worker.engine.methods.base.Attribution`."""
+
+from worker.engine.methods.base import Attribution, Explanation, UnguidedReluError
+from worker.engine.methods.deconvnet import Deconvnet
+from worker.engine.methods.gradient import Gradient
+from worker.engine.methods.guided_backprop import GuidedBackprop
+
+__all__ = ["Attribution", "Deconvnet", "Explanation", "Gradient", "GuidedBackprop", "UnguidedReluError"]

@@ -1,0 +1,81 @@
+"""The engine's options as one record, and every choice they allow.  No TensorFlow: the CLI takes its
+choices from here, and the job checks a run's options before any cluster time.
+
+:class:`EngineOptions` is what a map depends on (besides the model); it travels inside the job's run
+record and rebuilds the same engine downstream (the audit's controls).
+
+Example:
+    >>> options = EngineOptions(target="top:3", reduction="l2")
+    >>> EngineOptions.from_dict(options.to_dict()) == options
+    True
+    >>> EngineOptions(score="softmax").check()
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown score 'softmax'; choose one of ('logits', 'probability')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from worker.engine.targets import Target
+
+#: method name -> class name in :mod:`worker.engine.methods`
+METHODS = {"guided_backprop": "GuidedBackprop", "deconvnet": "Deconvnet", "gradient": "Gradient"}
+PRESETS = ("none", "scale01", "tf", "caffe", "torch", "custom")
+RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area")
+REDUCTIONS = ("max_abs", "sum_abs", "l2", "none")
+MAP_DTYPES = ("float16", "float32")
+SCORES = ("logits", "probability")
+PRECISIONS = ("float32", "bfloat16", "float16")
+RELU_POLICIES = ("error", "warn")
+CONV_GRADIENTS = ("auto", "forward", "framework")
+
+
+def choose(name: str, value, choices) -> None:
+    """Raise the one error message every option uses when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(choices)}")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What the maps depend on besides the model: the keyword arguments of every method's constructor."""
+
+    target: str = "predicted"
+    batch_size: int = 16
+    preprocessing: str = "none"
+    reduction: str = "max_abs"
+    map_dtype: str = "float16"
+    score: str = "logits"
+    precision: str = "float32"
+    relu_policy: str = "error"
+    safe_mode: bool = True
+
+    def check(self) -> "EngineOptions":
+        """Every value is one the engine accepts (the model-dependent checks come when it is loaded)."""
+        Target.parse(self.target)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        choose("preprocessing preset", self.preprocessing, PRESETS)
+        check_choices(reduction=self.reduction, map_dtype=self.map_dtype, score=self.score,
+                      precision=self.precision, relu_policy=self.relu_policy)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EngineOptions":
+        """The inverse of :meth:`to_dict`; keys this version does not know are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def check_choices(**values) -> None:
+    """Check named options against their choices: ``check_choices(score="logits", precision="float16")``."""
+    choices = {"reduction": REDUCTIONS, "map_dtype": MAP_DTYPES, "score": SCORES, "precision": PRECISIONS,
+               "relu_policy": RELU_POLICIES, "conv_gradients": CONV_GRADIENTS, "method": METHODS}
+    for name, value in values.items():
+        choose(name, value, choices[name])
