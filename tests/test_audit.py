@@ -5,15 +5,9 @@ import pyarrow as pa
 import pytest
 
 from tests import jobdata
-from worker.audit.run import (
-    GRID,
-    Moments,
-    downsample,
-    findings,
-    merge_partials,
-    partial_aggregates,
-    run_audit,
-)
+from worker.audit import run_audit
+from worker.audit.aggregate import GRID, Moments, downsample, merge_partials, partial_aggregates
+from worker.audit.findings import findings
 from worker.data.schema import map_column
 from worker.data.stats import map_statistics
 
@@ -96,12 +90,8 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
 
 
 def test_clusters_find_the_planted_subgroup_out_of_core():
-    from worker.audit.run import (
-        assignment_partials,
-        cluster_groups,
-        findings,
-        merge_assignments,
-    )
+    from worker.audit.aggregate import assignment_partials, merge_assignments
+    from worker.audit.clusters import add_cluster_examples, cluster_groups
 
     rng = np.random.default_rng(2)
     n = 300
@@ -122,8 +112,6 @@ def test_clusters_find_the_planted_subgroup_out_of_core():
     assigned = merge_assignments(pa.concat_tables([assignment_partials(b, centroids, "label") for b in blocks]))
     sizes = sorted(c["count"] for c in assigned["true:0"])
     assert sizes == sorted([int(shortcut.sum()), int(n - shortcut.sum())])
-    from worker.audit.run import add_cluster_examples
-
     add_cluster_examples(merged, {"true:0": fitted}, assigned)
     small = min(assigned["true:0"], key=lambda c: c["count"])
     assert len(small["examples"]) == 3 and all(e[:3, -3:].sum() > 0.5 for e in small["examples"])
@@ -138,7 +126,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     from PIL import Image
 
-    from worker.audit.run import write_report
+    from worker.audit.report import write_report
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:

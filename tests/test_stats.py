@@ -76,3 +76,11 @@ def test_masks_and_boxes_decode():
     assert decode_mask(image, (4, 4))[:2].all() and not decode_mask(image, (4, 4))[2:].any()
     with pytest.raises(DecodeError, match="not \\[y0, x0, y1, x1\\]"):
         decode_mask([0.5, 0.0, 0.2, 1.0], (8, 8))
+
+
+def test_a_batch_with_no_maps_gives_empty_columns():
+    """A block whose rows all failed still gets every statistics column (empty), not an error."""
+    from worker.data.stats import MASK_COLUMNS, STAT_COLUMNS, mask_statistics
+
+    values = {**map_statistics(np.zeros((0, 8, 8))), **mask_statistics(np.zeros((0, 8, 8)), np.zeros((0, 8, 8), bool))}
+    assert set(values) == {*STAT_COLUMNS, *MASK_COLUMNS} and all(v.shape == (0,) for v in values.values())

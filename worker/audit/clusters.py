@@ -86,3 +86,22 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Nearest centroid of each row of ``x``."""
     x = np.asarray(x, np.float64)
     return (((x[:, None, :] - centroids[None]) ** 2).sum(-1)).argmin(1)
+
+
+def cluster_groups(groups: dict, seed: int = 0) -> dict:
+    """SpRAy on each group's sample: {group: Clustering} for groups with enough sampled maps."""
+    return {g: spectral_clusters(v["sample"].reshape(len(v["sample"]), -1), seed=seed)
+            for g, v in groups.items() if "sample" in v and len(v["sample"]) >= 20}
+
+
+def add_cluster_examples(groups: dict, fitted: dict, clusters: dict, per_cluster: int = 3) -> None:
+    """Attach to each cluster the sampled maps nearest its centroid (its most typical members)."""
+    for group, found in clusters.items():
+        if group not in fitted or fitted[group].k < 2:
+            continue
+        sample = groups[group]["sample"].reshape(len(groups[group]["sample"]), -1)
+        centroids = fitted[group].centroids
+        for c in found:
+            members = np.flatnonzero(fitted[group].labels == c["cluster"])
+            distance = ((sample[members] - centroids[c["cluster"]]) ** 2).sum(1)
+            c["examples"] = [sample[i].reshape(int(np.sqrt(sample.shape[1])), -1) for i in members[np.argsort(distance)[:per_cluster]]]

@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 RESIZE_POLICIES = ("stretch", "center_crop", "pad")
@@ -205,3 +206,16 @@ def _fit(image: Image.Image, size: tuple[int, int], policy: str) -> np.ndarray:
         else:
             image = resized
     return np.asarray(image, dtype=np.uint8)
+
+
+def image_cells(column) -> list:
+    """Python cells of an image column: bytes, HF structs, or ndarrays for tensor columns."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+        arrays = column.fill_null(0).to_numpy_ndarray() if column.null_count else column.to_numpy_ndarray()
+        return [a if ok else None for a, ok in zip(arrays, valid)]
+    if isinstance(column, pa.ExtensionArray) and hasattr(column, "to_numpy"):  # Ray's tensor types
+        return list(column.to_numpy(zero_copy_only=False))
+    return column.to_pylist()

@@ -42,7 +42,8 @@ STAT_COLUMNS = ("mass", "entropy", "entropy_norm", "gini", "top5_mass", "com_y",
 MASK_COLUMNS = ("energy_in_mask", "pointing_hit", "mass_accuracy", "rank_accuracy", "topk_iou")
 
 
-def _magnitude(maps: np.ndarray) -> np.ndarray:
+def magnitude(maps: np.ndarray) -> np.ndarray:
+    """|maps| as float64 (N, H, W): channels of (N, H, W, C) reduced by max-abs, NaN as 0."""
     s = np.abs(np.nan_to_num(np.asarray(maps, np.float64)))
     return s.max(axis=-1) if s.ndim == 4 else s
 
@@ -55,11 +56,25 @@ def frame(h: int, w: int, fraction: float = 0.1) -> np.ndarray:
     return out
 
 
+def centre_of_mass(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) centre of mass of (N, H, W) maps that each sum to 1, in [0, 1] of the height / width."""
+    n, h, w = p.shape
+    return p.sum(2) @ ((np.arange(h) + 0.5) / h), p.sum(1) @ ((np.arange(w) + 0.5) / w)
+
+
+def border_share(p: np.ndarray, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(mass share in the outer ``fraction`` frame, that share over the frame's share of the area) of (N, H, W)
+    maps that each sum to 1: an enrichment above 1 means border-heavy."""
+    edge = frame(*p.shape[1:], fraction)
+    share = p[:, edge].sum(1)
+    return share, share / edge.mean()
+
+
 def map_statistics(maps: np.ndarray, top_fraction: float = 0.05, border_fraction: float = 0.1) -> dict:
     """Statistics of N maps (N, H, W) or (N, H, W, C); each value an array of N floats."""
-    s = _magnitude(maps)
+    s = magnitude(maps)
     n, h, w = s.shape
-    flat = s.reshape(n, -1)
+    flat = s.reshape(n, h * w)
     mass = flat.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         p = flat / mass[:, None]
@@ -73,11 +88,9 @@ def map_statistics(maps: np.ndarray, top_fraction: float = 0.05, border_fraction
         grid = p.reshape(n, h, w)
         ys = (np.arange(h) + 0.5) / h
         xs = (np.arange(w) + 0.5) / w
-        py, px = grid.sum(2), grid.sum(1)
-        cy, cx = py @ ys, px @ xs
-        spread = np.sqrt(py @ (ys ** 2) - cy ** 2 + px @ (xs ** 2) - cx ** 2).clip(0)
-        edge = frame(h, w, border_fraction)
-        border = grid[:, edge].sum(1)
+        cy, cx = centre_of_mass(grid)
+        spread = np.sqrt(grid.sum(2) @ (ys ** 2) - cy ** 2 + grid.sum(1) @ (xs ** 2) - cx ** 2).clip(0)
+        border, enrichment = border_share(grid, border_fraction)
         top_half, left_half = np.arange(h) < h / 2, np.arange(w) < w / 2
         quads = {name: grid[:, rows][:, :, cols].sum((1, 2)) for name, rows, cols in (
             ("q_tl", top_half, left_half), ("q_tr", top_half, ~left_half),
@@ -85,7 +98,7 @@ def map_statistics(maps: np.ndarray, top_fraction: float = 0.05, border_fraction
     empty = mass <= 0
     out = {"mass": mass, "entropy": entropy, "entropy_norm": entropy / np.log(h * w), "gini": gini,
            "top5_mass": top, "com_y": cy, "com_x": cx, "spread": spread, "border_mass": border,
-           "border_enrichment": border / (edge.sum() / (h * w)), **quads}
+           "border_enrichment": enrichment, **quads}
     for key, value in out.items():
         if key != "mass":
             value = np.asarray(value, np.float64)
@@ -96,10 +109,10 @@ def map_statistics(maps: np.ndarray, top_fraction: float = 0.05, border_fraction
 
 def mask_statistics(maps: np.ndarray, masks: np.ndarray, tolerance: int = 15) -> dict:
     """Mask metrics of N maps against N boolean masks of the same H x W."""
-    s = _magnitude(maps)
+    s = magnitude(maps)
     masks = np.asarray(masks, bool)
     n, h, w = s.shape
-    flat, mflat = s.reshape(n, -1), masks.reshape(n, -1)
+    flat, mflat = s.reshape(n, h * w), masks.reshape(n, h * w)
     out = {key: np.full(n, np.nan, np.float32) for key in MASK_COLUMNS}
     for i in range(n):
         total, area = flat[i].sum(), int(mflat[i].sum())

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from worker.engine.errors import describe_error
 from worker.engine.fingerprint import hash_path
 from worker.engine.options import check_choices
 
@@ -254,19 +255,14 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
                 f"{path} carries Python code (e.g. a Lambda layer) and Keras safe mode is on. "
                 f"Only for a model you trust, pass {UNSAFE_OPT_IN}."
             ) from exc
-        raise ModelLoadError(f"{path} could not be loaded as a Keras model: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path} could not be loaded as a Keras model: {describe_error(exc)}") from exc
     try:
         return KerasSource(_with_inputs(loaded, path), output=output, input_size=input_size, precision=precision)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - an unusual model must not end in a bare traceback
         raise ModelLoadError(f"{path} loaded, but could not be used as an image classifier: "
-                             f"{_first_line(exc)}; {SUPPORTED}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else repr(exc)
+                             f"{describe_error(exc)}; {SUPPORTED}") from exc
 
 
 def _lambda_globals() -> None:
@@ -320,7 +316,7 @@ def _with_inputs(model, where):
             root = root.__cause__ or root.__context__
         raise ModelLoadError(
             f"{where}: the model could not be rebuilt on an input of shape {tuple(shape)[1:]}: layer "
-            f"{layer.name!r} failed: {_first_line(root)}" + (
+            f"{layer.name!r} failed: {describe_error(root)}" + (
                 " (a Lambda's code runs without the names of the module it was written in; import inside the "
                 "function, or use a custom layer)" if isinstance(root, NameError) else "")) from exc
     return keras.Model(inputs, x, name=model.name)

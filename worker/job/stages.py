@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from worker.data import dataset, schema, sink, storage
-from worker.data.decode import DecodeError, decode_mask
+from worker.data.decode import DecodeError, decode_mask, image_cells
+from worker.data.storage import fetch_model
+from worker.engine.errors import describe_error
 from worker.engine.explanation import Explanation
 from worker.engine.targets import label_problem
-from worker.data.storage import fetch_model
 from worker.job.config import JobConfig, build_engine
 
 log = logging.getLogger(__name__)
@@ -34,19 +35,6 @@ def read_stage(batch: pa.Table, *, fs, columns, id_column, done) -> pa.Table:
         done = ray.get(done)
     tables = [dataset.read_unit(fs, dataset.Unit(**row), columns, id_column, done) for row in batch.to_pylist()]
     return pa.concat_tables(tables) if tables else pa.table({})
-
-
-def image_cells(column) -> list:
-    """Python cells of an image column: bytes, HF structs, or ndarrays for tensor columns."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if isinstance(column.type, pa.FixedShapeTensorType):
-        valid = column.is_valid().to_numpy(zero_copy_only=False)
-        arrays = column.fill_null(0).to_numpy_ndarray() if column.null_count else column.to_numpy_ndarray()
-        return [a if ok else None for a, ok in zip(arrays, valid)]
-    if isinstance(column, pa.ExtensionArray) and hasattr(column, "to_numpy"):  # Ray's tensor types
-        return list(column.to_numpy(zero_copy_only=False))
-    return column.to_pylist()
 
 
 def decode_stage(table: pa.Table, *, image_column, label_column, needs_label, num_classes, options,
@@ -157,20 +145,9 @@ class ExplainBatch:
             try:
                 parts.append(self.engine.explain(images[j:j + 1], None if labels is None else labels[j:j + 1]))
             except Exception as exc:  # noqa: BLE001
-                errors[row] = f"explain: {type(exc).__name__}: {error_line(exc)}"
+                errors[row] = f"explain: {describe_error(exc)}"
                 valid[row] = False
         return (Explanation.concatenate(parts) if parts else self.engine.explain(images[:0])), errors
-
-
-def error_line(exc: BaseException, limit: int = 400) -> str:
-    """The line of an exception's text that says what went wrong.  TensorFlow's runtime errors start with
-    'Graph execution error:' and a traceback of where the op was defined; the cause (an assertion's message,
-    an op's complaint) is the first unindented line after them."""
-    noise = ("Graph execution error", "Detected at node", "Traceback", "File ", "[[")
-    for line in str(exc).splitlines():
-        if line.strip() and not line.startswith((" ", "\t")) and not line.strip().startswith(noise):
-            return line.strip()[:limit]
-    return ""
 
 
 class JobMetrics:

@@ -1,0 +1,264 @@
+"""Partial aggregates of a job's output, merged exactly: what the audit computes per block, out of core.
+
+Each block of the output is reduced to one row per group (true class, predicted class, correct or wrong):
+the count, mean and M2 of the L1-normalised maps downsampled to 16 x 16, count / sum / sum of squares of
+every statistic column, and a uniform sample of the maps for clustering; plus, per statistic, the worst
+rows.  Rows are Arrow (:data:`PARTIAL_SCHEMA`, list columns, no JSON) and merge exactly (Chan et al.'s
+parallel variance), so any number of rows fits in memory.  numpy and pyarrow only: testable without Ray.
+
+Example:
+    >>> a = Moments.of(np.ones((2, 2, 2))); b = Moments.of(np.zeros((2, 2, 2)))
+    >>> m = a.merge(b); (m.count, float(m.mean[0, 0]), float(m.variance[0, 0]))
+    (4, 0.5, 0.25)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from worker.data.schema import maps_to_numpy
+from worker.data.stats import MASK_COLUMNS, STAT_COLUMNS, magnitude
+
+GRID = 16
+CELLS = GRID * GRID
+SAMPLE_SIZE = 1000  # maps per class kept (uniformly, out of core) for clustering
+WORST = {"border_enrichment": "high", "energy_in_mask": "low", "entropy_norm": "low"}  # worst cases shown
+WORST_K = 6
+
+_F64, _F32 = pa.list_(pa.float64()), pa.list_(pa.float32())
+#: one row per (block, group); a ``worst:<statistic>`` row carries only the worst_* columns and direction
+PARTIAL_SCHEMA = pa.schema([
+    ("group", pa.string()), ("count", pa.int64()), ("mean", _F64), ("m2", _F64),
+    ("stat_name", pa.list_(pa.string())), ("stat_n", pa.list_(pa.int64())), ("stat_sum", _F64),
+    ("stat_sumsq", _F64),
+    ("sample_key", _F64), ("sample_grid", _F32),  # grids flattened, GRID * GRID values each
+    ("worst_value", _F64), ("worst_id", pa.list_(pa.string())), ("worst_grid", _F32), ("direction", pa.string()),
+])
+ASSIGNMENT_SCHEMA = pa.schema([("group", pa.string()), ("cluster", pa.int64()), ("count", pa.int64()),
+                               ("grid_sum", _F64)])
+
+
+@dataclass
+class Moments:
+    """Count, mean and M2 of arrays; ``merge`` combines two partial results exactly."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> "Moments":
+        values = np.asarray(values, np.float64)
+        if not len(values):
+            return cls(0, np.zeros(values.shape[1:]), np.zeros(values.shape[1:]))
+        mean = values.mean(0)
+        return cls(len(values), mean, ((values - mean) ** 2).sum(0))
+
+    def merge(self, other: "Moments") -> "Moments":
+        if not other.count:
+            return self
+        if not self.count:
+            return other
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.count / n
+        return Moments(n, mean, self.m2 + other.m2 + delta ** 2 * self.count * other.count / n)
+
+    @property
+    def variance(self) -> np.ndarray:
+        return self.m2 / self.count if self.count else self.m2 * np.nan
+
+
+def downsample(maps: np.ndarray, grid: int = GRID) -> np.ndarray:
+    """(N, H, W) -> (N, grid, grid) by area averaging, each map L1-normalised (sums to 1)."""
+    s = magnitude(maps)
+    n, h, w = s.shape
+    ys = np.minimum((np.arange(h) * grid) // h, grid - 1)
+    xs = np.minimum((np.arange(w) * grid) // w, grid - 1)
+    out = np.zeros((n, grid, grid))
+    np.add.at(out, (slice(None), ys[:, None], xs[None, :]), s)
+    out /= np.bincount(ys, minlength=grid)[:, None] * np.bincount(xs, minlength=grid)[None, :]
+    total = out.sum((1, 2), keepdims=True)
+    return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
+
+
+def _explained_grids(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """The rows without an error, and their maps downsampled (the first map of each ``top:K`` row)."""
+    table = table.filter(pa.compute.is_null(table["error"]))
+    maps = maps_to_numpy(table["map"])
+    if maps.ndim == 4 and maps.shape[-1] not in (1, 3):  # (K, H, W) maps of top:K
+        maps = maps[:, 0]
+    return table, downsample(maps)
+
+
+def group_keys(table: pa.Table, label_column: str | None) -> list[tuple[str, int]]:
+    """Which groups each row belongs to: ('predicted', c), and with labels ('true', c), ('correct'|'wrong', c)."""
+    predicted = table["predicted_class"].to_pylist()
+    labels = table[label_column].to_pylist() if label_column and label_column in table.column_names else None
+    keys = []
+    for i, p in enumerate(predicted):
+        row = [("predicted", p)]
+        if labels is not None and labels[i] is not None:
+            row += [("true", labels[i]), ("correct" if labels[i] == p else "wrong", labels[i])]
+        keys.append(row)
+    return keys
+
+
+def _sample_key(row_id: str) -> float:
+    """A uniform pseudo-random key per row id: the same row is sampled the same way in every block split."""
+    return int.from_bytes(hashlib.sha1(row_id.encode()).digest()[:8], "big") / 2 ** 64
+
+
+def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows of numpy arrays and scalars as an Arrow table of ``schema`` (missing keys are null)."""
+    columns = {}
+    for field in schema:
+        values = [row.get(field.name) for row in rows]
+        if pa.types.is_list(field.type):
+            values = [None if v is None else np.asarray(v).reshape(-1) for v in values]
+        columns[field.name] = pa.array(values, field.type)
+    return pa.table(columns, schema=schema)
+
+
+def _lists(table: pa.Table, name: str, shape: tuple = (-1,)) -> list:
+    """The cells of a list column as numpy arrays of ``shape``, None where null."""
+    column = table[name].combine_chunks()
+    values, offsets = column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy()
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]].reshape(shape) if valid[i] else None for i in range(len(column))]
+
+
+def partial_aggregates(table: pa.Table, label_column: str | None = None) -> pa.Table:
+    """One output block -> one row of :data:`PARTIAL_SCHEMA` per group (a Ray Data map_batches function)."""
+    table, grids = _explained_grids(table)
+    if not table.num_rows:
+        return PARTIAL_SCHEMA.empty_table()
+    stat_names = [c for c in (*STAT_COLUMNS, *MASK_COLUMNS) if c in table.column_names]
+    stats = {c: table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in stat_names}
+    members: dict[tuple, list[int]] = {}
+    for i, keys in enumerate(group_keys(table, label_column)):
+        for key in keys:
+            members.setdefault(key, []).append(i)
+    ids = table["id"].to_pylist()
+    sample_keys = np.array([_sample_key(i) for i in ids])
+    cluster_kind = "true" if any(kind == "true" for kind, _ in members) else "predicted"
+    rows = []
+    for (kind, cls), chosen in members.items():
+        moments = Moments.of(grids[chosen])
+        finite = [v[np.isfinite(v)] for v in (stats[name][chosen] for name in stat_names)]
+        row = {"group": f"{kind}:{cls}", "count": moments.count, "mean": moments.mean, "m2": moments.m2,
+               "stat_name": np.array(stat_names, object), "stat_n": [len(v) for v in finite],
+               "stat_sum": [v.sum() for v in finite], "stat_sumsq": [(v ** 2).sum() for v in finite]}
+        if kind == cluster_kind:
+            keep = np.asarray(chosen)[np.argsort(sample_keys[chosen])[:SAMPLE_SIZE]]
+            row.update(sample_key=sample_keys[keep], sample_grid=grids[keep].astype(np.float32))
+        rows.append(row)
+    for name, direction in WORST.items():
+        if name in stats:
+            values = stats[name]
+            finite = np.flatnonzero(np.isfinite(values))
+            order = finite[np.argsort(-values[finite] if direction == "high" else values[finite], kind="stable")]
+            order = order[:WORST_K]
+            rows.append({"group": f"worst:{name}", "worst_value": values[order],
+                         "worst_id": np.array([ids[i] for i in order], object), "worst_grid": grids[order].astype(np.float32),
+                         "direction": direction})
+    return _table(rows, PARTIAL_SCHEMA)
+
+
+def merge_partials(partials) -> dict:
+    """Partial rows (a table, or an iterable of tables streamed one at a time, so the driver holds only the
+    merged state) -> {group: {"count", "mean_map", "var_map", "stats": {name: {mean, std, n}}, "sample"}},
+    and {"worst:<statistic>": {"worst": [{value, id, grid}], "direction"}}."""
+    merged: dict[str, dict] = {}
+    for table in ([partials] if isinstance(partials, pa.Table) else partials):
+        if not table.num_rows:
+            continue
+        groups, counts, directions = (table[c].to_pylist() for c in ("group", "count", "direction"))
+        means, m2s = _lists(table, "mean", (GRID, GRID)), _lists(table, "m2", (GRID, GRID))
+        names, ns = table["stat_name"].to_pylist(), table["stat_n"].to_pylist()
+        sums, squares = table["stat_sum"].to_pylist(), table["stat_sumsq"].to_pylist()
+        keys, samples = _lists(table, "sample_key"), _lists(table, "sample_grid", (-1, GRID, GRID))
+        worst_values, worst_ids = table["worst_value"].to_pylist(), table["worst_id"].to_pylist()
+        worst_grids = _lists(table, "worst_grid", (-1, GRID, GRID))
+        for i, group in enumerate(groups):
+            if group.startswith("worst:"):
+                entry = merged.setdefault(group, {"worst": [], "direction": directions[i]})
+                entry["worst"] += [{"value": v, "id": r, "grid": g}
+                                   for v, r, g in zip(worst_values[i], worst_ids[i], worst_grids[i])]
+                entry["worst"].sort(key=lambda w: -w["value"] if directions[i] == "high" else w["value"])
+                del entry["worst"][WORST_K:]
+                continue
+            entry = merged.setdefault(group, {"moments": Moments(0, np.zeros((GRID, GRID)), np.zeros((GRID, GRID))),
+                                              "stats": {}})
+            entry["moments"] = entry["moments"].merge(Moments(counts[i], means[i], m2s[i]))
+            if keys[i] is not None:
+                old_keys, old_grids = entry.get("sample", (np.zeros(0), np.zeros((0, GRID, GRID), np.float32)))
+                all_keys, all_grids = np.concatenate([old_keys, keys[i]]), np.concatenate([old_grids, samples[i]])
+                order = np.argsort(all_keys)[:SAMPLE_SIZE]
+                entry["sample"] = (all_keys[order], all_grids[order])
+            for name, n, total, square in zip(names[i], ns[i], sums[i], squares[i]):
+                acc = entry["stats"].setdefault(name, [0, 0.0, 0.0])
+                acc[0], acc[1], acc[2] = acc[0] + n, acc[1] + total, acc[2] + square
+    result = {}
+    for group, entry in sorted(merged.items()):
+        if "worst" in entry:
+            result[group] = entry
+            continue
+        m = entry["moments"]
+        stats = {}
+        for name, (n, total, squares) in entry["stats"].items():
+            mean = total / n if n else float("nan")
+            stats[name] = {"mean": mean, "std": float(np.sqrt(max(squares / n - mean ** 2, 0))) if n else float("nan"),
+                           "n": n}
+        result[group] = {"count": m.count, "mean_map": m.mean, "var_map": m.variance, "stats": stats}
+        if "sample" in entry:
+            result[group]["sample"] = entry["sample"][1]
+    return result
+
+
+def assignment_partials(table: pa.Table, centroids: dict, label_column: str | None = None) -> pa.Table:
+    """Assign every map of a block to its class's nearest cluster; per (group, cluster) counts and sums."""
+    from worker.audit.clusters import assign
+
+    table, grids = _explained_grids(table)
+    rows_out = {"group": [], "cluster": [], "count": [], "grid_sum": []}
+    if table.num_rows:
+        members: dict[str, list[int]] = {}
+        for i, keys in enumerate(group_keys(table, label_column)):
+            for kind, cls in keys:
+                if f"{kind}:{cls}" in centroids:
+                    members.setdefault(f"{kind}:{cls}", []).append(i)
+        for group, rows in members.items():
+            labels = assign(grids[rows].reshape(len(rows), -1), np.asarray(centroids[group]))
+            for c in np.unique(labels):
+                chosen = np.asarray(rows)[labels == c]
+                rows_out["group"].append(group)
+                rows_out["cluster"].append(int(c))
+                rows_out["count"].append(len(chosen))
+                rows_out["grid_sum"].append(grids[chosen].sum(0).reshape(-1).tolist())
+    return pa.table(rows_out, schema=ASSIGNMENT_SCHEMA)
+
+
+def merge_assignments(partials) -> dict:
+    """{group: [{"cluster", "count", "share", "mean_map"}]} over all rows (a table or an iterable of tables)."""
+    totals: dict[tuple, list] = {}
+    for table in ([partials] if isinstance(partials, pa.Table) else partials):
+        if not table.num_rows:
+            continue
+        grids = _lists(table, "grid_sum")
+        for g, c, n, grid in zip(*(table[k].to_pylist() for k in ("group", "cluster", "count")), grids):
+            acc = totals.setdefault((g, c), [0, np.zeros(CELLS)])
+            acc[0] += n
+            acc[1] += grid
+    out: dict[str, list] = {}
+    for (g, c), (n, grid) in sorted(totals.items()):
+        out.setdefault(g, []).append({"cluster": c, "count": n, "mean_map": (grid / n).reshape(GRID, GRID)})
+    for clusters in out.values():
+        total = sum(c["count"] for c in clusters)
+        for c in clusters:
+            c["share"] = c["count"] / total
+    return out

@@ -1,0 +1,87 @@
+"""Findings: severity-ranked observations on the per-class mean maps, statistics and clusters.
+
+A class is flagged when its mean map is border-heavy or off-centre (absolutely, or as an outlier among the
+classes by a robust z-score), when its maps' mass sits outside the ground-truth masks, or when a small
+cluster of its maps looks somewhere else than the rest.  Pure numpy on the merged aggregates.
+
+Example:
+    >>> corner = np.zeros((16, 16)); corner[0, 0] = 1.0
+    >>> [f["finding"] for f in findings({"true:0": {"count": 5, "mean_map": corner, "stats": {}}})]
+    ['border-heavy', 'off-centre']
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worker.data.stats import border_share, centre_of_mass
+
+SMALL_CLUSTER = 0.15  # a cluster with at most this share of its class is "small"
+BORDER_ENRICHMENT_FLAG = 1.5  # the 16x16 frame covers 44 % of the area: at most 2.3x
+OFF_CENTRE_FLAG = 0.2
+MASK_ENERGY_FLAG = 0.5
+OUTLIER_Z = 4.0  # a class this many robust standard deviations from the other classes is flagged
+MIN_EFFECT = {"border-heavy": 0.1, "off-centre": 0.05}  # and at least this far from the classes' median
+
+
+def shape_of(mean: np.ndarray) -> tuple[float, float, float]:
+    """(border enrichment, centre-of-mass y, x) of a mean map (0 and the centre for a map with no mass)."""
+    total = float(mean.sum())
+    if total <= 0:
+        return 0.0, 0.5, 0.5
+    p = (mean / total)[None]
+    (cy,), (cx,) = centre_of_mass(p)
+    return float(border_share(p)[1][0]), float(cy), float(cx)
+
+
+def _robust_z(values: dict) -> dict:
+    """(x - median) / (1.4826 MAD) over the classes; empty with fewer than 5 classes."""
+    if len(values) < 5:
+        return {}
+    x = np.array(list(values.values()))
+    median = np.median(x)
+    mad = 1.4826 * np.median(np.abs(x - median))
+    scale = max(mad, 0.05 * abs(median), 1e-6)
+    return {g: (v - median) / scale for g, v in values.items()}
+
+
+def findings(groups: dict, clusters: dict | None = None) -> list[dict]:
+    """Severity-ranked observations on the per-class mean maps and statistics."""
+    out = []
+    for group, found in (clusters or {}).items():
+        if len(found) < 2:
+            continue
+        for c in found:
+            enrichment, cy, cx = shape_of(c["mean_map"])
+            odd = enrichment >= BORDER_ENRICHMENT_FLAG or np.hypot(cy - 0.5, cx - 0.5) >= OFF_CENTRE_FLAG
+            if c["share"] <= SMALL_CLUSTER and c["count"] >= 3 and odd:
+                out.append({"group": group, "severity": "high", "finding": "small cluster looks elsewhere",
+                            "detail": f"cluster {c['cluster']} ({c['count']} maps, {c['share']:.0%} of the class): "
+                                      f"border enrichment {enrichment:.1f}, centre (y={cy:.2f}, x={cx:.2f})"})
+    for kind in ("true", "predicted"):
+        members = {g: v for g, v in groups.items() if g.startswith(kind + ":") and v["count"]}
+        if not members:
+            continue
+        shape = {g: shape_of(v["mean_map"]) for g, v in members.items()}
+        measures = {
+            "border-heavy": {g: s[0] for g, s in shape.items()},
+            "off-centre": {g: float(np.hypot(s[1] - 0.5, s[2] - 0.5)) for g, s in shape.items()},
+        }
+        absolute = {"border-heavy": BORDER_ENRICHMENT_FLAG, "off-centre": OFF_CENTRE_FLAG}
+        for name, values in measures.items():
+            median = float(np.median(list(values.values())))
+            z = {g: v for g, v in _robust_z(values).items() if values[g] - median >= MIN_EFFECT[name]}
+            for g, value in values.items():
+                enrichment, cy, cx = shape[g]
+                where = f"border enrichment {enrichment:.2f}, centre of mass (y={cy:.2f}, x={cx:.2f})"
+                if value >= absolute[name]:
+                    out.append({"group": g, "severity": "high", "finding": name, "detail": where})
+                elif z.get(g, 0) >= OUTLIER_Z:
+                    out.append({"group": g, "severity": "medium", "finding": f"{name} compared with other classes",
+                                "detail": f"{where}; robust z = {z[g]:.1f} over {len(values)} classes"})
+        for g, v in members.items():
+            mask = v["stats"].get("energy_in_mask")
+            if mask and mask["n"] and mask["mean"] < MASK_ENERGY_FLAG:
+                out.append({"group": g, "severity": "high", "finding": "mass outside masks",
+                            "detail": f"mean energy inside the ground-truth masks is {mask['mean']:.2f}"})
+    return sorted(out, key=lambda f: (f["severity"] != "high", f["group"]))
