@@ -60,16 +60,17 @@ def vanilla_gate(grad, pre, upper=None):
     return grad * passes
 
 
-def sequential_saliency(layers, x, target=None, guided=True):
+def sequential_saliency(layers, x, target=None, guided=True, capture=None):
     """Forward ``layers`` (list of (kind, params)) on float x; backward the target logit.
 
     kinds: conv(kernel, bias), bn(gamma, beta, mean, var, eps), relu(upper or None),
     pool, flatten, dense(kernel, bias). The last layer's output is the logits.
-    Returns (input gradient, logits).
+    Returns (input gradient, logits), and with ``capture=i`` also (output of layer i, its gradient).
     """
     gate = guided_gate if guided else vanilla_gate
     tape, h = [], np.asarray(x, np.float64)
-    for kind, p in layers:
+    captured = None
+    for i, (kind, p) in enumerate(layers):
         tape.append((kind, p, h))
         if kind == "conv":
             h = conv_same(h, *p)
@@ -85,11 +86,15 @@ def sequential_saliency(layers, x, target=None, guided=True):
             h = h.reshape(len(h), -1)
         elif kind == "dense":
             h = h @ p[0] + p[1]
+        if i == capture:
+            captured = h
     logits = h
     target = logits.argmax(-1) if target is None else np.asarray(target)
     g = np.zeros_like(logits)
     g[np.arange(len(g)), target] = 1.0
-    for kind, p, inp in reversed(tape):
+    for i, (kind, p, inp) in reversed(list(enumerate(tape))):
+        if i == capture:
+            captured = (captured, g)
         if kind == "conv":
             g = conv_same_backward(g, inp.shape, p[0])
         elif kind == "bn":
@@ -102,7 +107,26 @@ def sequential_saliency(layers, x, target=None, guided=True):
             g = g.reshape(inp.shape)
         elif kind == "dense":
             g = g @ p[0].T
-    return g, logits
+    return (g, logits) if capture is None else (g, logits, *captured)
+
+
+def resize_bilinear(maps, size):
+    """(N, h, w) -> (N, *size), bilinear with half-pixel centres (TensorFlow 2's ``tf.image.resize``)."""
+    def axis(n_in, n_out):
+        pos = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+        low = np.floor(pos)
+        frac = pos - low
+        return np.clip(low, 0, n_in - 1).astype(int), np.clip(low + 1, 0, n_in - 1).astype(int), frac
+    y0, y1, fy = axis(maps.shape[1], size[0])
+    x0, x1, fx = axis(maps.shape[2], size[1])
+    rows = maps[:, y0] * (1 - fy)[None, :, None] + maps[:, y1] * fy[None, :, None]
+    return rows[:, :, x0] * (1 - fx)[None, None, :] + rows[:, :, x1] * fx[None, None, :]
+
+
+def grad_cam(activation, gradient, size):
+    """Grad-CAM from an activation (N, h, w, c) and the plain gradient of the score there, upsampled."""
+    weights = gradient.mean(axis=(1, 2), keepdims=True)
+    return resize_bilinear(np.maximum((activation * weights).sum(-1), 0), size)
 
 
 def layers_of(model):

@@ -61,3 +61,30 @@ def test_an_inputs_own_id_column_is_the_row_id(ray_local, job_model, tmp_path, c
     out = pq.read_table(str(tmp_path / "out"))
     assert sorted(out["id"].to_pylist()) == ids
     assert np.isfinite(out["target_score"].to_numpy()).all()
+
+
+@pytest.mark.parametrize("method,extra", [("guided_gradcam", ["--smooth", "3", "--noise", "0.1"]),
+                                          ("gradcam", ["--reduction", "none"])])
+def test_new_methods_through_the_job_give_the_engines_maps(ray_local, job_model, tmp_path, capsys, method, extra):
+    """The CLI's --method/--smooth/--cam-layer reach the actors: the job's maps equal the engine's own, run
+    here with another batch size (SmoothGrad's noise belongs to each image, not to its batch)."""
+    from worker import GradCAM, GuidedGradCAM
+    from worker.data.schema import read_maps, read_metadata
+
+    images, labels = jobdata.digits(10)
+    jobdata.write_hf(tmp_path / "d.parquet", images, labels, row_group=5)
+    assert main(["explain", "--model", job_model, "--input", str(tmp_path / "d.parquet"), "--output",
+                 str(tmp_path / "out"), "--preprocessing", "scale01", "--batch-size", "4", "--map-dtype", "float32",
+                 "--method", method, *extra]) == 0, capsys.readouterr().err
+    table = pq.read_table(str(tmp_path / "out"))
+    table = table.take(np.argsort([int(i.split("#")[1]) for i in table["id"].to_pylist()]))
+    metadata = read_metadata(table.schema)
+    assert metadata["method"] == method and metadata["cam_tensor"]
+    engine_cls = {"gradcam": GradCAM, "guided_gradcam": GuidedGradCAM}[method]
+    options = {"smooth": 3, "noise": 0.1} if "--smooth" in extra else {"reduction": "none"}
+    expected = engine_cls(job_model, batch_size=10, preprocessing="scale01", map_dtype="float32", **options)
+    assert metadata["smoothing"] == expected.report["smoothing"]
+    want = expected.explain(images).maps[:, 0]
+    got = read_maps(table)
+    assert got.shape == want.shape == ((10, 32, 32) if "--smooth" in extra else (10, 32, 32, 1))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())

@@ -34,7 +34,12 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("method")
     m.add_argument("--method", default="guided_backprop", choices=list(METHODS),
                    help="guided_backprop | deconvnet (positive gradients at every ReLU, no forward gate) | "
-                        "gradient (plain)")
+                        "gradient (plain) | gradcam | guided_gradcam (guided map x Grad-CAM)")
+    m.add_argument("--cam-layer", help="gradcam / guided_gradcam: layer or scope name (default: the last "
+                                       "convolutional activation)")
+    m.add_argument("--smooth", type=int, default=0, help="SmoothGrad: average over N noisy copies per image")
+    m.add_argument("--noise", type=float, default=0.15,
+                   help="SmoothGrad noise, a fraction of each image's input span (default 0.15)")
     m.add_argument("--target", default="predicted",
                    help="predicted | label | class:K | top:K | layer:NAME[:CHANNEL]")
     m.add_argument("--score", default="logits", choices=SCORES)

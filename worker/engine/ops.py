@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import tensorflow as tf
 from tensorflow.python.ops import gen_nn_ops
@@ -53,13 +54,36 @@ OTHER_NONLINEARITIES = (
 # ResNet50 than comparisons + select, with identical maps.  The mask is read from the ReLU's *output*
 # (y > 0 exactly where x > 0; y < 6 exactly where x < 6), as the framework's own ReLU gradient does, so
 # the pre-activation need not be kept alive for the backward pass.
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def plain_relu_gradients():
+    """Inside, ``tf.gradients`` gives overridden ReLUs the framework's own gradient: an ordinary backward pass
+    through ops that were traced with an override (Grad-CAM's channel weights in Guided Grad-CAM)."""
+    before = getattr(_local, "plain", False)
+    _local.plain = True
+    try:
+        yield
+    finally:
+        _local.plain = before
+
+
+def _vanilla(op, grad):
+    return (gen_nn_ops.relu6_grad if op.type == "Relu6" else gen_nn_ops.relu_grad)(grad, op.outputs[0])
+
+
 @tf.RegisterGradient(GUIDED_RELU)
 def _guided_relu_grad(op, grad):
+    if getattr(_local, "plain", False):
+        return _vanilla(op, grad)
     return gen_nn_ops.relu_grad(tf.nn.relu(grad), op.outputs[0])
 
 
 @tf.RegisterGradient(GUIDED_RELU6)
 def _guided_relu6_grad(op, grad):
+    if getattr(_local, "plain", False):
+        return _vanilla(op, grad)
     return gen_nn_ops.relu6_grad(tf.nn.relu(grad), op.outputs[0])
 
 
@@ -74,6 +98,8 @@ DECONV_OVERRIDES = {"Relu": DECONV_RELU, "Relu6": DECONV_RELU6}
 @tf.RegisterGradient(DECONV_RELU6)
 @tf.RegisterGradient(DECONV_RELU)
 def _deconv_grad(op, grad):
+    if getattr(_local, "plain", False):
+        return _vanilla(op, grad)
     return tf.nn.relu(grad)
 
 

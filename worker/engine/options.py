@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from worker.engine.targets import Target
 
 #: method name -> class name in :mod:`worker.engine.methods`
-METHODS = {"guided_backprop": "GuidedBackprop", "deconvnet": "Deconvnet", "gradient": "Gradient"}
+METHODS = {"guided_backprop": "GuidedBackprop", "deconvnet": "Deconvnet", "gradient": "Gradient",
+           "gradcam": "GradCAM", "guided_gradcam": "GuidedGradCAM"}
 PRESETS = ("none", "scale01", "tf", "caffe", "torch", "custom")
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area")
 REDUCTIONS = ("max_abs", "sum_abs", "l2", "none")
@@ -52,6 +53,9 @@ class EngineOptions:
     precision: str = "float32"
     relu_policy: str = "error"
     safe_mode: bool = True
+    smooth: int = 0  # SmoothGrad: noisy copies per image (0: off)
+    noise: float = 0.15  # their noise, a fraction of each image's input span
+    cam_layer: str | None = None  # Grad-CAM's layer (default: the last convolutional activation)
 
     def check(self) -> "EngineOptions":
         """Every value is one the engine accepts (the model-dependent checks come when it is loaded)."""
@@ -61,6 +65,7 @@ class EngineOptions:
         choose("preprocessing preset", self.preprocessing, PRESETS)
         check_choices(reduction=self.reduction, map_dtype=self.map_dtype, score=self.score,
                       precision=self.precision, relu_policy=self.relu_policy)
+        check_smoothing(self.smooth, self.noise)
         return self
 
     def to_dict(self) -> dict:
@@ -79,3 +84,10 @@ def check_choices(**values) -> None:
                "relu_policy": RELU_POLICIES, "conv_gradients": CONV_GRADIENTS, "method": METHODS}
     for name, value in values.items():
         choose(name, value, choices[name])
+
+
+def check_smoothing(smooth: int, noise: float) -> None:
+    if int(smooth) != smooth or not 0 <= smooth <= 256:
+        raise ValueError(f"smooth must be a whole number of noisy copies in [0, 256], got {smooth!r}")
+    if not 0 < noise <= 10:
+        raise ValueError(f"noise must be in (0, 10] (a fraction of each image's input span), got {noise!r}")

@@ -43,6 +43,9 @@ class JobConfig:
     score: str = "logits"
     precision: str = "float32"
     relu_policy: str = "error"
+    smooth: int = 0  # SmoothGrad: noisy copies per image, averaged (0: off)
+    noise: float = 0.15  # SmoothGrad's noise, a fraction of each image's input span
+    cam_layer: str | None = None  # gradcam / guided_gradcam: the layer (default: the last convolutional one)
     allow_unsafe_deserialization: bool = False
     resize: str = "stretch"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -83,7 +86,8 @@ class JobConfig:
         return EngineOptions(target=self.target, batch_size=self.batch_size, preprocessing=self.preprocessing,
                              reduction=self.reduction, map_dtype=self.map_dtype, score=self.score,
                              precision=self.precision, relu_policy=self.relu_policy,
-                             safe_mode=not self.allow_unsafe_deserialization)
+                             safe_mode=not self.allow_unsafe_deserialization, smooth=self.smooth,
+                             noise=self.noise, cam_layer=self.cam_layer)
 
     def decode_options(self, size: tuple[int, int]) -> DecodeOptions:
         return DecodeOptions(size, self.resize, self.max_pixels, self.jpeg_draft)

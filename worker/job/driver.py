@@ -39,6 +39,8 @@ def job_identity(config: JobConfig, report: dict) -> dict:
     keys = ("input", "image_column", "id_column", "label_column", "columns", "target", "method", "preprocessing",
             "reduction", "map_dtype", "score", "precision", "resize", "jpeg_draft", "mask_column", "statistics")
     ident = {k: getattr(config, k) for k in keys}
+    if config.smooth or config.cam_layer:  # added later: absent when unused, so older outputs still resume
+        ident.update(smooth=config.smooth, noise=config.noise, cam_layer=config.cam_layer)
     ident["columns"] = list(ident["columns"])
     ident["model_fingerprint"] = report["model"]["fingerprint"]
     ident["fingerprint"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -58,9 +60,7 @@ def run(config: JobConfig, *, echo=print) -> dict:
     num_classes = probe.source.num_classes
     k, target_kind = probe.target.maps_per_image, probe.target.kind
     h, w = probe.source.input_size
-    map_shape = (k, h, w) if k > 1 else (h, w)
-    if config.reduction == "none":
-        map_shape = (*map_shape, probe.source.channels)
+    map_shape = (k, *probe.map_shape) if k > 1 else probe.map_shape
     del probe
 
     import ray
@@ -71,18 +71,19 @@ def run(config: JobConfig, *, echo=print) -> dict:
     # the run record: the audit and its controls rebuild the job's engine from it (the file list of an
     # incremental run is left out: it can be long, and it is in the schedule's manifest)
     record = {**config.to_dict(), "files": None}
-    metadata = {**report, "versions": versions, "job": identity, "model_path": config.model, "config": record,
+    metadata = {**report, "versions": versions, "job": identity, "config": record,
                 "decode": dataclasses.asdict(decode_options), **config.extra_metadata}
     out_fs, out_root = storage.filesystem(config.output)
     owner = {"fingerprint": identity["fingerprint"], "job": identity, "metadata": metadata}
     lease = Lease(out_fs, out_root).acquire()  # one run at a time per output (OutputBusyError)
     try:
-        done, files_before = sink.prepare(out_fs, out_root, owner, overwrite=config.overwrite)
+        datasink = sink.AtomicParquetDatasink(out_fs, out_root, owner, metadata, config.rows_per_file,
+                                              overwrite=config.overwrite)
+        done, files_before = datasink.claim()
         rows_in = sum(u.rows for u in units)
         if len(done):
             echo(f"resuming: {len(done)} of {rows_in} rows are already in {config.output}")
 
-        result = {"rows": 0, "errors": 0, "files": []}
         if rows_in > len(done):
             connect()
             plan = place_actors(config.actor_start_timeout_s, echo, actors=config.actors,
@@ -104,13 +105,11 @@ def run(config: JobConfig, *, echo=print) -> dict:
             ds = ds.map_batches(ExplainBatch, batch_size=config.batch_size, batch_format="pyarrow",
                                 compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None,
                                 fn_constructor_kwargs={"config": config, "threads": plan.threads, "map_shape": map_shape})
-            datasink = sink.AtomicParquetDatasink(out_fs, out_root, metadata, config.rows_per_file)
             # writes share the CPUs kept for read/decode: a default 1-CPU write task could wait forever
             # behind actors holding the rest of a small node
             ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
-            result = datasink.result
 
-        # the files committed before this run were read by prepare(); read only the ones new since (any a retried
+        # the files committed before this run were read by claim(); read only the ones new since (any a retried
         # write task committed included, so a duplicate across files is still seen)
         before = set(files_before)
         new_files = [f for f in sink.committed_files(out_fs, out_root) if f not in before]
@@ -121,16 +120,16 @@ def run(config: JobConfig, *, echo=print) -> dict:
             "rows_in": rows_in,
             "rows_out": int(len(ids)),
             "rows_resumed": int(len(done)),
-            "rows_this_run": result["rows"],
-            "errors_this_run": result["errors"],
+            "rows_this_run": datasink.result["rows"],
+            "errors_this_run": datasink.result["errors"],
             "duplicate_ids": dataset.duplicates(ids),
-            "files_this_run": len(result["files"]),
+            "files_this_run": len(datasink.result["files"]),
             "seconds": round(elapsed, 2),
-            "rows_per_second": round(result["rows"] / elapsed, 2) if elapsed else None,
+            "rows_per_second": round(datasink.result["rows"] / elapsed, 2) if elapsed else None,
             "complete": int(len(ids)) == rows_in,
             "model_fingerprint": identity["model_fingerprint"],
         }
-        sink.finish(out_fs, out_root, summary)
+        datasink.finish(summary)
         echo(f"done: {summary['rows_this_run']} rows ({summary['errors_this_run']} with errors) in "
              f"{summary['seconds']} s, {summary['rows_per_second']} rows/s; {summary['rows_out']}/{rows_in} rows in "
              f"{config.output}")

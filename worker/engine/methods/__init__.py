@@ -2,7 +2,10 @@
 
 from worker.engine.methods.base import Attribution, Explanation, UnguidedReluError
 from worker.engine.methods.deconvnet import Deconvnet
+from worker.engine.methods.gradcam import GradCAM
 from worker.engine.methods.gradient import Gradient
 from worker.engine.methods.guided_backprop import GuidedBackprop
+from worker.engine.methods.guided_gradcam import GuidedGradCAM
 
-__all__ = ["Attribution", "Deconvnet", "Explanation", "Gradient", "GuidedBackprop", "UnguidedReluError"]
+__all__ = ["Attribution", "Deconvnet", "Explanation", "GradCAM", "Gradient", "GuidedBackprop", "GuidedGradCAM",
+           "UnguidedReluError"]

@@ -21,10 +21,11 @@ from worker.engine.coverage import CoverageReport, inspect_ops
 from worker.engine.explanation import Explanation
 from worker.engine.models import load_model
 from worker.engine.ops import FORWARD_CONV_GRADIENTS, gradient_scope
-from worker.engine.options import check_choices
+from worker.engine.options import check_choices, check_smoothing
 from worker.engine.preprocessing import Preprocessing
 from worker.engine.runtime import configure_tensorflow, default_conv_gradients, default_jit_compile, native_bfloat16
 from worker.engine.scores import class_scores
+from worker.engine.smoothing import noisy_copies
 from worker.engine.targets import Target, label_problem
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Attribution:
     def __init__(self, model, *, target="predicted", batch_size: int = 16, preprocessing="none",
                  reduction: str = "max_abs", map_dtype: str = "float16", score: str = "logits",
                  relu_policy: str = "error", precision: str = "float32", jit_compile="auto",
-                 conv_gradients: str = "auto",
+                 conv_gradients: str = "auto", smooth: int = 0, noise: float = 0.15, cam_layer: str | None = None,
                  safe_mode: bool = True, output: int | None = None, signature: str | None = None,
                  input_size=None, threads: int | None = None, warmup: bool = True):
         configure_tensorflow(threads)
@@ -72,6 +73,8 @@ class Attribution:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_choices(score=score, relu_policy=relu_policy, reduction=reduction, map_dtype=map_dtype,
                       conv_gradients=conv_gradients)
+        check_smoothing(smooth, noise)
+        self.smooth, self.noise, self.cam_layer = int(smooth), float(noise), cam_layer
         self.target = Target.parse(target)
         self.preprocessing = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing(preprocessing)
         self.batch_size = int(batch_size)
@@ -87,6 +90,7 @@ class Attribution:
         self.target.check_classes(self.source.num_classes)
         self.coverage: CoverageReport | None = None  # what the first trace found
         self._score_note = ""
+        self._cam_tensor: str | None = None
         self._concrete: dict[tuple[int, int], object] = {}
         self._concrete_for(self.source.input_size)
         if warmup:
@@ -96,26 +100,46 @@ class Attribution:
     # -- what a method decides -------------------------------------------------------------
     #: op type -> registered gradient name, installed while the forward pass is traced
     gradient_overrides: dict[str, str] = {}
+    #: channels of a map before reduction: the model input's (None), or 1 for a class activation map
+    map_channels: int | None = None
+
+    def _maps(self, x, scores, forward_ops, found: dict) -> list:
+        """Per target k, the (rows, H, W, C) float32 map of ``scores[:, k]`` (one score per row of ``x``).
+        Gradient methods: the input gradient, through the overrides the forward pass was traced with."""
+        return [tf.cast(tf.gradients(tf.reduce_sum(scores[:, k]), x)[0], tf.float32) for k in range(scores.shape[1])]
 
     # -- the compiled function ---------------------------------------------------------------
     def _compute(self, images, labels, found: dict):
         """The traced function; what the trace finds (coverage, which score) goes into ``found``."""
         x = self.preprocessing.apply(images, self.source.input_size, self.source.channels)
+        copies = self.smooth + 1
+        if self.smooth:  # clean copy first, then the noisy ones, per image
+            x = noisy_copies(x, images, self.smooth, self.noise)
         graph = tf.compat.v1.get_default_graph()
         first_op = len(graph.get_operations())
         overrides = {**self.gradient_overrides,
                      **(FORWARD_CONV_GRADIENTS if self.conv_gradients == "forward" else {})}
         with gradient_scope(overrides):
             output, activation = self.source.forward(x, self.target.layer)
-        found["coverage"] = inspect_ops(graph.get_operations()[first_op:], graph, self.gradient_overrides)
+        forward_ops = graph.get_operations()[first_op:]
+        found["coverage"] = inspect_ops(forward_ops, graph, self.gradient_overrides)
 
         logits, differentiated, found["score"] = class_scores(output, self.score)
-        predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        predicted_prob = tf.gather(tf.nn.softmax(logits), predicted, batch_dims=1)
-        scores, classes = self.target.select(logits, differentiated, labels, activation)
+        clean = logits[::copies]  # the images themselves decide the prediction and the target
+        predicted = tf.argmax(clean, axis=-1, output_type=tf.int32)
+        predicted_prob = tf.gather(tf.nn.softmax(clean), predicted, batch_dims=1)
+        if self.target.kind == "layer":
+            scores, classes = self.target.select(logits, differentiated, labels, activation)
+            classes = classes[::copies]
+        else:
+            _, classes = self.target.select(clean, differentiated[::copies], labels)
+            scores = tf.gather(differentiated, tf.repeat(classes, copies, axis=0), batch_dims=1)
 
-        grads = [tf.gradients(tf.reduce_sum(scores[:, k]), x)[0] for k in range(scores.shape[1])]
-        grads = tf.stack([tf.cast(g, tf.float32) for g in grads], axis=1)
+        per_target = self._maps(x, scores, forward_ops, found)
+        grads = tf.stack(per_target, axis=1)  # (rows, K, H, W, C)
+        if self.smooth:  # the mean over each image's noisy copies
+            grads = tf.reshape(grads, tf.concat([[-1, copies], tf.shape(grads)[1:]], 0))
+            grads = tf.reduce_mean(grads[:, 1:], axis=1)
         maps, scale = reduction_ops.reduce_map(grads, self.reduction, self.map_dtype)
         return {
             "maps": maps,
@@ -123,7 +147,7 @@ class Attribution:
             "predicted_class": predicted,
             "predicted_prob": predicted_prob,
             "target_class": classes,
-            "target_score": scores,
+            "target_score": scores[::copies],
         }
 
     def _concrete_for(self, size):
@@ -140,6 +164,7 @@ class Attribution:
             concrete = function.get_concrete_function(*spec)
             if not self._concrete:
                 self.coverage, self._score_note = found["coverage"], found["score"]
+                self._cam_tensor = found.get("cam")
                 self._check_coverage()
             self._concrete[size] = concrete
         return self._concrete[size]
@@ -159,6 +184,12 @@ class Attribution:
         return {k: v.numpy() for k, v in out.items()}
 
     # -- public --------------------------------------------------------------------------------
+    @property
+    def map_shape(self) -> tuple[int, ...]:
+        """One map's shape: (H, W) of the model input, or (H, W, C) with ``reduction='none'``."""
+        h, w = self.source.input_size
+        return (h, w, self.map_channels or self.source.channels) if self.reduction == "none" else (h, w)
+
     @functools.cached_property
     def report(self) -> dict:
         """What was computed and how: recorded next to every output (fixed once the function is traced)."""
@@ -174,6 +205,8 @@ class Attribution:
             "batch_size": self.batch_size,
             "jit_compile": self.jit_compile,
             "conv_gradients": self.conv_gradients,
+            "smoothing": {"copies": self.smooth, "noise": self.noise} if self.smooth else None,
+            "cam_tensor": self._cam_tensor,
             "map_is_gradient_wrt": "model input (after resize and normalisation)",
             "coverage": self.coverage.to_dict() if self.coverage else None,
             "versions": {"tensorflow": tf.__version__, "numpy": np.__version__},
@@ -194,8 +227,7 @@ class Attribution:
             out = self._run(chunk, chunk_labels)
             parts.append({k: v[: b - short] for k, v in out.items()})
         if not parts:
-            shape = (*self.source.input_size, *((self.source.channels,) if self.reduction == "none" else ()))
-            return Explanation.empty(self.target.maps_per_image, shape, self.map_dtype, self.report)
+            return Explanation.empty(self.target.maps_per_image, self.map_shape, self.map_dtype, self.report)
         return Explanation.concatenate([Explanation(**p, report=self.report) for p in parts])
 
     def _check_images(self, images) -> np.ndarray:

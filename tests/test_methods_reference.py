@@ -1,0 +1,134 @@
+"""Grad-CAM, Guided Grad-CAM and SmoothGrad against independent references: the numpy forward/backward of
+tests/reference.py on the question's CNN, and a plain-TensorFlow re-derivation (a Keras sub-model and a
+GradientTape) on keras.applications models."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import reference as ref
+from tests.conftest import assert_path
+from worker import GradCAM, GuidedBackprop, GuidedGradCAM
+from worker.demo import question_model
+from worker.engine.smoothing import noisy_copies
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = question_model(SIZE, classes=3, seed=1)
+    rng = np.random.default_rng(1)
+    for layer in m.layers:  # non-trivial BatchNorm statistics
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
+                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 2.0, var.shape)])
+    return m
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(5).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def _close(actual, expected, rtol=1e-5):
+    err = np.abs(actual - expected).max()
+    assert err <= rtol * np.abs(expected).max(), f"max abs error {err} vs max {np.abs(expected).max()}"
+
+
+def _last_relu(layers):
+    """Index (in the reference's layers) of the last ReLU before Flatten: where Grad-CAM looks by default."""
+    return max(i for i, (kind, _) in enumerate(layers[:[k for k, _ in layers].index("flatten")]) if kind == "relu")
+
+
+def _reference_cam(model, images, at=None, target=None):
+    layers = ref.layers_of(model)
+    at = _last_relu(layers) if at is None else at
+    _, logits, activation, gradient = ref.sequential_saliency(layers, images / 255.0, target=target, guided=False,
+                                                              capture=at)
+    return ref.grad_cam(activation, gradient, (SIZE, SIZE)), logits
+
+
+def test_gradcam_matches_the_numpy_reference(model, images, engine_path):
+    cam = GradCAM(model, batch_size=2, preprocessing="scale01", map_dtype="float32", **engine_path)
+    assert_path(cam, engine_path)
+    out = cam.explain(images)
+    expected, logits = _reference_cam(model, images)
+    np.testing.assert_array_equal(out.predicted_class, logits.argmax(-1))
+    assert out.maps.shape == (5, 1, SIZE, SIZE) and expected.max() > 0
+    _close(out.maps[:, 0], expected)
+    assert cam.report["method"] == "gradcam" and cam.report["cam_tensor"].endswith("Relu")
+
+
+def test_gradcam_at_a_chosen_layer(model, images):
+    """--cam-layer: an earlier block (4x4), found by the layer's name in the traced graph; a fixed class."""
+    layers = ref.layers_of(model)
+    relus = [i for i, (kind, _) in enumerate(layers) if kind == "relu"]
+    activations = [layer for layer in model.layers if isinstance(layer, keras.layers.Activation)]
+    cam = GradCAM(model, batch_size=5, preprocessing="scale01", map_dtype="float32", cam_layer=activations[3].name,
+                  target="class:2")
+    expected, _ = _reference_cam(model, images, at=relus[3], target=[2] * len(images))
+    assert expected.max() > 0
+    _close(cam.explain(images).maps[:, 0], expected)
+    assert activations[3].name in cam.report["cam_tensor"]
+    with pytest.raises(ValueError, match="cam_layer 'nope'"):
+        GradCAM(model, batch_size=1, cam_layer="nope")
+
+
+def test_guided_gradcam_is_the_guided_map_times_the_cam(model, images, engine_path):
+    engine = GuidedGradCAM(model, batch_size=2, preprocessing="scale01", reduction="none", map_dtype="float32",
+                           **engine_path)
+    out = engine.explain(images)
+    guided, _ = ref.sequential_saliency(ref.layers_of(model), images / 255.0)
+    cam, _ = _reference_cam(model, images)
+    _close(out.maps[:, 0], guided * cam[..., None])
+    assert engine.report["coverage"]["guided"] == {"Relu": 9}  # every ReLU guided, the head's included
+
+
+def test_smoothgrad_is_the_mean_over_noisy_copies(model, images):
+    n, noise = 4, 0.2
+    engine = GuidedBackprop(model, batch_size=2, preprocessing="scale01", reduction="none", map_dtype="float32",
+                            smooth=n, noise=noise)
+    out = engine.explain(images)
+    x = tf.constant(images / 255.0, tf.float32)
+    copies = noisy_copies(x, tf.constant(images), n, noise).numpy().reshape(len(images), n + 1, SIZE, SIZE, 3)
+    layers = ref.layers_of(model)
+    _, logits = ref.sequential_saliency(layers, images / 255.0)
+    target = logits.argmax(-1)  # the clean image decides the target
+    expected = np.mean([ref.sequential_saliency(layers, copies[:, c], target=target)[0] for c in range(1, n + 1)],
+                       axis=0)
+    np.testing.assert_array_equal(out.predicted_class, target)
+    _close(out.maps[:, 0], expected, rtol=1e-4)
+    assert engine.report["smoothing"] == {"copies": n, "noise": noise}
+    # the noise really moved the map, and a row's noise does not depend on its batch
+    plain = GuidedBackprop(model, batch_size=5, preprocessing="scale01", reduction="none", map_dtype="float32")
+    assert np.abs(plain.explain(images).maps - out.maps).max() > 0.05 * np.abs(out.maps).max()
+    alone = engine.explain(images[3:4])
+    np.testing.assert_allclose(alone.maps[0], out.maps[3], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,layer", [("MobileNetV2", "out_relu"), ("ResNet50", "conv5_block3_out")])
+def test_applications_match_a_plain_tensorflow_derivation(name, layer):
+    from tests.test_applications_reference import NATIVE_PRESET, _images, application, preprocess, reference
+
+    model = application(name)
+    images = _images()[:4]
+    x = tf.constant(preprocess(images, NATIVE_PRESET[name]), tf.float32)
+    split = keras.Model(model.inputs, [model.get_layer(layer).output, model.outputs[0]])
+    with tf.GradientTape() as tape:
+        activation, logits = split(x, training=False)
+        score = tf.reduce_sum(tf.gather(logits, tf.argmax(logits, axis=-1), batch_dims=1))
+    gradient = tape.gradient(score, activation)
+    weights = tf.reduce_mean(gradient, axis=[1, 2], keepdims=True)
+    expected_cam = tf.image.resize(tf.nn.relu(tf.reduce_sum(activation * weights, -1, keepdims=True)),
+                                   x.shape[1:3])[..., 0].numpy()
+    cam = GradCAM(model, batch_size=4, preprocessing=NATIVE_PRESET[name], map_dtype="float32")
+    assert cam.report["cam_tensor"].split("/")[-2].startswith(layer)  # found on its own: the last conv block
+    _close(cam.explain(images).maps[:, 0], expected_cam, rtol=1e-4)
+    guided, _ = reference(model, preprocess(images, NATIVE_PRESET[name]))
+    both = GuidedGradCAM(model, batch_size=4, preprocessing=NATIVE_PRESET[name], reduction="none",
+                         map_dtype="float32")
+    _close(both.explain(images).maps[:, 0], guided * expected_cam[..., None], rtol=1e-4)
