@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NAMES = ("engine", "profile", "end_to_end", "job_memory", "decode", "xla_cache", "audit", "scale")
+NAMES = ("engine", "methods", "profile", "end_to_end", "job_memory", "decode", "xla_cache", "audit", "scale")
 
 
 def main() -> int:

@@ -154,3 +154,16 @@ def layers_of(model):
         else:
             raise ValueError(f"reference has no {name}")
     return out
+
+
+def randomize_batchnorm(model, seed: int):
+    """Non-trivial BatchNorm statistics (in place), so BatchNorm is really tested; returns the model."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
+                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 2.0, var.shape)])
+    return model

@@ -18,13 +18,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def model():
     m = question_model(SIZE, classes=2, seed=1)
-    rng = np.random.default_rng(1)
-    for layer in m.layers:  # non-trivial BatchNorm statistics, so BN is really tested
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
-                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 2.0, var.shape)])
-    return m
+    return ref.randomize_batchnorm(m, 1)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +91,6 @@ def test_reductions_and_float16(model, images):
 
 def test_float16_keeps_tiny_gradients():
     """Gradients far below float16's range survive: maps are normalised per map, the scale kept in float32."""
-    import keras
 
     tiny = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="relu"),
                              keras.layers.Dense(2)])

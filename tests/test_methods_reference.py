@@ -19,13 +19,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def model():
     m = question_model(SIZE, classes=3, seed=1)
-    rng = np.random.default_rng(1)
-    for layer in m.layers:  # non-trivial BatchNorm statistics
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
-                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 2.0, var.shape)])
-    return m
+    return ref.randomize_batchnorm(m, 1)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 
 from tests import jobdata
 from tests.conftest import free_port
+from worker.data.schema import read_metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -49,10 +50,14 @@ def test_submit_succeeds_and_bad_model_fails(head, job_model, tmp_path):
     images, labels = jobdata.digits(24)
     jobdata.write_hf(tmp_path / "d.parquet", images, labels, row_group=8)
     ok = _submit(address, env, ["--model", job_model, "--input", str(tmp_path / "d.parquet"),
-                                "--output", str(tmp_path / "out"), "--preprocessing", "scale01", "--batch-size", "8"])
+                                "--output", str(tmp_path / "out"), "--preprocessing", "scale01", "--batch-size", "8",
+                                "--method", "guided_gradcam", "--smooth", "2"])  # the newest path, submitted
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     assert "succeeded" in _plain(ok)
-    assert pq.read_table(str(tmp_path / "out")).num_rows == 24
+    table = pq.read_table(str(tmp_path / "out"))
+    assert table.num_rows == 24 and table["error"].null_count == 24
+    metadata = read_metadata(table.schema)
+    assert metadata["method"] == "guided_gradcam" and metadata["smoothing"]["copies"] == 2
 
     anonymous = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     refused = _submit(address, anonymous, ["--help"], timeout=120)

@@ -89,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("--report", required=True, help="directory for report.html and audit.json")
     audit.add_argument("--label-column", help="default: the job's label column")
     audit.add_argument("--controls", type=int, default=0, help="sanity controls on the first N input images")
+    audit.add_argument("--interventions", type=int, default=0,
+                       help="confirm or refute each class's regions by intervening on N images per class")
     audit.add_argument("--model", help="model for the controls (default: the path the job recorded)")
     demo = sub.add_parser("demo", help="make real images and a model, run the job locally, write overlays")
     demo.add_argument("--output", default="demo_output")
@@ -106,7 +108,8 @@ def main(argv=None) -> int:
         elif args.command == "audit":
             from worker.audit import run_audit
 
-            result = run_audit(args.input, args.report, args.label_column, args.controls, args.model)
+            result = run_audit(args.input, args.report, args.label_column, args.controls, args.model,
+                               interventions=args.interventions)
             summary = {"report": args.report, "groups": len(result["groups"]), "findings": result["findings"]}
         elif args.command == "scheduled":
             from worker.job.schedule import load_config, scheduled_run

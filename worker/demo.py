@@ -104,6 +104,30 @@ def overlay(image: np.ndarray, saliency: np.ndarray, scale: int = 4) -> np.ndarr
     return np.asarray(Image.fromarray(panel).resize((panel.shape[1] * scale, panel.shape[0] * scale), Image.NEAREST))
 
 
+def methods_figure(model, images: np.ndarray, path: str, scale: int = 4) -> None:
+    """One row per image: the image, then its guided backprop, Grad-CAM, Guided Grad-CAM and SmoothGrad (over
+    guided backprop, 16 copies) maps, each on its own colour scale; a title row names the columns."""
+    from PIL import Image, ImageDraw
+
+    from worker import GradCAM, GuidedBackprop, GuidedGradCAM
+    from worker.audit.colormap import hot
+
+    options = {"batch_size": len(images), "preprocessing": "scale01", "map_dtype": "float32"}
+    columns = {"guided backprop": GuidedBackprop(model, **options), "Grad-CAM": GradCAM(model, **options),
+               "Guided Grad-CAM": GuidedGradCAM(model, **options),
+               "SmoothGrad": GuidedBackprop(model, smooth=16, noise=0.15, **options)}
+    maps = {name: engine.explain(images).as_float32()[:, 0] for name, engine in columns.items()}
+    h, w = images.shape[1] * scale, images.shape[2] * scale
+    rows = [np.concatenate([images[i]] + [hot(maps[name][i]) for name in columns], axis=1) for i in range(len(images))]
+    grid = Image.fromarray(np.concatenate(rows, axis=0)).resize(((len(columns) + 1) * w, len(images) * h), Image.NEAREST)
+    figure = Image.new("RGB", (grid.width, grid.height + 16), "white")
+    figure.paste(grid, (0, 16))
+    draw = ImageDraw.Draw(figure)
+    for j, title in enumerate(["image", *columns]):
+        draw.text((j * w + 4, 2), title, fill="black")
+    figure.save(path)
+
+
 MARKER = ".guided-saliency-demo"
 
 
@@ -152,6 +176,7 @@ def run_demo(output: str = "demo_output", images: int = 600, size: int = 32, epo
         Image.fromarray(panel).save(os.path.join(output, "overlays", f"{i:02d}.png"))
         rows.append(panel)
     Image.fromarray(np.concatenate(rows, axis=0)).save(os.path.join(output, "overlays", "grid.png"))
+    methods_figure(model, test_x[:4], os.path.join(output, "overlays", "methods.png"))
     from worker.audit import run_audit
 
     audit = run_audit(os.path.join(output, "maps"), os.path.join(output, "audit"), controls=32)
@@ -159,6 +184,7 @@ def run_demo(output: str = "demo_output", images: int = 600, size: int = 32, epo
     summary["overlays"] = os.path.join(output, "overlays")
     summary["audit_report"] = os.path.join(output, "audit", "report.html")
     summary["audit_findings"] = len(audit["findings"])
-    echo(f"held-out accuracy {accuracy:.3f}; overlays (image | map | blend) in {summary['overlays']}; "
+    echo(f"held-out accuracy {accuracy:.3f}; overlays (image | map | blend) and methods.png (each method's map) in "
+         f"{summary['overlays']}; "
          f"audit report in {summary['audit_report']}")
     return summary

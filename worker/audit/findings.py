@@ -85,3 +85,28 @@ def findings(groups: dict, clusters: dict | None = None) -> list[dict]:
                 out.append({"group": g, "severity": "high", "finding": "mass outside masks",
                             "detail": f"mean energy inside the ground-truth masks is {mask['mean']:.2f}"})
     return sorted(out, key=lambda f: (f["severity"] != "high", f["group"]))
+
+
+def intervention_findings(probed: list[dict]) -> list[dict]:
+    """One finding per probed region (:func:`worker.audit.intervene.probe_region`): a *confirmed* shortcut, or
+    *attention without effect*; the box, the median effect over the fills and its fills' intervals."""
+    out = []
+    for p in probed:
+        y0, x0, y1, x1 = p["box"]
+        fills = ", ".join(f"{how}: {f['flip_rate']:.0%} vs {f['control_flip_rate']:.0%} "
+                          f"[{f['interval'][0]:+.2f}, {f['interval'][1]:+.2f}]" for how, f in p["fills"].items())
+        low = min(f["interval"][0] for f in p["fills"].values())
+        high = max(f["interval"][1] for f in p["fills"].values())
+        severity = "high" if p["confirmed"] else "medium" if p["needed"] else "low"
+        finding = {"confirmed": "shortcut confirmed by intervention",
+                   "decisive region (large)": "large region needed and sufficient (the object?)",
+                   "needed, not sufficient": "region needed, not sufficient (part of the object?)"}
+        out.append({"group": f"true:{p['class']}", "severity": severity,
+                    "finding": finding.get(p["verdict"], "attention without effect"),
+                    "detail": f"region y {y0:.2f}-{y1:.2f}, x {x0:.2f}-{x1:.2f}: flips when neutralised vs at random "
+                              f"places ({fills}); pasted into other classes it moves "
+                              f"{p['sufficiency']['moved_to_class']:.0%} to the class "
+                              f"(random box {p['sufficiency']['control_moved']:.0%})",
+                    "box": [float(v) for v in p["box"]], "effect": p["effect"], "interval": [low, high],
+                    "verdict": p["verdict"]})
+    return out

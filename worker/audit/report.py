@@ -49,7 +49,65 @@ def aggregate_tables(result: dict) -> dict[str, pa.Table]:
                                          pa.ExtensionArray.from_storage(grid_type, storage))
     clusters = pa.Table.from_pylist([{"group": g, "cluster": c["cluster"], "count": c["count"], "share": c["share"]}
                                      for g, cs in result.get("clusters", {}).items() for c in cs])
-    return {"classes": classes, "clusters": clusters, "findings": pa.Table.from_pylist(result["findings"])}
+    keys = list(dict.fromkeys(k for f in result["findings"] for k in f))  # intervention findings add columns
+    found = pa.Table.from_pylist([{k: f.get(k) for k in keys} for f in result["findings"]])
+    return {"classes": classes, "clusters": clusters, "findings": found}
+
+
+def _image_png(image: np.ndarray, box=None, scale: int = 4) -> str:
+    """A uint8 RGB image, enlarged, with the pixel ``box`` (y0, x0, y1, x1) drawn in cyan."""
+    from PIL import Image, ImageDraw
+
+    picture = Image.fromarray(np.asarray(image, np.uint8)).resize((image.shape[1] * scale, image.shape[0] * scale),
+                                                                 Image.NEAREST)
+    if box is not None:
+        y0, x0, y1, x1 = box
+        ImageDraw.Draw(picture).rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1], outline=(0, 255, 255))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _overlay(image: np.ndarray, saliency: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    heat = hot(np.asarray(Image.fromarray(np.asarray(saliency, np.float32)).resize(image.shape[1::-1], Image.BILINEAR)))
+    return (0.45 * image + 0.55 * heat).astype(np.uint8)
+
+
+def _interventions_html(section: dict | None) -> str:
+    if not section:
+        return "<h2>Interventions</h2><p>not run (audit --interventions N)</p>"
+
+    def figure(png, caption):
+        return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+    parts = [f"<h2>Interventions</h2><p>Each class's regions (where its maps concentrate compared with the other "
+             f"classes) neutralised on {section['images_per_class']} of its images with three fills, against the "
+             "same fills at random places, and pasted into other classes' images; a shortcut is confirmed when "
+             "two fills beat random placement by a margin and the pasted region moves predictions to the class. "
+             f"Cost: {html.escape(section['cost'])}; {section['seconds']} s in all.</p>"]
+    for p in section["regions"]:
+        verdict = p["verdict"]
+        box = tuple(p["pixels"])
+        rows = "".join(f"<tr><td>{how}</td><td>{f['flip_rate']:.0%}</td><td>{f['control_flip_rate']:.0%}</td>"
+                       f"<td>{f['effect']:+.2f} [{f['interval'][0]:+.2f}, {f['interval'][1]:+.2f}]</td>"
+                       f"<td>{f['accuracy_after']:.0%}</td></tr>" for how, f in p["fills"].items())
+        parts.append(f"<div class=\"intervention\"><h3>class {p['class']}: {verdict}</h3>"
+                     + figure(_image_png(p["mean_image"], box), "mean image, region")
+                     + figure(_image_png(_overlay(p["mean_image"], p["mean_map"]), box), "mean map on it")
+                     + "".join(figure(_image_png(_overlay(e["versions"]["original"]["image"], e["map"]), box),
+                                      "image and its map")
+                               + "".join(figure(_image_png(v["image"], box),
+                                                f"{name}: class {v['predicted']}, logit {v['logit']:.2f}")
+                                         for name, v in e["versions"].items())
+                               + "<br>" for e in p["examples"])
+                     + "<table><tr><th>fill</th><th>flips</th><th>random place</th><th>effect [95 %]</th>"
+                     f"<th>accuracy after</th></tr>{rows}</table><p>accuracy before {p['accuracy_before']:.0%}; "
+                     f"pasted into other classes: {p['sufficiency']['moved_to_class']:.0%} move to the class "
+                     f"(random box: {p['sufficiency']['control_moved']:.0%})</p></div>")
+    return "".join(parts)
 
 
 def _controls_html(controls: dict | None) -> str:
@@ -71,6 +129,9 @@ def write_report(result: dict, report_dir: str) -> None:
                   {"direction": v["direction"], "worst": [{"value": w["value"], "id": w["id"]} for w in v["worst"]]})
               for g, v in groups.items()}
     clusters = result.get("clusters", {})
+    section = result.get("interventions")
+    serial_interventions = section and {**section, "regions": [
+        {k: v for k, v in p.items() if k not in ("examples", "mean_image", "mean_map")} for p in section["regions"]]}
     serial_clusters = {g: [{"cluster": c["cluster"], "count": c["count"], "share": c["share"],
                             "mean_map": c["mean_map"].tolist()} for c in cs] for g, cs in clusters.items()}
     for name, table in aggregate_tables(result).items():
@@ -78,7 +139,8 @@ def write_report(result: dict, report_dir: str) -> None:
             pq.write_table(table, os.path.join(report_dir, f"{name}.parquet"))
     with open(os.path.join(report_dir, "audit.json"), "w") as f:
         json.dump({"output": result["output"], "groups": serial, "clusters": serial_clusters,
-                   "findings": result["findings"], "controls": result.get("controls")}, f, indent=1)
+                   "findings": result["findings"], "controls": result.get("controls"),
+                   "interventions": serial_interventions}, f, indent=1)
     kind = "true:" if any(g.startswith("true:") for g in groups) else "predicted:"
     shown = {g: v for g, v in groups.items() if g.startswith(kind)}
     vmax = max((float(v["mean_map"].max()) for v in shown.values()), default=1.0)
@@ -111,7 +173,7 @@ def write_report(result: dict, report_dir: str) -> None:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Saliency audit</title>
 <style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:.5em;text-align:center}}
 img{{image-rendering:pixelated;border:1px solid #ccc}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}</style></head><body>
+td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.intervention{{margin-bottom:1.5em}}</style></head><body>
 <h1>Saliency audit</h1><h2>Run card</h2><table>{rows}</table>
 <h2>Findings</h2><table><tr><th>severity</th><th>group</th><th>finding</th><th>detail</th></tr>{found}</table>
 <h2>Mean maps per class</h2><p>L1-normalised maps averaged on a 16 x 16 grid, one colour scale for all
@@ -119,6 +181,7 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}</style></head><
 <h2>Worst cases per statistic</h2><p>Each map on its own colour scale; the row id names it in the output.</p>
 {worst or "<p>no statistics columns in this output</p>"}
 {_controls_html(result.get("controls"))}
+{_interventions_html(result.get("interventions"))}
 <h2>Clusters (spectral relevance analysis)</h2><p>Per class: a uniform sample of at most {SAMPLE_SIZE} maps is
 clustered (kNN graph, normalised Laplacian, eigengap for k, k-means); every map is then assigned to its nearest
 cluster. Classes with one cluster are not shown.</p>{cluster_rows or "<p>no class splits into clusters</p>"}

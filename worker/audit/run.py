@@ -10,6 +10,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,7 +26,9 @@ from worker.audit.aggregate import (
 )
 from worker.audit.clusters import add_cluster_examples, cluster_groups
 from worker.audit.controls import run_controls
-from worker.audit.findings import findings
+from worker.audit.findings import findings, intervention_findings
+from worker.audit.intervene import FILLS, PLACEMENTS, fill, probe_region
+from worker.audit.localise import contrast, regions
 from worker.audit.report import write_report
 from worker.data import sink, storage
 from worker.data.dataset import plan, read_unit
@@ -32,21 +38,36 @@ from worker.job.config import JobConfig, build_engine
 from worker.job.resources import connect
 
 
-def sample_images(config, options, n: int) -> np.ndarray:
-    """The first ``n`` decodable images of the job's input (``config``, its run record), decoded with the job's
-    ``options`` (:class:`~worker.data.decode.DecodeOptions`) at the model's input size."""
-    fs, units, _ = plan(config.input, [config.image_column])
-    images = []
+def decoded_rows(config, options, with_labels: bool = False):
+    """Yield (image, label or None) for every decodable row of the job's input (``config``, its run record),
+    decoded with the job's ``options`` (:class:`~worker.data.decode.DecodeOptions`) at the model's input size."""
+    columns = [config.image_column] + ([config.label_column] if with_labels else [])
+    fs, units, _ = plan(config.input, columns)
     for unit in units:
-        table = read_unit(fs, unit, [config.image_column], None)
-        for cell in image_cells(table[config.image_column]):
+        table = read_unit(fs, unit, columns, None)
+        labels = table[config.label_column].to_pylist() if with_labels else [None] * table.num_rows
+        for cell, label in zip(image_cells(table[config.image_column]), labels):
             try:
-                images.append(options.decode(cell))
+                yield options.decode(cell), label
             except DecodeError:
                 continue
-            if len(images) == n:
-                return np.stack(images)
+
+
+def sample_images(config, options, n: int) -> np.ndarray:
+    """The first ``n`` decodable images of the job's input."""
+    images = [image for image, _ in itertools.islice(decoded_rows(config, options), n)]
     return np.stack(images) if images else np.zeros((0, *options.size, 3), np.uint8)
+
+
+def class_samples(config, options, classes, n: int) -> dict[int, np.ndarray]:
+    """Up to ``n`` images of each class in ``classes`` (by the job's label column), read until each has them."""
+    found: dict[int, list] = {c: [] for c in classes}
+    for image, label in decoded_rows(config, options, with_labels=True):
+        if label in found and len(found[label]) < n:
+            found[label].append(image)
+            if all(len(v) == n for v in found.values()):
+                break
+    return {c: np.stack(v) for c, v in found.items() if v}
 
 
 def run_record(metadata: dict):
@@ -68,13 +89,51 @@ def _read_outputs(fs, files):
         _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"fs": fs})
 
 
+def _interventions(merged: dict, engine, samples: dict[int, np.ndarray], seed: int = 0) -> list[dict]:
+    """Localise each labelled class's regions and probe them (:mod:`~worker.audit.intervene`)."""
+    results = []
+    for cls, images in sorted(samples.items()):
+        key = f"true:{cls}"
+        if key not in merged or len(images) < 5:
+            continue
+        others = np.concatenate([v for c, v in sorted(samples.items()) if c != cls])
+        others = others[np.random.default_rng(seed).permutation(len(others))[:max(len(images), 8)]]
+        for region in regions(contrast(merged, key)):
+            probed = probe_region(engine.predict, cls, region, images, others, seed)
+            probed["examples"] = _examples(engine, cls, probed, images, others)
+            results.append({**probed, "share": region["share"], "mean_image": images.mean(0).astype(np.uint8),
+                            "mean_map": merged[key]["mean_map"]})
+    return results
+
+
+def _examples(engine, cls, probed, images, others, n: int = 2) -> list[dict]:
+    """A few of the class's images with their maps, and the same images after each fill, with the model's
+    class and logit: what the report shows beside the numbers."""
+    rng = np.random.default_rng(1)
+    chosen = images[:n]
+    mean_image = np.concatenate([images, others]).mean(0).astype(np.uint8)
+    maps = engine.explain(chosen).as_float32()[:, 0]
+    out = []
+    for i, image in enumerate(chosen):
+        versions = {"original": image[None]}
+        versions.update({how: fill(image[None], tuple(probed["pixels"]), how, mean_image, others, rng)
+                         for how in FILLS})
+        logits = engine.predict(np.concatenate(list(versions.values())))
+        out.append({"map": maps[i], "versions": {name: {"image": v[0], "predicted": int(logits[j].argmax()),
+                                                        "logit": float(logits[j, cls])}
+                                                 for j, (name, v) in enumerate(versions.items())}})
+    return out
+
+
 def run_audit(output: str, report_dir: str | None = None, label_column: str | None = None,
-              controls: int = 0, model: str | None = None) -> dict:
+              controls: int = 0, model: str | None = None, interventions: int = 0) -> dict:
     """Aggregate a job's output with Ray Data; write audit.json and report.html to ``report_dir``.
 
     ``label_column`` defaults to the job's. ``controls=N`` adds the sanity controls of :mod:`worker.audit.controls`
     on the first N input images, with the engine the job used, rebuilt from its run record (``model``
-    defaults to the job's model; a remote one is fetched)."""
+    defaults to the job's model; a remote one is fetched). ``interventions=N`` localises each labelled class's
+    regions and confirms or refutes each by intervening on N images of the class
+    (:mod:`worker.audit.intervene`)."""
 
     fs, root = storage.filesystem(output)
     files = sink.committed_files(fs, root)
@@ -100,19 +159,34 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     add_cluster_examples(merged, fitted, clusters)
     result = {"output": output, "groups": merged, "clusters": clusters, "findings": findings(merged, clusters),
               "metadata": metadata}
-    if controls:
-        if config is None:
-            raise ValueError(f"{output} was written without a run record (an older version): the controls "
-                             "cannot rebuild its engine; run the job again into a new output")
-        images = sample_images(config, DecodeOptions.from_dict(metadata["decode"]), controls)
+    if (controls or interventions) and config is None:
+        raise ValueError(f"{output} was written without a run record (an older version): the controls and "
+                         "interventions cannot rebuild its engine; run the job again into a new output")
+    if controls or interventions:
+        options = DecodeOptions.from_dict(metadata["decode"])
         model_path = storage.fetch_model(model or config.model)
 
         def make_engine(source=None, **overrides):
             """The job's engine (same method and options) on ``source`` (default: the job's model)."""
-            return build_engine(config, model_path if source is None else source,
-                                **{"batch_size": min(32, max(1, len(images))), **overrides})
+            return build_engine(config, model_path if source is None else source, **{"batch_size": 32, **overrides})
 
+    if controls:
+        images = sample_images(config, options, controls)
         result["controls"] = run_controls(make_engine, images, safe_mode=not config.allow_unsafe_deserialization)
+    if interventions:
+        if not label_column:
+            raise ValueError("interventions need the true class of each image: the job had no label column")
+        classes = sorted(int(g.split(":", 1)[1]) for g, v in merged.items() if g.startswith("true:") and v["count"])
+        started = time.perf_counter()
+        engine = make_engine(map_dtype="float32", reduction="max_abs", target="predicted")
+        probed = _interventions(merged, engine, class_samples(dataclasses.replace(config, label_column=label_column),
+                                                              options, classes, interventions))
+        result["interventions"] = {"images_per_class": interventions, "regions": probed,
+                                   "seconds": round(time.perf_counter() - started, 1),
+                                   "cost": f"per region {interventions} x (1 + {PLACEMENTS}) x {len(FILLS)} + "
+                                           f"about {3 * interventions} forward passes"}
+        result["findings"] = sorted(result["findings"] + intervention_findings(probed),
+                                    key=lambda f: (f["severity"] != "high", f["group"]))
     if report_dir:
         write_report(result, report_dir)
     return result

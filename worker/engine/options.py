@@ -40,9 +40,10 @@ def choose(name: str, value, choices) -> None:
         raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(choices)}")
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    """What the maps depend on besides the model: the keyword arguments of every method's constructor."""
+@dataclass
+class MapOptions:
+    """What a map depends on besides the model and the method: shared by :class:`EngineOptions` and the
+    job's run record (:class:`worker.job.config.JobConfig`)."""
 
     target: str = "predicted"
     batch_size: int = 16
@@ -52,10 +53,19 @@ class EngineOptions:
     score: str = "logits"
     precision: str = "float32"
     relu_policy: str = "error"
-    safe_mode: bool = True
-    smooth: int = 0  # SmoothGrad: noisy copies per image (0: off)
-    noise: float = 0.15  # their noise, a fraction of each image's input span
+    smooth: int = 0  # SmoothGrad: noisy copies per image, averaged (0: off)
+    noise: float = 0.15  # SmoothGrad's noise, a fraction of each image's input span
     cam_layer: str | None = None  # Grad-CAM's layer (default: the last convolutional activation)
+
+    def map_options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(MapOptions)}
+
+
+@dataclass
+class EngineOptions(MapOptions):
+    """The keyword arguments of every method's constructor: the map options and how the model is loaded."""
+
+    safe_mode: bool = True
 
     def check(self) -> "EngineOptions":
         """Every value is one the engine accepts (the model-dependent checks come when it is loaded)."""

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 
 from worker.data import schema
 from worker.data.decode import DEFAULT_MAX_PIXELS, DecodeOptions
-from worker.engine.options import METHODS, EngineOptions, check_choices
+from worker.engine.options import METHODS, EngineOptions, MapOptions, check_choices
 
 
-@dataclass
-class JobConfig:
-    """Everything a run needs; the same fields as the CLI's flags."""
+@dataclass(kw_only=True)
+class JobConfig(MapOptions):
+    """Everything a run needs; the same fields as the CLI's flags (the map options of
+    :class:`~worker.engine.options.MapOptions`, then the job's own)."""
 
     model: str
     input: str
@@ -34,18 +35,7 @@ class JobConfig:
     id_column: str | None = None
     label_column: str | None = None
     columns: tuple[str, ...] = ()
-    target: str = "predicted"
     method: str = "guided_backprop"
-    batch_size: int = 16
-    preprocessing: str = "none"
-    reduction: str = "max_abs"
-    map_dtype: str = "float16"
-    score: str = "logits"
-    precision: str = "float32"
-    relu_policy: str = "error"
-    smooth: int = 0  # SmoothGrad: noisy copies per image, averaged (0: off)
-    noise: float = 0.15  # SmoothGrad's noise, a fraction of each image's input span
-    cam_layer: str | None = None  # gradcam / guided_gradcam: the layer (default: the last convolutional one)
     allow_unsafe_deserialization: bool = False
     resize: str = "stretch"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -83,11 +73,7 @@ class JobConfig:
 
     def engine_options(self) -> EngineOptions:
         """The engine this run explains with (its method aside)."""
-        return EngineOptions(target=self.target, batch_size=self.batch_size, preprocessing=self.preprocessing,
-                             reduction=self.reduction, map_dtype=self.map_dtype, score=self.score,
-                             precision=self.precision, relu_policy=self.relu_policy,
-                             safe_mode=not self.allow_unsafe_deserialization, smooth=self.smooth,
-                             noise=self.noise, cam_layer=self.cam_layer)
+        return EngineOptions(**self.map_options(), safe_mode=not self.allow_unsafe_deserialization)
 
     def decode_options(self, size: tuple[int, int]) -> DecodeOptions:
         return DecodeOptions(size, self.resize, self.max_pixels, self.jpeg_draft)

@@ -212,6 +212,23 @@ class Attribution:
             "versions": {"tensorflow": tf.__version__, "numpy": np.__version__},
         }
 
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Forward only: (N, classes) float32 logits (a final softmax stripped) of uint8 (N, H, W, 3) images,
+        compiled once at the engine's batch size (interventions in the audit need nothing else)."""
+        images = self._check_images(images)
+        if not hasattr(self, "_predict"):
+            def forward(batch):
+                x = self.preprocessing.apply(batch, self.source.input_size, self.source.channels)
+                return class_scores(self.source.forward(x)[0], "logits")[0]
+            self._predict = tf.function(forward, jit_compile=self.jit_compile, autograph=False)
+        out, b = [], self.batch_size
+        for start in range(0, len(images), b):
+            chunk = images[start:start + b]
+            short = b - len(chunk)
+            padded = np.concatenate([chunk, np.zeros((short, *chunk.shape[1:]), np.uint8)]) if short else chunk
+            out.append(self._predict(tf.constant(padded)).numpy()[:len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, self.source.num_classes), np.float32)
+
     def explain(self, images: np.ndarray, labels=None) -> Explanation:
         """Explain ``images``: uint8 (N, H, W, 3); ``labels`` (N,) ints for ``target='label'``."""
         images = self._check_images(images)

@@ -1,0 +1,143 @@
+"""Confirm a suspected shortcut by intervening on the model: does the class need (and follow) the region?
+
+For a class c and a region R localised on its maps (:mod:`~worker.audit.localise`), on a sample of c's images:
+
+* **necessity**: neutralise R with each fill -- ``mean`` (the sample's mean image there), ``blur`` (the mean
+  colour of R and its surroundings), ``other`` (R taken from images of other classes) -- and measure the share of
+  correctly classified images that stop being classified c, the drop in c's logit, and the accuracy after;
+* **control**: the same fills on boxes of R's size at random places off R (``PLACEMENTS`` per image), so a drop
+  is judged against what any occlusion of that size does;
+* **sufficiency**: paste R from c's images into images of other classes and count predictions moving to c,
+  against pasting a random same-size box from c's images.
+
+A region is *needed* when, for at least two of the three fills, the per-image difference between the region's
+flip and the control's has a 95 % bootstrap interval whose lower end is at least ``MARGIN``; it is *sufficient*
+when the transplant's interval against the random box starts at ``MARGIN`` or above.  The verdict: a
+**confirmed** shortcut is needed and sufficient and small (at most ``SHORTCUT_AREA`` of the image: a mark that
+decides the class on its own); a large region that is both is the class's *decisive region* (most often the
+object itself); a region only needed is *needed, not sufficient*; otherwise the maps show *attention without
+effect*.  Forward passes only, on bounded samples (``predict`` is the job's
+engine's forward): images x (1 + PLACEMENTS) x fills forward passes per region, plus 2 x images for sufficiency.
+
+Example:
+    >>> low, high = bootstrap_interval(np.ones(20))
+    >>> float(low), float(high)
+    (1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worker.audit.localise import pixel_box
+
+FILLS = ("mean", "blur", "other")
+PLACEMENTS = 4
+MARGIN = 0.15  # the flip rate must beat random placement by this much (lower end of the 95 % interval)
+SHORTCUT_AREA = 0.12  # a confirmed shortcut covers at most this share of the image; larger is the object
+BOOTSTRAP = 1000
+
+
+def bootstrap_interval(values: np.ndarray, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values``."""
+    values = np.asarray(values, np.float64)
+    if not len(values):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (BOOTSTRAP, len(values)))].mean(1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def fill(images: np.ndarray, box: tuple, how: str, mean_image: np.ndarray, donors: np.ndarray,
+         rng: np.random.Generator) -> np.ndarray:
+    """``images`` with the pixel ``box`` neutralised ``how`` (one of :data:`FILLS`)."""
+    y0, x0, y1, x1 = box
+    out = images.copy()
+    if how == "mean":
+        out[:, y0:y1, x0:x1] = mean_image[y0:y1, x0:x1]
+    elif how == "blur":
+        h, w = images.shape[1:3]
+        dy, dx = max(1, y1 - y0), max(1, x1 - x0)
+        around = images[:, max(0, y0 - dy):min(h, y1 + dy), max(0, x0 - dx):min(w, x1 + dx)]
+        out[:, y0:y1, x0:x1] = around.reshape(len(images), -1, images.shape[-1]).mean(1)[:, None, None].astype(np.uint8)
+    elif how == "other":
+        out[:, y0:y1, x0:x1] = donors[rng.integers(0, len(donors), len(images)), y0:y1, x0:x1]
+    else:
+        raise ValueError(f"unknown fill {how!r}; choose one of {FILLS}")
+    return out
+
+
+def random_boxes(box: tuple, size: tuple[int, int], n: int, rng: np.random.Generator) -> list[tuple]:
+    """``n`` boxes of ``box``'s size at random places that do not overlap it (fewer if none fit)."""
+    y0, x0, y1, x1 = box
+    bh, bw = y1 - y0, x1 - x0
+    h, w = size
+    out = []
+    for _ in range(50 * n):
+        if len(out) == n:
+            break
+        ry, rx = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+        if ry >= y1 or ry + bh <= y0 or rx >= x1 or rx + bw <= x0:
+            out.append((ry, rx, ry + bh, rx + bw))
+    return out
+
+
+def probe_region(predict, cls: int, region: dict, images: np.ndarray, others: np.ndarray, seed: int = 0) -> dict:
+    """Necessity (per fill, against random placement) and sufficiency of ``region`` for class ``cls``.
+
+    ``predict(images) -> (N, classes) logits``; ``images`` are the class's sample (uint8, model input size),
+    ``others`` a sample of other classes' images (donors and transplant targets)."""
+    rng = np.random.default_rng(seed)
+    size = images.shape[1:3]
+    box = pixel_box(region["box"], size)
+    mean_image = np.concatenate([images, others]).mean(0).astype(np.uint8)
+    before = predict(images)
+    correct = before.argmax(1) == cls
+    controls = random_boxes(box, size, PLACEMENTS, rng)
+    result = {"class": cls, "box": list(region["box"]), "pixels": list(box), "images": int(len(images)),
+              "accuracy_before": float(correct.mean()), "control_placements": len(controls), "fills": {}}
+    for how in FILLS:
+        after = predict(fill(images, box, how, mean_image, others, rng))
+        flip = (correct & (after.argmax(1) != cls)).astype(np.float64)
+        control_flip = np.mean([correct & (predict(fill(images, b, how, mean_image, others, rng)).argmax(1) != cls)
+                                for b in controls], axis=0) if controls else np.zeros(len(images))
+        difference = (flip - control_flip)[correct]
+        low, high = bootstrap_interval(difference, seed)
+        result["fills"][how] = {
+            "flip_rate": float(flip[correct].mean()) if correct.any() else float("nan"),
+            "control_flip_rate": float(control_flip[correct].mean()) if correct.any() else float("nan"),
+            "effect": float(difference.mean()) if len(difference) else float("nan"), "interval": [low, high],
+            "accuracy_after": float((after.argmax(1) == cls).mean()),
+            "logit_drop": float((before[:, cls] - after[:, cls]).mean()),
+        }
+    lows = sorted((f["interval"][0] for f in result["fills"].values()), reverse=True)
+    result["needed"] = bool(len(lows) >= 2 and lows[1] >= MARGIN)
+    result["effect"] = float(np.median([f["effect"] for f in result["fills"].values()]))
+    # sufficiency: the region pasted into other classes' images, against a random box of c's images
+    targets = others
+    donors = images[rng.integers(0, len(images), len(targets))]
+    pasted = targets.copy()
+    y0, x0, y1, x1 = box
+    pasted[:, y0:y1, x0:x1] = donors[:, y0:y1, x0:x1]
+    moved = predict(pasted).argmax(1) == cls
+    if controls:
+        ry0, rx0, ry1, rx1 = controls[0]
+        random_paste = targets.copy()
+        random_paste[:, ry0:ry1, rx0:rx1] = donors[:, ry0:ry1, rx0:rx1]
+        control_moved = predict(random_paste).argmax(1) == cls
+    else:
+        control_moved = np.zeros(len(targets), bool)
+    already = predict(targets).argmax(1) == cls
+    keep = ~already
+    low, high = bootstrap_interval((moved.astype(float) - control_moved)[keep], seed)
+    result["sufficiency"] = {"moved_to_class": float(moved[keep].mean()) if keep.any() else float("nan"),
+                             "control_moved": float(control_moved[keep].mean()) if keep.any() else float("nan"),
+                             "interval": [low, high], "images": int(keep.sum())}
+    result["sufficient"] = bool(low >= MARGIN)
+    result["area"] = (y1 - y0) * (x1 - x0) / (size[0] * size[1])
+    decisive = result["needed"] and result["sufficient"]
+    result["confirmed"] = decisive and result["area"] <= SHORTCUT_AREA
+    result["verdict"] = ("confirmed" if result["confirmed"] else "decisive region (large)" if decisive
+                         else "needed, not sufficient" if result["needed"] else "attention without effect")
+    return result
