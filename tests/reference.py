@@ -167,3 +167,9 @@ def randomize_batchnorm(model, seed: int):
             layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
                                rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 2.0, var.shape)])
     return model
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    """Equal up to ``rtol`` of the expected map's largest magnitude (maps have no natural per-pixel scale)."""
+    err = np.abs(actual - expected).max()
+    assert err <= rtol * np.abs(expected).max(), f"max abs error {err} vs max {np.abs(expected).max()}"

@@ -26,11 +26,6 @@ def images():
     return np.random.default_rng(2).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
 
 
-def _close(actual, expected):
-    err = np.abs(actual - expected).max()
-    assert err <= 1e-5 * np.abs(expected).max(), f"max abs error {err} vs max {np.abs(expected).max()}"
-
-
 def test_question_model_matches_numpy_reference(model, images, engine_path):
     gbp = GuidedBackprop(model, batch_size=2, preprocessing="scale01", reduction="none", map_dtype="float32",
                          **engine_path)
@@ -40,7 +35,7 @@ def test_question_model_matches_numpy_reference(model, images, engine_path):
     assert out.maps.shape == (5, 1, SIZE, SIZE, 3)
     np.testing.assert_array_equal(out.predicted_class, logits.argmax(-1))
     np.testing.assert_allclose(out.target_score[:, 0], logits.max(-1), rtol=1e-4, atol=1e-5)
-    _close(out.maps[:, 0], expected)
+    ref.assert_close(out.maps[:, 0], expected)
     # the reference can tell guided from vanilla: the two differ on this model
     vanilla, _ = ref.sequential_saliency(ref.layers_of(model), images / 255.0, guided=False)
     assert np.abs(vanilla - expected).max() > 0.1 * np.abs(expected).max()
@@ -51,7 +46,7 @@ def test_question_model_matches_numpy_reference(model, images, engine_path):
 def test_vanilla_gradient_matches_reference(model, images):
     out = Gradient(model, batch_size=5, preprocessing="scale01", reduction="none", map_dtype="float32").explain(images)
     expected, _ = ref.sequential_saliency(ref.layers_of(model), images / 255.0, guided=False)
-    _close(out.maps[:, 0], expected)
+    ref.assert_close(out.maps[:, 0], expected)
 
 
 @pytest.mark.parametrize("target", ["label", "class:0", "top:2"])
@@ -74,7 +69,7 @@ def test_targets_match_reference(model, images, target, engine_path):
     for k, classes in enumerate(wanted):
         np.testing.assert_array_equal(out.target_class[:, k], classes)
         expected, _ = ref.sequential_saliency(layers, images / 255.0, target=classes)
-        _close(out.maps[:, k], expected)
+        ref.assert_close(out.maps[:, k], expected)
 
 
 def test_reductions_and_float16(model, images):

@@ -27,11 +27,6 @@ def images():
     return np.random.default_rng(5).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
 
 
-def _close(actual, expected, rtol=1e-5):
-    err = np.abs(actual - expected).max()
-    assert err <= rtol * np.abs(expected).max(), f"max abs error {err} vs max {np.abs(expected).max()}"
-
-
 def _last_relu(layers):
     """Index (in the reference's layers) of the last ReLU before Flatten: where Grad-CAM looks by default."""
     return max(i for i, (kind, _) in enumerate(layers[:[k for k, _ in layers].index("flatten")]) if kind == "relu")
@@ -52,7 +47,7 @@ def test_gradcam_matches_the_numpy_reference(model, images, engine_path):
     expected, logits = _reference_cam(model, images)
     np.testing.assert_array_equal(out.predicted_class, logits.argmax(-1))
     assert out.maps.shape == (5, 1, SIZE, SIZE) and expected.max() > 0
-    _close(out.maps[:, 0], expected)
+    ref.assert_close(out.maps[:, 0], expected)
     assert cam.report["method"] == "gradcam" and cam.report["cam_tensor"].endswith("Relu")
 
 
@@ -65,7 +60,7 @@ def test_gradcam_at_a_chosen_layer(model, images):
                   target="class:2")
     expected, _ = _reference_cam(model, images, at=relus[3], target=[2] * len(images))
     assert expected.max() > 0
-    _close(cam.explain(images).maps[:, 0], expected)
+    ref.assert_close(cam.explain(images).maps[:, 0], expected)
     assert activations[3].name in cam.report["cam_tensor"]
     with pytest.raises(ValueError, match="cam_layer 'nope'"):
         GradCAM(model, batch_size=1, cam_layer="nope")
@@ -77,7 +72,7 @@ def test_guided_gradcam_is_the_guided_map_times_the_cam(model, images, engine_pa
     out = engine.explain(images)
     guided, _ = ref.sequential_saliency(ref.layers_of(model), images / 255.0)
     cam, _ = _reference_cam(model, images)
-    _close(out.maps[:, 0], guided * cam[..., None])
+    ref.assert_close(out.maps[:, 0], guided * cam[..., None])
     assert engine.report["coverage"]["guided"] == {"Relu": 9}  # every ReLU guided, the head's included
 
 
@@ -94,7 +89,7 @@ def test_smoothgrad_is_the_mean_over_noisy_copies(model, images):
     expected = np.mean([ref.sequential_saliency(layers, copies[:, c], target=target)[0] for c in range(1, n + 1)],
                        axis=0)
     np.testing.assert_array_equal(out.predicted_class, target)
-    _close(out.maps[:, 0], expected, rtol=1e-4)
+    ref.assert_close(out.maps[:, 0], expected, rtol=1e-4)
     assert engine.report["smoothing"] == {"copies": n, "noise": noise}
     # the noise really moved the map, and a row's noise does not depend on its batch
     plain = GuidedBackprop(model, batch_size=5, preprocessing="scale01", reduction="none", map_dtype="float32")
@@ -121,8 +116,8 @@ def test_applications_match_a_plain_tensorflow_derivation(name, layer):
                                    x.shape[1:3])[..., 0].numpy()
     cam = GradCAM(model, batch_size=4, preprocessing=NATIVE_PRESET[name], map_dtype="float32")
     assert cam.report["cam_tensor"].split("/")[-2].startswith(layer)  # found on its own: the last conv block
-    _close(cam.explain(images).maps[:, 0], expected_cam, rtol=1e-4)
+    ref.assert_close(cam.explain(images).maps[:, 0], expected_cam, rtol=1e-4)
     guided, _ = reference(model, preprocess(images, NATIVE_PRESET[name]))
     both = GuidedGradCAM(model, batch_size=4, preprocessing=NATIVE_PRESET[name], reduction="none",
                          map_dtype="float32")
-    _close(both.explain(images).maps[:, 0], guided * expected_cam[..., None], rtol=1e-4)
+    ref.assert_close(both.explain(images).maps[:, 0], guided * expected_cam[..., None], rtol=1e-4)
