@@ -18,13 +18,12 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def model():
-    m = question_model(SIZE, classes=3, seed=1)
-    return ref.randomize_batchnorm(m, 1)
+    """Three classes, BatchNorm randomised: its Grad-CAM is positive at the default and the chosen layer."""
+    return ref.randomize_batchnorm(question_model(SIZE, classes=3, seed=1), 1)
 
 
-@pytest.fixture(scope="module")
-def images():
-    return np.random.default_rng(5).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+images = pytest.fixture(scope="module", name="images")(
+    lambda: np.random.default_rng(5).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8))
 
 
 def _last_relu(layers):

@@ -5,13 +5,14 @@ the spatial mean of the ordinary gradient of the target score; the map is ReLU(s
 upsampled bilinearly to the model input on the device.  Only the head above A is differentiated, so it costs
 less than any input-gradient method.  The map has one channel.
 
-Example:
+Example (a functional model, its CAM layer named):
     >>> import numpy as np, keras
     >>> from worker import GradCAM
-    >>> model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
-    ...                           keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
-    >>> cam = GradCAM(model, batch_size=2, map_dtype="float32")
-    >>> cam.explain(np.zeros((3, 8, 8, 3), np.uint8)).maps.shape, cam.report["cam_tensor"].endswith("Relu")
+    >>> x = keras.Input((8, 8, 3))
+    >>> features = keras.layers.ReLU(name="features")(keras.layers.Conv2D(4, 3)(x))
+    >>> model = keras.Model(x, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(features)))
+    >>> cam = GradCAM(model, batch_size=2, map_dtype="float32", cam_layer="features")
+    >>> cam.explain(np.zeros((3, 8, 8, 3), np.uint8)).maps.shape, "features" in cam.report["cam_tensor"]
     ((3, 1, 8, 8), True)
 """
 
