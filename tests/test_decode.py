@@ -103,3 +103,41 @@ def test_jpeg_draft_decodes_large_photos_at_reduced_scale(policy):
     assert (decode_image(small, (48, 64), policy, jpeg_draft=True) == decode_image(small, (48, 64), policy)).all()
     png = encode(full, "PNG")
     assert (decode_image(png, (48, 64), policy, jpeg_draft=True) == decode_image(png, (48, 64), policy)).all()
+
+
+def test_cmyk_jpeg_comes_back_as_rgb(photo):
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.fromarray(photo).convert("CMYK").save(buffer, format="JPEG", quality=95)
+    out = decode_image(buffer.getvalue(), SIZE)
+    assert out.shape == (32, 32, 3)
+    assert np.abs(out.astype(int) - decode_image(photo, SIZE)).mean() < 12  # close to the RGB original
+
+
+def test_a_translucent_image_is_composited_on_white():
+    """Alpha blends the colour with a white background, pixel by pixel (no resize: the model's size)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    alpha[0], alpha[1] = 0, 255  # fully transparent and fully opaque rows
+    out = decode_image(encode(np.dstack([rgb, alpha]), mode="RGBA"), (16, 16)).astype(float)
+    a = alpha[..., None] / 255.0
+    np.testing.assert_allclose(out, rgb * a + 255 * (1 - a), atol=1.01)
+    assert out[alpha == 0].min() == 255 and (out[alpha == 255] == rgb[alpha == 255]).all()
+
+
+def test_the_bomb_guard_runs_before_any_pixel_is_decoded(monkeypatch):
+    """The header is read, the size refused, and PIL's decoder never runs (a bomb costs no memory)."""
+    from PIL import ImageFile
+
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or real_load(self))
+    with pytest.raises(DecodeError, match="exceeds the limit"):
+        decode_image(bomb_png(), SIZE)
+    assert loads == []
+    decode_image(encode(np.zeros((8, 8, 3), np.uint8)), SIZE)
+    assert loads and set(loads) == {(8, 8)}  # the patch does see a real decode
