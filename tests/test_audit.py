@@ -77,6 +77,8 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
     assert len(worst) == 6 and [w["value"] for w in worst] == sorted((w["value"] for w in worst), reverse=True)
     assert page.count("data:image/png;base64,") == len(classes) + 6 * 2  # mean maps + worst cases of 2 stats
     assert worst[0]["id"] in page
+    for w in worst:  # each worst case beside its own input image, found by its row id
+        np.testing.assert_array_equal(w["image"], images[int(w["id"].split("#")[1])])
     assert result["metadata"]["model"]["fingerprint"] in page
     assert (tmp_path / "report" / "audit.json").exists()
     import pyarrow.parquet as pq

@@ -25,3 +25,22 @@ def test_resume_index_and_duplicates():
     assert mask.tolist() == [i % 2 == 0 for i in range(len(ids))]
     assert duplicates(id_bytes(pa.array(ids))) == 0
     assert duplicates(np.concatenate([id_bytes(pa.array(ids)), id_bytes(pa.array(ids[:7]))])) == 7
+
+
+def test_a_lookup_by_id_opens_only_the_row_groups_it_names(tmp_path):
+    """The audit shows its worst cases' images: derived ids name their row groups; id columns are read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from worker.data.dataset import done_index, plan, read_unit, units_holding
+
+    pq.write_table(pa.table({"x": list(range(30)), "key": [f"k{i}" for i in range(30)]}), str(tmp_path / "a.parquet"),
+                   row_group_size=10)
+    fs, units, _ = plan(str(tmp_path), ["x"])
+    chosen = units_holding(units, ["a.parquet#3", "a.parquet#25"], None)
+    assert [u.row_group for u in chosen] == [0, 2]
+    rows = [read_unit(fs, u, ["x"], None, only=done_index(["a.parquet#3", "a.parquet#25"])) for u in chosen]
+    assert [r["x"].to_pylist() for r in rows] == [[3], [25]]
+    assert len(units_holding(units, ["k7"], "key")) == 3
+    table = pa.concat_tables([read_unit(fs, u, ["x"], "key", only=done_index(["k7"])) for u in units])
+    assert table["x"].to_pylist() == [7] and table["id"].to_pylist() == ["k7"]

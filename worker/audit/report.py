@@ -163,10 +163,17 @@ def write_report(result: dict, report_dir: str) -> None:
             + "".join(figure(e, f"cluster {c['cluster']}: typical member") for e in c.get("examples", []))
             + "<br>" for c in cs) + "</div>"
         for g, cs in clusters.items() if len(cs) > 1)
+    def worst_case(w):
+        caption = f"{w['id']}: {w['value']:.3g}"
+        if "image" not in w:
+            return figure(w["grid"], caption)
+        return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
+                f'{_image_png(_overlay(w["image"], w["grid"]), scale=max(1, 128 // w["image"].shape[0]))}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
     worst = "".join(
-        f"<h3>{html.escape(g.split(':', 1)[1])} ({v['direction']}est)</h3>" + "".join(
-            figure(w["grid"], f"{w['id']}: {w['value']:.3g}") for w in v["worst"])
-        for g, v in groups.items() if g.startswith("worst:"))
+        f"<h3>{html.escape(g.split(':', 1)[1])} ({v['direction']}est)</h3>"
+        + "".join(worst_case(w) for w in v["worst"]) for g, v in groups.items() if g.startswith("worst:"))
     found = "".join(f"<tr><td>{f['severity']}</td><td>{html.escape(f['group'])}</td><td>{f['finding']}</td>"
                     f"<td>{html.escape(f['detail'])}</td></tr>" for f in result["findings"]) or \
         "<tr><td colspan=4>no findings</td></tr>"
@@ -178,7 +185,8 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.intervention{{m
 <h2>Findings</h2><table><tr><th>severity</th><th>group</th><th>finding</th><th>detail</th></tr>{found}</table>
 <h2>Mean maps per class</h2><p>L1-normalised maps averaged on a 16 x 16 grid, one colour scale for all
 (max {vmax:.4f}).</p>{tiles}
-<h2>Worst cases per statistic</h2><p>Each map on its own colour scale; the row id names it in the output.</p>
+<h2>Worst cases per statistic</h2><p>Each image with its map (16 x 16, on its own colour scale) laid over it;
+the row id names it in the output.</p>
 {worst or "<p>no statistics columns in this output</p>"}
 {_controls_html(result.get("controls"))}
 {_interventions_html(result.get("interventions"))}

@@ -31,7 +31,7 @@ from worker.audit.intervene import FILLS, PLACEMENTS, fill, probe_region
 from worker.audit.localise import contrast, regions
 from worker.audit.report import write_report
 from worker.data import sink, storage
-from worker.data.dataset import plan, read_unit
+from worker.data.dataset import done_index, plan, read_unit, units_holding
 from worker.data.decode import DecodeError, DecodeOptions, image_cells
 from worker.data.schema import read_metadata
 from worker.job.config import JobConfig, build_engine
@@ -57,6 +57,22 @@ def sample_images(config, options, n: int) -> np.ndarray:
     """The first ``n`` decodable images of the job's input."""
     images = [image for image, _ in itertools.islice(decoded_rows(config, options), n)]
     return np.stack(images) if images else np.zeros((0, *options.size, 3), np.uint8)
+
+
+def images_by_id(config, options, ids) -> dict[str, np.ndarray]:
+    """The decoded input images of a few rows (the worst cases), read as the job read them: with derived ids
+    only the row groups they name are opened; with an id column every row group's ids are read."""
+    fs, units, _ = plan(config.input, [config.image_column])
+    index = done_index(list(ids))
+    found = {}
+    for unit in units_holding(units, ids, config.id_column):
+        table = read_unit(fs, unit, [config.image_column], config.id_column, only=index)
+        for row_id, cell in zip(table["id"].to_pylist(), image_cells(table[config.image_column])):
+            try:
+                found[row_id] = options.decode(cell)
+            except DecodeError:
+                continue
+    return found
 
 
 def class_samples(config, options, classes, n: int) -> dict[int, np.ndarray]:
@@ -170,6 +186,12 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
             """The job's engine (same method and options) on ``source`` (default: the job's model)."""
             return build_engine(config, model_path if source is None else source, **{"batch_size": 32, **overrides})
 
+    if config is not None:  # the worst cases' own images, beside their maps
+        worst = [w for g, v in merged.items() if g.startswith("worst:") for w in v["worst"]]
+        found = images_by_id(config, DecodeOptions.from_dict(metadata["decode"]), {w["id"] for w in worst})
+        for w in worst:
+            if w["id"] in found:
+                w["image"] = found[w["id"]]
     if controls:
         images = sample_images(config, options, controls)
         result["controls"] = run_controls(make_engine, images, safe_mode=not config.allow_unsafe_deserialization)

@@ -158,9 +158,10 @@ def is_done(index: np.ndarray, ids) -> np.ndarray:
 
 
 def read_unit(fs: pafs.FileSystem, unit: Unit, columns: list[str], id_column: str | None,
-              done: np.ndarray | None = None) -> pa.Table:
-    """One row group with an ``id`` column first; rows whose id is in ``done`` (a :func:`done_index`) are
-    dropped before the other columns are read, so a resumed run does not fetch the images it skips."""
+              done: np.ndarray | None = None, only: np.ndarray | None = None) -> pa.Table:
+    """One row group with an ``id`` column first; rows whose id is in ``done`` (a :func:`done_index`), or not
+    in ``only`` (another), are dropped before the other columns are read, so a resumed run does not fetch the
+    images it skips and a lookup fetches only the rows it wants."""
     rest = [c for c in columns if c != id_column]
     with fs.open_input_file(unit.path) as handle:
         parquet = pq.ParquetFile(handle)
@@ -171,7 +172,22 @@ def read_unit(fs: pafs.FileSystem, unit: Unit, columns: list[str], id_column: st
         else:
             ids = pa.array([f"{unit.relpath}#{unit.first_row + i}" for i in range(unit.rows)])
         keep = ~is_done(done, ids) if done is not None and len(done) else None
+        if only is not None:
+            keep = is_done(only, ids) & (True if keep is None else keep)
         if keep is not None and not keep.any():
             return parquet.schema_arrow.empty_table().select(rest).add_column(0, "id", ids.slice(0, 0))
         table = parquet.read_row_group(unit.row_group, columns=rest).add_column(0, "id", ids)
     return table.filter(pa.array(keep)) if keep is not None else table
+
+
+def units_holding(units: list[Unit], ids, id_column: str | None) -> list[Unit]:
+    """The units that may hold ``ids``: with derived ids (``<file>#<row>``) only the row groups named by them,
+    with an id column all of them (the ids are in the data)."""
+    if id_column:
+        return list(units)
+    wanted: dict[str, list[int]] = {}
+    for row_id in ids:
+        relpath, _, row = str(row_id).rpartition("#")
+        if row.isdigit():
+            wanted.setdefault(relpath, []).append(int(row))
+    return [u for u in units if any(u.first_row <= r < u.first_row + u.rows for r in wanted.get(u.relpath, ()))]
