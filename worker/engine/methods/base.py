@@ -1,10 +1,11 @@
 """The small base every attribution method shares: build once, compile once, explain batches.
 
-A method only says which gradient overrides its forward pass is traced with
-(:attr:`Attribution.gradient_overrides`, see :mod:`worker.engine.ops`).  The base does the rest inside one
-``tf.function`` with a fixed batch shape: uint8 images in, preprocessing on the
-device, forward pass, target selection, one backward pass per map, channel
-reduction on the device, and only the reduced maps back to the host.
+A method says which gradient overrides its forward pass is traced with
+(:attr:`Attribution.gradient_overrides`, see :mod:`worker.engine.ops`) and, if it is not an input gradient,
+how a map is made from the traced pass (:meth:`Attribution._maps`, e.g. Grad-CAM).  The base does the rest
+inside one ``tf.function`` with a fixed batch shape: uint8 images in, preprocessing on the device (and
+SmoothGrad's noisy copies), forward pass, target selection, the maps, channel reduction on the device, and
+only the reduced maps back to the host.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from worker.engine.targets import Target, label_problem
 
 log = logging.getLogger(__name__)
 
+
 class UnguidedReluError(RuntimeError):
     """A model has a ReLU the method could not guide, or no ReLU at all."""
 
@@ -53,6 +55,10 @@ class Attribution:
             flipped kernel, :data:`worker.engine.ops.FORWARD_CONV_GRADIENTS`), ``framework`` (TensorFlow's own
             backprop kernels) or ``auto`` (forward on CPU, where it measured faster; framework on GPU).
             Both give the same maps up to float rounding.
+        smooth, noise: SmoothGrad: average over ``smooth`` noisy copies per image (0: off), noise ``noise`` x the
+            image's input span (see :mod:`worker.engine.smoothing`).
+        cam_layer: Grad-CAM's layer or scope (default: the last convolutional activation, see
+            :mod:`worker.engine.cam`); other methods ignore it.
         safe_mode: Keras safe mode when loading (default on).
         output, signature, input_size: pick an output / SavedModel signature / size of a resizable model.
         threads: TensorFlow intra-op threads (match the CPUs the scheduler gave this process).
