@@ -79,6 +79,10 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
     assert worst[0]["id"] in page
     for w in worst:  # each worst case beside its own input image, found by its row id
         np.testing.assert_array_equal(w["image"], images[int(w["id"].split("#")[1])])
+    (tmp_path / "d.parquet").unlink()  # an output outlives its input: the audit still runs, without the images
+    again = run_audit(str(tmp_path / "out"), str(tmp_path / "report-2"))
+    assert "cannot be read" in again["worst_images"]
+    assert not any("image" in w for w in again["groups"]["worst:border_enrichment"]["worst"])
     assert result["metadata"]["model"]["fingerprint"] in page
     assert (tmp_path / "report" / "audit.json").exists()
     import pyarrow.parquet as pq

@@ -63,6 +63,7 @@ def test_an_inputs_own_id_column_is_the_row_id(ray_local, job_model, tmp_path, c
     assert np.isfinite(out["target_score"].to_numpy()).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,extra", [("guided_gradcam", ["--smooth", "3", "--noise", "0.1"]),
                                           ("gradcam", ["--reduction", "none"])])
 def test_new_methods_through_the_job_give_the_engines_maps(ray_local, job_model, tmp_path, capsys, method, extra):

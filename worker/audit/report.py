@@ -186,7 +186,7 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.intervention{{m
 <h2>Mean maps per class</h2><p>L1-normalised maps averaged on a 16 x 16 grid, one colour scale for all
 (max {vmax:.4f}).</p>{tiles}
 <h2>Worst cases per statistic</h2><p>Each image with its map (16 x 16, on its own colour scale) laid over it;
-the row id names it in the output.</p>
+the row id names it in the output. {html.escape(result.get("worst_images", ""))}</p>
 {worst or "<p>no statistics columns in this output</p>"}
 {_controls_html(result.get("controls"))}
 {_interventions_html(result.get("interventions"))}

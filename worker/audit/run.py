@@ -186,9 +186,12 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
             """The job's engine (same method and options) on ``source`` (default: the job's model)."""
             return build_engine(config, model_path if source is None else source, **{"batch_size": 32, **overrides})
 
-    if config is not None:  # the worst cases' own images, beside their maps
+    if config is not None:  # the worst cases' own images, beside their maps (when the input is still there)
         worst = [w for g, v in merged.items() if g.startswith("worst:") for w in v["worst"]]
-        found = images_by_id(config, DecodeOptions.from_dict(metadata["decode"]), {w["id"] for w in worst})
+        try:
+            found = images_by_id(config, DecodeOptions.from_dict(metadata["decode"]), {w["id"] for w in worst})
+        except (OSError, ValueError) as exc:  # InputError is a ValueError
+            found, result["worst_images"] = {}, f"not shown: the job's input cannot be read ({exc})"
         for w in worst:
             if w["id"] in found:
                 w["image"] = found[w["id"]]
