@@ -38,47 +38,38 @@ from worker.job.config import JobConfig, build_engine
 from worker.job.resources import connect
 
 
-def decoded_rows(config, options, with_labels: bool = False):
-    """Yield (image, label or None) for every decodable row of the job's input (``config``, its run record),
-    decoded with the job's ``options`` (:class:`~worker.data.decode.DecodeOptions`) at the model's input size."""
+def decoded_rows(config, options, with_labels: bool = False, ids=None):
+    """Yield (id, image, label or None) for every decodable row of the job's input (``config``, its run record),
+    decoded with the job's ``options`` (:class:`~worker.data.decode.DecodeOptions`) at the model's input size;
+    with ``ids``, only those rows (derived ids open only the row groups they name)."""
     columns = [config.image_column] + ([config.label_column] if with_labels else [])
     fs, units, _ = plan(config.input, columns)
-    for unit in units:
-        table = read_unit(fs, unit, columns, None)
+    only = None if ids is None else done_index(list(ids))
+    for unit in units if ids is None else units_holding(units, ids, config.id_column):
+        table = read_unit(fs, unit, columns, config.id_column, only=only)
         labels = table[config.label_column].to_pylist() if with_labels else [None] * table.num_rows
-        for cell, label in zip(image_cells(table[config.image_column]), labels):
+        for row_id, cell, label in zip(table["id"].to_pylist(), image_cells(table[config.image_column]), labels):
             try:
-                yield options.decode(cell), label
+                yield row_id, options.decode(cell), label
             except DecodeError:
                 continue
 
 
 def sample_images(config, options, n: int) -> np.ndarray:
     """The first ``n`` decodable images of the job's input."""
-    images = [image for image, _ in itertools.islice(decoded_rows(config, options), n)]
+    images = [image for _, image, _ in itertools.islice(decoded_rows(config, options), n)]
     return np.stack(images) if images else np.zeros((0, *options.size, 3), np.uint8)
 
 
 def images_by_id(config, options, ids) -> dict[str, np.ndarray]:
-    """The decoded input images of a few rows (the worst cases), read as the job read them: with derived ids
-    only the row groups they name are opened; with an id column every row group's ids are read."""
-    fs, units, _ = plan(config.input, [config.image_column])
-    index = done_index(list(ids))
-    found = {}
-    for unit in units_holding(units, ids, config.id_column):
-        table = read_unit(fs, unit, [config.image_column], config.id_column, only=index)
-        for row_id, cell in zip(table["id"].to_pylist(), image_cells(table[config.image_column])):
-            try:
-                found[row_id] = options.decode(cell)
-            except DecodeError:
-                continue
-    return found
+    """The decoded input images of a few rows (the worst cases), read as the job read them."""
+    return {row_id: image for row_id, image, _ in decoded_rows(config, options, ids=ids)}
 
 
 def class_samples(config, options, classes, n: int) -> dict[int, np.ndarray]:
     """Up to ``n`` images of each class in ``classes`` (by the job's label column), read until each has them."""
     found: dict[int, list] = {c: [] for c in classes}
-    for image, label in decoded_rows(config, options, with_labels=True):
+    for _, image, label in decoded_rows(config, options, with_labels=True):
         if label in found and len(found[label]) < n:
             found[label].append(image)
             if all(len(v) == n for v in found.values()):
@@ -178,8 +169,8 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     if (controls or interventions) and config is None:
         raise ValueError(f"{output} was written without a run record (an older version): the controls and "
                          "interventions cannot rebuild its engine; run the job again into a new output")
+    options = DecodeOptions.from_dict(metadata["decode"]) if config is not None else None
     if controls or interventions:
-        options = DecodeOptions.from_dict(metadata["decode"])
         model_path = storage.fetch_model(model or config.model)
 
         def make_engine(source=None, **overrides):
@@ -189,7 +180,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     if config is not None:  # the worst cases' own images, beside their maps (when the input is still there)
         worst = [w for g, v in merged.items() if g.startswith("worst:") for w in v["worst"]]
         try:
-            found = images_by_id(config, DecodeOptions.from_dict(metadata["decode"]), {w["id"] for w in worst})
+            found = images_by_id(config, options, {w["id"] for w in worst})
         except (OSError, ValueError) as exc:  # InputError is a ValueError
             found, result["worst_images"] = {}, f"not shown: the job's input cannot be read ({exc})"
         for w in worst:

@@ -227,28 +227,26 @@ class Attribution:
                 x = self.preprocessing.apply(batch, self.source.input_size, self.source.channels)
                 return class_scores(self.source.forward(x)[0], "logits")[0]
             self._predict = tf.function(forward, jit_compile=self.jit_compile, autograph=False)
-        out, b = [], self.batch_size
-        for start in range(0, len(images), b):
-            chunk = images[start:start + b]
-            short = b - len(chunk)
-            padded = np.concatenate([chunk, np.zeros((short, *chunk.shape[1:]), np.uint8)]) if short else chunk
-            out.append(self._predict(tf.constant(padded)).numpy()[:len(chunk)])
+        out = [self._predict(tf.constant(chunk)).numpy()[:n] for n, chunk in self._padded(images)]
         return np.concatenate(out) if out else np.zeros((0, self.source.num_classes), np.float32)
+
+    def _padded(self, *arrays):
+        """(rows, chunks): each ``batch_size`` slice of ``arrays``, the last one padded with zeros to the
+        compiled batch (one array: the chunk itself rather than a tuple)."""
+        b = self.batch_size
+        for start in range(0, len(arrays[0]), b):
+            chunks = [a[start:start + b] for a in arrays]
+            n = len(chunks[0])
+            chunks = [np.concatenate([c, np.zeros((b - n, *c.shape[1:]), c.dtype)]) if n < b else c for c in chunks]
+            yield n, (chunks[0] if len(chunks) == 1 else chunks)
 
     def explain(self, images: np.ndarray, labels=None) -> Explanation:
         """Explain ``images``: uint8 (N, H, W, 3); ``labels`` (N,) ints for ``target='label'``."""
         images = self._check_images(images)
         labels = self._check_labels(labels, len(images))
-        n, b = len(images), self.batch_size
         parts = []
-        for start in range(0, n, b):
-            chunk, chunk_labels = images[start:start + b], labels[start:start + b]
-            short = b - len(chunk)
-            if short:
-                chunk = np.concatenate([chunk, np.zeros((short, *chunk.shape[1:]), np.uint8)])
-                chunk_labels = np.concatenate([chunk_labels, np.zeros(short, np.int32)])
-            out = self._run(chunk, chunk_labels)
-            parts.append({k: v[: b - short] for k, v in out.items()})
+        for n, (chunk, chunk_labels) in self._padded(images, labels):
+            parts.append({k: v[:n] for k, v in self._run(chunk, chunk_labels).items()})
         if not parts:
             return Explanation.empty(self.target.maps_per_image, self.map_shape, self.map_dtype, self.report)
         return Explanation.concatenate([Explanation(**p, report=self.report) for p in parts])
