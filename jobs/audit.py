@@ -3,9 +3,7 @@
 Writes ``audit/report.html`` (self-contained) and ``audit/audit.json``.
 """
 
-import sys
-
-from worker.cli import main
+from worker.cli import command
 
 if __name__ == "__main__":
-    sys.exit(main(["audit", *sys.argv[1:]]))
+    command("audit")

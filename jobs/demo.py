@@ -4,9 +4,7 @@ Makes a Parquet dataset of real images (scikit-learn digits), trains the origina
 question's CNN on it, runs the job on a local Ray and writes image | map overlays.
 """
 
-import sys
-
-from worker.cli import main
+from worker.cli import command
 
 if __name__ == "__main__":
-    sys.exit(main(["demo", *sys.argv[1:]]))
+    command("demo")

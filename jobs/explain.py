@@ -3,9 +3,7 @@
 Submit to a cluster with ``ray job submit --working-dir . -- python -m jobs.explain ...``.
 """
 
-import sys
-
-from worker.cli import main
+from worker.cli import command
 
 if __name__ == "__main__":
-    sys.exit(main(["explain", *sys.argv[1:]]))
+    command("explain")

@@ -4,9 +4,7 @@ Writes under ``<output_root>/date=<date>``; re-running a date adds nothing; with
 ``incremental: true`` only input files not yet done for this model are read.
 """
 
-import sys
-
-from worker.cli import main
+from worker.cli import command
 
 if __name__ == "__main__":
-    sys.exit(main(["scheduled", *sys.argv[1:]]))
+    command("scheduled")

@@ -62,18 +62,23 @@ class ActorPlan:
 def connect(logging_level=logging.WARNING) -> None:
     """Attach to the cluster in RAY_ADDRESS (or one ``ray start`` made here), or start a lean local one: no
     dashboard (seconds of start-up and a process the job does not need; start ``ray start --head`` and set
-    RAY_ADDRESS for one)."""
+    RAY_ADDRESS for one), and no runtime environment: the workers inherit this process's environment, so the
+    workers Ray starts in advance serve the first tasks and the actor (a runtime environment, even of
+    environment variables alone, makes Ray start new worker processes for them: ~4 s of a short run here)."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
-    try:
-        ray.init(logging_level=logging_level, runtime_env=env, include_dashboard=False)
-    except ValueError as exc:  # attaching to an existing cluster: it decides about its dashboard
-        if "dashboard" not in str(exc):
-            raise
-        ray.init(logging_level=logging_level, runtime_env=env)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(logging_level=logging_level, include_dashboard=False)
+            return
+        except ValueError as exc:  # a cluster ``ray start`` made here: it decides about its dashboard
+            if "dashboard" not in str(exc):
+                raise
+    env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ["TF_CPP_MIN_LOG_LEVEL"]}}
+    ray.init(logging_level=logging_level, runtime_env=env)
 
 
 def alive_nodes() -> list[dict]:
