@@ -1,11 +1,12 @@
-"""The job's memory as rows grow 10x: is it flat?
+"""The job's memory as rows grow 100x: flat or linear?
 
-    python -m benchmarks.job_memory [--rows 400] [--size 64]
+    python -m benchmarks.job_memory [--sizes 200 2000 20000] [--size 64] [--repeats 2]
 
-Runs ``worker.job.driver.run`` on a local Ray cluster started in this process, on N and 10N rows (HF-style Parquet of
-PNG digits, the question's CNN), twice each, and samples every 0.25 s the proportional set size (PSS: shared
+Runs ``worker.job.driver.run`` on a local Ray cluster started in this process, at each size (HF-style Parquet of
+PNG digits, the question's CNN), sizes interleaved over the repeats, and samples every 0.25 s the proportional set size (PSS: shared
 pages, such as the object store's, counted once across processes) of the driver and of every process Ray
-started for it (GCS, raylet, workers, actors).  Linux only (reads /proc).
+started for it (GCS, raylet, workers, actors); a least-squares slope over every run gives MB per 1 000 rows.
+Linux only (reads /proc).
 Writes benchmarks/results/job_memory.{json,md}.
 """
 
@@ -20,10 +21,11 @@ import tempfile
 import threading
 import time
 
+import numpy as np
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.common import git_revision, local_ray, machine, provenance, write
-from benchmarks.end_to_end import make_data
+from benchmarks.common import digits_job_input, git_revision, local_ray, machine, provenance, write
 
 
 def _children() -> dict[int, list[int]]:
@@ -89,19 +91,21 @@ def measure(data, model, out, batch):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=500, help="the small run; the large run has 10x as many rows")
+    p.add_argument("--sizes", type=int, nargs="+", default=[200, 2000, 20000])
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
+    if len(set(args.sizes)) < 3:
+        p.error("a slope that can tell flat from linear needs three sizes or more")
     ray = local_ray()
     tmp = tempfile.mkdtemp(prefix="job-memory-")
-    sizes = (args.rows, 10 * args.rows)
     runs = []
     try:
-        for rows in sizes:
-            data, model = make_data(os.path.join(tmp, str(rows)), rows, args.size)
-            for repeat in range(args.repeats):
+        inputs = {rows: digits_job_input(os.path.join(tmp, str(rows)), rows, args.size) for rows in args.sizes}
+        for repeat in range(args.repeats):
+            for rows in (args.sizes if repeat % 2 == 0 else args.sizes[::-1]):
+                data, model = inputs[rows]
                 runs.append({"rows": rows, "repeat": repeat,
                              **measure(data, model, os.path.join(tmp, f"out{rows}-{repeat}"), args.batch_size)})
                 print(runs[-1], flush=True)
@@ -109,27 +113,25 @@ def main(argv=None):
         shutil.rmtree(tmp, ignore_errors=True)
         ray.shutdown()
 
-    def peak(rows, key):
-        return max(r[key] for r in runs if r["rows"] == rows)
-
-    small, large = sizes
-    growth = {key: round(peak(large, key) / peak(small, key), 3)
-              for key in ("driver_peak_pss_mb", "all_processes_peak_pss_mb")}
+    keys = ("driver_peak_pss_mb", "all_processes_peak_pss_mb")
+    slope = {key: round(float(np.polyfit([r["rows"] for r in runs], [r[key] for r in runs], 1)[0]) * 1000, 2)
+             for key in keys}
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "revision": git_revision(),
                "command": "python -m benchmarks.job_memory " + " ".join(sys.argv[1:] if argv is None else argv),
-               "image_size": args.size, "batch_size": args.batch_size, "runs": runs, "peak_ratio_10x_rows": growth}
+               "image_size": args.size, "batch_size": args.batch_size, "runs": runs, "mb_per_1000_rows": slope}
     md = "\n".join([
-        f"# Job memory as rows grow 10x ({results['date']})", "",
+        f"# Job memory as rows grow {max(args.sizes) // min(args.sizes)}x ({results['date']})", "",
         *provenance(results),
         f"`worker.job.driver.run` on a local Ray cluster, HF-style Parquet of {args.size}x{args.size} PNG digits, the "
-        f"question's CNN, batch {args.batch_size}. Peak PSS (shared pages counted once) sampled every 0.25 s; "
-        "'all processes' is the driver plus every process Ray started (GCS, raylet, workers, actors).", "",
+        f"question's CNN, batch {args.batch_size}; sizes interleaved, {args.repeats} repeats. Peak PSS (shared pages "
+        "counted once) sampled every 0.25 s; 'all processes' is the driver plus every process Ray started (GCS, "
+        "raylet, workers, actors).", "",
         "| rows | repeat | seconds | driver peak PSS (MB) | all processes peak PSS (MB) |",
         "|---|---|---|---|---|",
         *[f"| {r['rows']} | {r['repeat']} | {r['seconds']} | {r['driver_peak_pss_mb']} | "
-          f"{r['all_processes_peak_pss_mb']} |" for r in runs], "",
-        f"Peak at {large} rows / peak at {small} rows: driver **{growth['driver_peak_pss_mb']}**, all processes "
-        f"**{growth['all_processes_peak_pss_mb']}**.", ""])
+          f"{r['all_processes_peak_pss_mb']} |" for r in sorted(runs, key=lambda r: (r["rows"], r["repeat"]))], "",
+        f"Least-squares slope over every run: driver **{slope['driver_peak_pss_mb']} MB per 1 000 rows**, all "
+        f"processes **{slope['all_processes_peak_pss_mb']} MB per 1 000 rows**.", ""])
     write(results, "job_memory", md)
     print(md)
 
