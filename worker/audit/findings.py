@@ -101,12 +101,13 @@ def intervention_findings(probed: list[dict]) -> list[dict]:
         finding = {"confirmed": "shortcut confirmed by intervention",
                    "decisive region (large)": "large region needed and sufficient (the object?)",
                    "needed, not sufficient": "region needed, not sufficient (part of the object?)"}
+        where = "" if p.get("cluster") is None else f"SpRAy cluster {p['cluster']} ({p['images']} images): "
         out.append({"group": f"true:{p['class']}", "severity": severity,
                     "finding": finding.get(p["verdict"], "attention without effect"),
-                    "detail": f"region y {y0:.2f}-{y1:.2f}, x {x0:.2f}-{x1:.2f}: flips when neutralised vs at random "
+                    "detail": f"{where}region y {y0:.2f}-{y1:.2f}, x {x0:.2f}-{x1:.2f}: flips when neutralised vs at random "
                               f"places ({fills}); pasted into other classes it moves "
                               f"{p['sufficiency']['moved_to_class']:.0%} to the class "
                               f"(random box {p['sufficiency']['control_moved']:.0%})",
                     "box": [float(v) for v in p["box"]], "effect": p["effect"], "interval": [low, high],
-                    "verdict": p["verdict"]})
+                    "verdict": p["verdict"], "cluster": p.get("cluster")})
     return out

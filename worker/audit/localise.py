@@ -4,7 +4,9 @@ The contrast of a class is its mean map (16 x 16, each map L1-normalised) minus 
 every other class.  Cells at or above half the contrast's peak form 4-connected regions; each region is a box
 in [0, 1] image fractions, one cell wider on every side (a map's mass spreads past what the model reads, and a
 half-neutralised mark still works), with the share of the class's positive contrast it holds.  A mark of ~1 %
-of the image area covers one to four cells, so it is found.
+of the image area covers one to four cells, so it is found.  Each SpRAy cluster of a class (a sub-population
+whose maps look alike) is localised the same way, from the cluster's mean map: a mark on a part of a class
+shows there when the class's mean dilutes it (:func:`candidates`).
 
 Example:
     >>> grid = np.zeros((16, 16)); grid[0:2, 14:16] = 1.0
@@ -21,15 +23,17 @@ MAX_REGIONS = 2  # per class, the strongest
 MARGIN_CELLS = 1  # a region's box grows by this many cells on every side
 
 
-def contrast(groups: dict, key: str) -> np.ndarray:
-    """A group's mean map minus the count-weighted mean map of the other groups of its kind."""
+def contrast(groups: dict, key: str, mean_map: np.ndarray | None = None) -> np.ndarray:
+    """A group's mean map (or ``mean_map``, e.g. one of its SpRAy clusters') minus the count-weighted mean map
+    of the other groups of its kind."""
     kind = key.split(":", 1)[0] + ":"
+    own = groups[key]["mean_map"] if mean_map is None else mean_map
     others = [(v["count"], v["mean_map"]) for g, v in groups.items()
               if g.startswith(kind) and g != key and v.get("count")]
     if not others:
-        return np.zeros_like(groups[key]["mean_map"])
+        return np.zeros_like(own)
     total = sum(n for n, _ in others)
-    return groups[key]["mean_map"] - sum(n * m for n, m in others) / total
+    return own - sum(n * m for n, m in others) / total
 
 
 def regions(grid: np.ndarray, peak_fraction: float = PEAK_FRACTION, most: int = MAX_REGIONS,
@@ -63,6 +67,29 @@ def regions(grid: np.ndarray, peak_fraction: float = PEAK_FRACTION, most: int = 
                       "cells": len(cells), "share": float(positive[ys, xs].sum() / positive.sum())})
     found.sort(key=lambda r: -r["share"])
     return [{**r, "box": tuple(float(v) for v in r["box"])} for r in found[:most]]
+
+
+def overlap(a: tuple, b: tuple) -> float:
+    """Intersection over union of two (y0, x0, y1, x1) boxes."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def candidates(groups: dict, key: str, clusters: list[dict] | None = None, min_share: float = 0.1,
+               same: float = 0.5) -> list[tuple[int | None, dict]]:
+    """The regions to probe for a group: ``(None, region)`` for the group's own, then ``(cluster, region)`` for
+    each SpRAy cluster holding at least ``min_share`` of the group, for its regions that overlap none found
+    before by ``same`` (IoU) or more. A mark on a third of a class's images is diluted in the class's mean map;
+    its cluster's mean map shows it."""
+    found = [(None, r) for r in regions(contrast(groups, key))]
+    for c in clusters or []:
+        if len(clusters) < 2 or c["share"] < min_share:
+            continue
+        for r in regions(contrast(groups, key, c["mean_map"])):
+            if all(overlap(r["box"], seen["box"]) < same for _, seen in found):
+                found.append((c["cluster"], r))
+    return found
 
 
 def pixel_box(box: tuple, size: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -83,8 +83,8 @@ def _interventions_html(section: dict | None) -> str:
         return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
-    parts = [f"<h2>Interventions</h2><p>Each class's regions (where its maps concentrate compared with the other "
-             f"classes) neutralised on {section['images_per_class']} of its images with three fills, against the "
+    parts = [f"<h2>Interventions</h2><p>Each class's regions (where its maps, or one SpRAy cluster's, concentrate "
+             f"compared with the other classes) neutralised on {section['images_per_class']} of its images with three fills, against the "
              "same fills at random places, and pasted into other classes' images; a shortcut is confirmed when "
              "two fills beat random placement by a margin and the pasted region moves predictions to the class. "
              f"Cost: {html.escape(section['cost'])}; {section['seconds']} s in all.</p>"]
@@ -94,7 +94,9 @@ def _interventions_html(section: dict | None) -> str:
         rows = "".join(f"<tr><td>{how}</td><td>{f['flip_rate']:.0%}</td><td>{f['control_flip_rate']:.0%}</td>"
                        f"<td>{f['effect']:+.2f} [{f['interval'][0]:+.2f}, {f['interval'][1]:+.2f}]</td>"
                        f"<td>{f['accuracy_after']:.0%}</td></tr>" for how, f in p["fills"].items())
-        parts.append(f"<div class=\"intervention\"><h3>class {p['class']}: {verdict}</h3>"
+        who = f"class {p['class']}" + ("" if p.get("cluster") is None else
+                                       f", SpRAy cluster {p['cluster']} ({p['images']} of its sampled images)")
+        parts.append(f"<div class=\"intervention\"><h3>{who}: {verdict}</h3>"
                      + figure(_image_png(p["mean_image"], box), "mean image, region")
                      + figure(_image_png(_overlay(p["mean_image"], p["mean_map"]), box), "mean map on it")
                      + "".join(figure(_image_png(_overlay(e["versions"]["original"]["image"], e["map"]), box),

@@ -20,15 +20,16 @@ import pyarrow.parquet as pq
 
 from worker.audit.aggregate import (
     assignment_partials,
+    downsample,
     merge_assignments,
     merge_partials,
     partial_aggregates,
 )
-from worker.audit.clusters import add_cluster_examples, cluster_groups
+from worker.audit.clusters import add_cluster_examples, assign, cluster_groups
 from worker.audit.controls import run_controls
 from worker.audit.findings import findings, intervention_findings
 from worker.audit.intervene import FILLS, PLACEMENTS, fill, probe_region
-from worker.audit.localise import contrast, regions
+from worker.audit.localise import candidates
 from worker.audit.report import write_report
 from worker.data import sink, storage
 from worker.data.dataset import done_index, plan, read_unit, units_holding
@@ -96,20 +97,36 @@ def _read_outputs(fs, files):
         _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"fs": fs})
 
 
-def _interventions(merged: dict, engine, samples: dict[int, np.ndarray], seed: int = 0) -> list[dict]:
-    """Localise each labelled class's regions and probe them (:mod:`~worker.audit.intervene`)."""
+MIN_IMAGES = 5  # a region is probed on at least this many of its class's (or cluster's) images
+
+
+def _interventions(merged: dict, clusters: dict, fitted: dict, engine, samples: dict[int, np.ndarray],
+                   seed: int = 0) -> list[dict]:
+    """Localise each labelled class's regions, and its SpRAy clusters' (:func:`~worker.audit.localise.candidates`),
+    and probe them (:mod:`~worker.audit.intervene`): a cluster's region on the sampled images whose maps fall in
+    that cluster."""
     results = []
     for cls, images in sorted(samples.items()):
         key = f"true:{cls}"
-        if key not in merged or len(images) < 5:
+        if key not in merged or len(images) < MIN_IMAGES:
             continue
         others = np.concatenate([v for c, v in sorted(samples.items()) if c != cls])
         others = others[np.random.default_rng(seed).permutation(len(others))[:max(len(images), 8)]]
-        for region in regions(contrast(merged, key)):
-            probed = probe_region(engine.predict, cls, region, images, others, seed)
-            probed["examples"] = _examples(engine, cls, probed, images, others)
-            results.append({**probed, "share": region["share"], "mean_image": images.mean(0).astype(np.uint8),
-                            "mean_map": merged[key]["mean_map"]})
+        members = None
+        for cluster, region in candidates(merged, key, clusters.get(key)):
+            chosen, mean_map = images, merged[key]["mean_map"]
+            if cluster is not None:
+                if members is None:  # the sample's own maps, assigned as the audit assigned every map
+                    grids = downsample(engine.explain(images).as_float32()[:, 0])
+                    members = assign(grids.reshape(len(images), -1), fitted[key].centroids)
+                chosen = images[members == cluster]
+                mean_map = next(c["mean_map"] for c in clusters[key] if c["cluster"] == cluster)
+                if len(chosen) < MIN_IMAGES:
+                    continue
+            probed = probe_region(engine.predict, cls, region, chosen, others, seed)
+            probed["examples"] = _examples(engine, cls, probed, chosen, others)
+            results.append({**probed, "cluster": cluster, "share": region["share"],
+                            "mean_image": chosen.mean(0).astype(np.uint8), "mean_map": mean_map})
     return results
 
 
@@ -195,8 +212,9 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
         classes = sorted(int(g.split(":", 1)[1]) for g, v in merged.items() if g.startswith("true:") and v["count"])
         started = time.perf_counter()
         engine = make_engine(map_dtype="float32", reduction="max_abs", target="predicted")
-        probed = _interventions(merged, engine, class_samples(dataclasses.replace(config, label_column=label_column),
-                                                              options, classes, interventions))
+        samples = class_samples(dataclasses.replace(config, label_column=label_column), options, classes,
+                                interventions)
+        probed = _interventions(merged, clusters, fitted, engine, samples)
         result["interventions"] = {"images_per_class": interventions, "regions": probed,
                                    "seconds": round(time.perf_counter() - started, 1),
                                    "cost": f"per region {interventions} x (1 + {PLACEMENTS}) x {len(FILLS)} + "
