@@ -56,3 +56,34 @@ def test_overlap_is_intersection_over_union():
     assert overlap((0, 0, 0.5, 0.5), (0, 0, 0.5, 0.5)) == 1.0
     assert overlap((0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)) == 0.0
     assert abs(overlap((0, 0, 0.5, 0.5), (0, 0.25, 0.5, 0.75)) - 1 / 3) < 1e-12
+
+
+def test_a_cluster_region_is_probed_on_the_images_whose_maps_fall_in_it():
+    """The audit's plumbing, with the real engine: the sample's maps are explained, assigned to the class's
+    centroids, and a cluster's region is probed on that cluster's images only (skipped with too few)."""
+    from worker.audit.clusters import Clustering
+    from worker.audit.run import MIN_IMAGES, _interventions
+    from worker.demo import question_model
+    from worker.engine.methods import GuidedBackprop
+
+    groups, clusters = _groups()
+    engine = GuidedBackprop(question_model(32, classes=3, seed=0), batch_size=8, preprocessing="scale01",
+                            map_dtype="float32", target="predicted")
+    rng = np.random.default_rng(0)
+    # classes 1 and 2 have too few images to be probed themselves: they are the others (donors, transplants)
+    samples = {c: rng.integers(0, 256, (8 if c == 0 else MIN_IMAGES - 1, 32, 32, 3), dtype=np.uint8)
+               for c in range(3)}
+    near = np.full(GRID * GRID, 1.0 / GRID ** 2)  # every L1-normalised map is nearer this than the far one
+    far = np.full(GRID * GRID, 10.0)
+    for members_of, expected in ((1, len(samples[0])), (0, None)):
+        centroids = np.stack([near, far] if members_of == 0 else [far, near])
+        fitted = {"true:0": Clustering(np.zeros(0, int), 2, np.zeros(0), centroids)}
+        probed = _interventions(groups, {"true:0": clusters}, fitted, engine, samples)
+        from_cluster = [p for p in probed if p["cluster"] is not None]
+        if expected is None:  # every map in cluster 0: cluster 1's region has no images, so it is not probed
+            assert not from_cluster and len(samples[0]) >= MIN_IMAGES
+        else:
+            assert [(p["class"], p["cluster"], p["images"]) for p in from_cluster] == [(0, 1, expected)]
+            assert _holds(from_cluster[0]["box"], 1, 14)
+            assert from_cluster[0]["mean_map"] is clusters[1]["mean_map"]
+        assert {p["class"] for p in probed} == {0}
