@@ -35,6 +35,11 @@ def interleaved(contenders: dict, rounds: int, items_per_call: int, calls: int =
             for name, v in samples.items()}
 
 
+def spread(values, digits: int = 2) -> str:
+    """Median (min–max) of repeated measurements, rounded to ``digits`` decimals."""
+    return f"{round(statistics.median(values), digits)} ({round(min(values), digits)}–{round(max(values), digits)})"
+
+
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 

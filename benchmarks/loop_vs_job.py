@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import digits_job_input, git_revision, machine, provenance, write
+from benchmarks.common import digits_job_input, git_revision, machine, provenance, spread, write
 
 
 def loop(data: str, model: str, out: str, batch_size: int) -> None:
@@ -64,10 +63,6 @@ def fit(rows: list[int], seconds: list[float]) -> tuple[float, float]:
     """Least squares seconds = fixed + rows / rate over every run: (rate rows/s, fixed s)."""
     slope, fixed = np.polyfit(np.asarray(rows, float), np.asarray(seconds, float), 1)
     return round(1 / slope, 1), round(fixed, 1)
-
-
-def spread(values) -> str:
-    return f"{statistics.median(values):.3g} ({min(values):.3g}–{max(values):.3g})"
 
 
 def main(argv=None):
@@ -125,9 +120,9 @@ def main(argv=None):
         "sides alternating. *ratio* is job rows/s over loop rows/s in the same round: median (min–max).", "",
         "| rows | loop s | job s | ratio job/loop | job: start + imports s | job: driver run s |",
         "|---|---|---|---|---|---|",
-        *[f"| {rows} | {spread([r['loop'] for r in rs])} | {spread([r['job'] for r in rs])} | "
-          f"**{spread([r['ratio'] for r in rs])}** | {spread([r['job'] - r['job_driver_run'] for r in rs])} | "
-          f"{spread([r['job_driver_run'] for r in rs])} |" for rows, rs in by_size.items()], "",
+        *[f"| {rows} | {spread([r['loop'] for r in rs], 1)} | {spread([r['job'] for r in rs], 1)} | "
+          f"**{spread([r['ratio'] for r in rs], 3)}** | {spread([r['job'] - r['job_driver_run'] for r in rs])} | "
+          f"{spread([r['job_driver_run'] for r in rs], 1)} |" for rows, rs in by_size.items()], "",
         "Least-squares fit over every run, seconds = fixed + rows / rate:", "",
         "| side | steady rows/s | fixed cost (s) |", "|---|---|---|",
         *[f"| {side} | {f['rows_per_second']} | {f['fixed_seconds']} |" for side, f in results["fit"].items()], ""])
