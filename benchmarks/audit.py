@@ -1,10 +1,17 @@
-"""Audit throughput: maps/s for the per-row statistics and for the Ray Data audit (aggregates + clustering).
+"""The audit's cost: maps/s and the driver's memory at three sizes, and what interventions add.
 
-    python -m benchmarks.audit [--rows 10000 100000] [--size 32]
+    python -m benchmarks.audit [--sizes 10000 30000 100000] [--rounds 5] [--interventions 30]
 
-Synthetic job outputs (10 classes, float16 maps, statistics columns) are written as Parquet, then audited
-with worker.audit.run.run_audit on a local Ray. Reports maps/s and the driver's peak RSS growth per run, which
-should stay flat as rows grow (partials are small; the clustering sample is capped).
+Every audit runs in a process of its own (``python -m benchmarks.audit one ...``); its resident memory is
+sampled every 50 ms during the audit: the peak minus the RSS just before (after imports and ``ray.init``) is
+what the audit itself held (a process's ``ru_maxrss`` would not do: its imports set the peak). Linux only.
+Rounds interleave the sizes.
+  scale          synthetic job outputs (10 classes, 32 x 32 float16 maps with their statistics columns) of
+                 each size, and one of the largest size in a single class (SpRAy's worst case)
+  interventions  a real job's output: scikit-learn's digits at 32 x 32 (1 797 images, three times over),
+                 the question's CNN trained for 4 epochs, ``python -m jobs.explain``; audited without and with
+                 ``interventions=N`` (the engine rebuilt, every class localised and probed)
+Reported: median seconds (min–max), maps/s, driver peak and growth, and the growth's slope per 1 000 rows.
 Writes benchmarks/results/audit.{json,md}.
 """
 
@@ -12,18 +19,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
-import resource
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import git_revision, machine, write
+from benchmarks.common import git_revision, machine, provenance, spread, write
 
 
 def synthetic_output(directory, rows, size, classes=10, rows_per_file=10_000, seed=0):
@@ -45,55 +54,129 @@ def synthetic_output(directory, rows, size, classes=10, rows_per_file=10_000, se
         pq.write_table(table, os.path.join(directory, f"part-{start:09d}.parquet"))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", nargs="+", default=["10000x10", "100000x10", "100000x1"],
-                   help="ROWSxCLASSES; 100000x1 clusters 100 000 maps of one class")
-    p.add_argument("--size", type=int, default=32)
-    args = p.parse_args(argv)
-    import ray
+def real_output(directory) -> str:
+    """A job's output on real images with a trained model (and its run record, for the interventions)."""
+    from worker.demo import digits_images, train_question_model, write_hf_parquet
 
+    images, labels = digits_images(32)
+    model = os.path.join(directory, "model.keras")
+    train_question_model(images, labels, epochs=4).save(model)
+    data = os.path.join(directory, "digits.parquet")
+    write_hf_parquet(data, np.concatenate([images] * 3), np.concatenate([labels] * 3))
+    out = os.path.join(directory, "maps")
+    subprocess.run([sys.executable, "-m", "jobs.explain", "--model", model, "--input", data, "--output", out,
+                    "--label-column", "label", "--preprocessing", "scale01"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (Linux: /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def one(output: str, report: str, interventions: int) -> None:
+    """The child: one audit, its seconds and this process's peak RSS before and after, as a JSON line."""
+    from benchmarks.common import local_ray
     from worker.audit import run_audit
-    from worker.data.stats import map_statistics
 
-    ray.init(logging_level="ERROR", include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    local_ray()
+    baseline, peak, done = rss_mb(), [0.0], threading.Event()
+
+    def sample():  # the process's peak so far is set by its imports: sample the current RSS instead
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    result = run_audit(output, report, interventions=interventions)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    section = result.get("interventions") or {}
+    print(json.dumps({"seconds": seconds, "baseline_mb": baseline, "peak_mb": max(peak[0], rss_mb()),
+                      "rows": sum(v["count"] for g, v in result["groups"].items() if g.startswith("predicted:")),
+                      "regions": len(section.get("regions", [])),
+                      "confirmed": sum(r["confirmed"] for r in section.get("regions", [])),
+                      "intervention_seconds": section.get("seconds")}))
+
+
+def child(output, report, interventions=0) -> dict:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.audit", "one", output, report, str(interventions)],
+                          check=True, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["one"]:
+        return one(argv[1], argv[2], int(argv[3]))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--interventions", type=int, default=30, help="images per class for the interventions")
+    args = p.parse_args(argv)
+    if len(set(args.sizes)) < 3:
+        p.error("a slope that can tell flat from linear needs three sizes or more")
     tmp = tempfile.mkdtemp(prefix="audit-bench-")
-    runs = []
+    specs = {f"{n} x 10 classes": (n, 10) for n in args.sizes}
+    specs[f"{max(args.sizes)} x 1 class"] = (max(args.sizes), 1)
+    runs: dict[str, list] = {**{name: [] for name in specs}, "without interventions": [], "with interventions": []}
     try:
-        maps = np.random.default_rng(1).random((10_000, args.size, args.size)).astype(np.float16)
-        start = time.perf_counter()
-        map_statistics(maps)
-        stats_rate = 10_000 / (time.perf_counter() - start)
-        for spec in args.runs:
-            rows, classes = (int(v) for v in spec.split("x"))
-            out = os.path.join(tmp, f"out{spec}")
-            synthetic_output(out, rows, args.size, classes)
-            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            start = time.perf_counter()
-            result = run_audit(out, os.path.join(tmp, f"report{spec}"))
-            seconds = time.perf_counter() - start
-            rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            runs.append({"rows": rows, "classes": classes, "seconds": round(seconds, 2), "maps_per_second": round(rows / seconds, 1),
-                         "clusters_per_class": {g: len(c) for g, c in result["clusters"].items()},
-                         "driver_peak_rss_growth_mb": round(rss_after - rss_before, 1)})
-            print(runs[-1], flush=True)
-            shutil.rmtree(out, ignore_errors=True)
+        outputs = {}
+        for name, (rows, classes) in specs.items():
+            outputs[name] = os.path.join(tmp, name.replace(" ", ""))
+            synthetic_output(outputs[name], rows, 32, classes)
+        os.makedirs(os.path.join(tmp, "real"))
+        real = real_output(os.path.join(tmp, "real"))
+        for r in range(args.rounds):
+            jobs = [(name, outputs[name], 0) for name in specs]
+            jobs += [("without interventions", real, 0), ("with interventions", real, args.interventions)]
+            for name, output, n in (jobs if r % 2 == 0 else jobs[::-1]):
+                runs[name].append(child(output, os.path.join(tmp, "report"), n))
+                print(r, name, runs[name][-1], flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        ray.shutdown()
+
+    def row(name):
+        rs = runs[name]
+        rows = rs[0]["rows"]
+        return {"name": name, "rows": rows, "seconds": [x["seconds"] for x in rs],
+                "maps_per_second": [rows / x["seconds"] for x in rs], "peak_mb": [x["peak_mb"] for x in rs],
+                "growth_mb": [x["peak_mb"] - x["baseline_mb"] for x in rs],
+                "regions": rs[0]["regions"], "confirmed": rs[0]["confirmed"],
+                "intervention_seconds": [x["intervention_seconds"] for x in rs if x["intervention_seconds"] is not None]}
+
+    table = [row(name) for name in runs]
+    scale = [t for t in table if t["name"].endswith("10 classes")]
+    slope = np.polyfit([t["rows"] for t in scale for _ in t["growth_mb"]],
+                       [g for t in scale for g in t["growth_mb"]], 1)[0] * 1000
+    without, with_ = (next(t for t in table if t["name"] == n) for n in ("without interventions", "with interventions"))
+    extra = [b - a for a, b in zip(without["seconds"], with_["seconds"])]
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "revision": git_revision(),
-               "command": "python -m benchmarks.audit " + " ".join(sys.argv[1:] if argv is None else argv),
-               "map_size": args.size, "statistics_maps_per_second": round(stats_rate, 1), "runs": runs}
-    lines = [f"# Audit benchmark ({results['date']})", "", f"Machine: {results['machine']['cpu']}, "
-             f"{results['machine']['cores']} cores. Revision {results['revision']}. Command: `{results['command']}`",
-             "", f"Per-row statistics (numpy, in the worker): **{results['statistics_maps_per_second']} maps/s** "
-             f"({args.size}x{args.size}).", "", "Full audit (Ray Data aggregates, SpRAy on a 1000-map sample per "
-             "class, assignment pass, report):", "", "| rows | classes | seconds | maps/s | driver peak RSS growth (MB) |",
-             "|---|---|---|---|---|", *[f"| {r['rows']} | {r['classes']} | {r['seconds']} | {r['maps_per_second']} | "
-                                    f"{r['driver_peak_rss_growth_mb']} |" for r in runs], ""]
-    write(results, "audit", "\n".join(lines))
-    print("\n".join(lines))
+               "command": "python -m benchmarks.audit " + " ".join(argv), "rounds": args.rounds,
+               "interventions": args.interventions, "runs": table,
+               "driver_growth_mb_per_1000_rows": round(float(slope), 3),
+               "interventions_extra_seconds": extra}
+    md = "\n".join([
+        f"# Audit benchmark ({results['date']})", "", *provenance(results),
+        f"Each audit in a process of its own, {args.rounds} rounds interleaved; median (min–max). *growth*: the "
+        "driver's RSS, sampled every 50 ms during the audit, at its peak minus just before it. Synthetic outputs: 32 x 32 "
+        "float16 maps; the real output: digits (5 391 rows) through the trained question CNN.", "",
+        "| output | rows | seconds | maps/s | driver peak MB | growth MB | regions probed (confirmed) |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {t['name']} | {t['rows']} | {spread(t['seconds'], 1)} | {spread(t['maps_per_second'], 0)} | "
+          f"{spread(t['peak_mb'], 0)} | {spread(t['growth_mb'], 0)} | "
+          f"{t['regions']} ({t['confirmed']}) |" for t in table], "",
+        f"Driver growth over the 10-class sizes: **{results['driver_growth_mb_per_1000_rows']} MB per 1 000 rows** "
+        "(least squares over every run).", "",
+        f"Interventions ({args.interventions} images per class): **+{spread(extra, 1)} s** on the whole audit, paired "
+        f"by round; the interventions step itself, the engine's rebuild in the driver included, "
+        f"{spread(with_['intervention_seconds'], 1)} s for {with_['regions']} regions.", ""])
+    write(results, "audit", md)
+    print(md)
 
 
 if __name__ == "__main__":
