@@ -67,8 +67,15 @@ class Lease:
 
     def _write(self) -> None:
         record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
-        with self.fs.open_output_stream(self.path) as handle:
+        # an object store's put replaces the whole object at once; a local file written in place by two claimants
+        # at once can end as one's bytes over the other's longer tail, a lease nobody can read (no winner): write
+        # beside it and rename over it, which replaces it at once
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        path = f"{self.path}.{self.owner}.tmp" if local else self.path
+        with self.fs.open_output_stream(path) as handle:
             handle.write(json.dumps(record).encode())
+        if local:
+            self.fs.move(path, self.path)
 
     def _live_holder(self) -> dict | None:
         held = self._read()
