@@ -90,7 +90,8 @@ class AtomicParquetDatasink(Datasink):
             raise OutputExistsError(f"output {root} is a file, not a directory")
         existing = (fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
                     if info.type != pafs.FileType.NotFound else [])
-        existing = [i for i in existing if posixpath.basename(i.path) != LEASE_FILE]
+        # the lease of the run doing this (and a claimant's copy of it on its way to being renamed over it)
+        existing = [i for i in existing if not posixpath.basename(i.path).startswith(LEASE_FILE)]
         job_path = posixpath.join(root, JOB_FILE)
         if existing:
             owner = None
