@@ -25,14 +25,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import git_revision, machine, provenance, spread, write
+from benchmarks.common import PeakSampler, git_revision, machine, provenance, spread, write
 
 
 def synthetic_output(directory, rows, size, classes=10, rows_per_file=10_000, seed=0):
@@ -82,21 +81,13 @@ def one(output: str, report: str, interventions: int) -> None:
     from worker.audit import run_audit
 
     local_ray()
-    baseline, peak, done = rss_mb(), [0.0], threading.Event()
-
-    def sample():  # the process's peak so far is set by its imports: sample the current RSS instead
-        while not done.wait(0.05):
-            peak[0] = max(peak[0], rss_mb())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    baseline = rss_mb()
     start = time.perf_counter()
-    result = run_audit(output, report, interventions=interventions)
+    with PeakSampler(lambda: {"rss": rss_mb()}, 0.05) as sampler:
+        result = run_audit(output, report, interventions=interventions)
     seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
     section = result.get("interventions") or {}
-    print(json.dumps({"seconds": seconds, "baseline_mb": baseline, "peak_mb": max(peak[0], rss_mb()),
+    print(json.dumps({"seconds": seconds, "baseline_mb": baseline, "peak_mb": sampler.peak["rss"],
                       "rows": sum(v["count"] for g, v in result["groups"].items() if g.startswith("predicted:")),
                       "regions": len(section.get("regions", [])),
                       "confirmed": sum(r["confirmed"] for r in section.get("regions", [])),

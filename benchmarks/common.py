@@ -8,6 +8,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import threading
 import time
 
 
@@ -38,6 +39,33 @@ def interleaved(contenders: dict, rounds: int, items_per_call: int, calls: int =
 def spread(values, digits: int = 2) -> str:
     """Median (min–max) of repeated measurements, rounded to ``digits`` decimals."""
     return f"{round(statistics.median(values), digits)} ({round(min(values), digits)}–{round(max(values), digits)})"
+
+
+class PeakSampler(threading.Thread):
+    """The peak of each reading of ``measure() -> {name: MB}``, sampled every ``interval`` s in the background
+    while the ``with`` block runs (a process's ``ru_maxrss`` would not do: its imports may set the peak)."""
+
+    def __init__(self, measure, interval: float):
+        super().__init__(daemon=True)
+        self.measure, self.interval, self.stop, self.peak = measure, interval, threading.Event(), {}
+
+    def _take(self) -> None:
+        for name, value in self.measure().items():
+            self.peak[name] = max(self.peak.get(name, 0.0), value)
+
+    def run(self) -> None:
+        self._take()
+        while not self.stop.wait(self.interval):
+            self._take()
+
+    def __enter__(self) -> "PeakSampler":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.join()
+        self._take()
 
 
 def peak_rss_mb() -> float:

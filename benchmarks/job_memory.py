@@ -18,14 +18,13 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.common import digits_job_input, git_revision, local_ray, machine, provenance, write
+from benchmarks.common import PeakSampler, digits_job_input, git_revision, local_ray, machine, provenance, write
 
 
 def _children() -> dict[int, list[int]]:
@@ -52,41 +51,28 @@ def _pss_mb(pid: int) -> float:
     return 0.0
 
 
-class Sampler(threading.Thread):
-    """Peak PSS of this process and of all its descendants, sampled in the background."""
-
-    def __init__(self, interval: float = 0.25):
-        super().__init__(daemon=True)
-        self.interval, self.stop, self.driver_peak, self.total_peak = interval, threading.Event(), 0.0, 0.0
-
-    def run(self):
-        me = os.getpid()
-        while not self.stop.is_set():
-            tree, todo, pids = _children(), [me], []
-            while todo:
-                pid = todo.pop()
-                pids.append(pid)
-                todo.extend(tree.get(pid, []))
-            driver = _pss_mb(me)
-            self.driver_peak = max(self.driver_peak, driver)
-            self.total_peak = max(self.total_peak, driver + sum(_pss_mb(p) for p in pids[1:]))
-            self.stop.wait(self.interval)
+def _tree_pss_mb() -> dict[str, float]:
+    """PSS of this process and of it plus all its descendants."""
+    tree, todo, pids = _children(), [os.getpid()], []
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(tree.get(pid, []))
+    driver = _pss_mb(pids[0])
+    return {"driver": driver, "total": driver + sum(_pss_mb(p) for p in pids[1:])}
 
 
 def measure(data, model, out, batch):
     from worker.job import JobConfig, run
 
-    sampler = Sampler()
-    sampler.start()
     start = time.perf_counter()
-    summary = run(JobConfig(model=model, input=data, output=out, preprocessing="scale01", batch_size=batch),
-                  echo=lambda *_: None)
+    with PeakSampler(_tree_pss_mb, 0.25) as sampler:
+        summary = run(JobConfig(model=model, input=data, output=out, preprocessing="scale01", batch_size=batch),
+                      echo=lambda *_: None)
     seconds = time.perf_counter() - start
-    sampler.stop.set()
-    sampler.join()
     assert summary["complete"] and summary["rows_this_run"] == summary["rows_in"], summary
-    return {"seconds": round(seconds, 2), "driver_peak_pss_mb": round(sampler.driver_peak, 1),
-            "all_processes_peak_pss_mb": round(sampler.total_peak, 1)}
+    return {"seconds": round(seconds, 2), "driver_peak_pss_mb": round(sampler.peak["driver"], 1),
+            "all_processes_peak_pss_mb": round(sampler.peak["total"], 1)}
 
 
 def main(argv=None):

@@ -83,8 +83,8 @@ def candidates(groups: dict, key: str, clusters: list[dict] | None = None, min_s
     before by ``same`` (IoU) or more. A mark on a third of a class's images is diluted in the class's mean map;
     its cluster's mean map shows it."""
     found = [(None, r) for r in regions(contrast(groups, key))]
-    for c in clusters or []:
-        if len(clusters) < 2 or c["share"] < min_share:
+    for c in clusters if clusters and len(clusters) > 1 else []:
+        if c["share"] < min_share:
             continue
         for r in regions(contrast(groups, key, c["mean_map"])):
             if all(overlap(r["box"], seen["box"]) < same for _, seen in found):
