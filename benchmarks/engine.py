@@ -1,6 +1,6 @@
 """Engine throughput vs forward-only inference vs the original question's recipe (and xplique if installed).
 
-    python -m benchmarks.engine [--models resnet50 mobilenetv2 question] [--batch-size 16] [--rounds 3]
+    python -m benchmarks.engine [--models resnet50 mobilenetv2 question] [--batch-size 16] [--rounds 5]
 
 For each model (random weights, fixed seed; no download): images/s of
   forward      uint8 -> preprocessing -> model, one tf.function (the ceiling)
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import sys
 import time
 
@@ -27,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from benchmarks.common import git_revision, interleaved, machine, peak_rss_mb, write  # noqa: E402
+from benchmarks.common import git_revision, interleaved, machine, peak_rss_mb, spread, write  # noqa: E402
 
 
 def build(name: str):
@@ -121,18 +122,23 @@ def bench_model(name, batch, rounds, calls):
         fn()
     speeds = interleaved(contenders, rounds, batch, calls)
     ours = fp32.explain(images).as_float32()[:, 0]
+    pairs = {"engine_fp32/forward": ("engine_fp32", "forward"),
+             "engine_bf16/engine_fp32": ("engine_bf16", "engine_fp32"),
+             "engine_fp32/recipe_eager": ("engine_fp32", "recipe_eager"),
+             "engine_fp32/engine_fp32_framework_conv": ("engine_fp32", "engine_fp32_framework_conv"),
+             "engine_fp32/recipe_graph": ("engine_fp32", "recipe_graph"),
+             "engine_fp32/xplique": ("engine_fp32", "xplique")}
+    # a ratio is taken within each round (the two contenders ran back to back), then summarised over the rounds
+    per_round = {k: [a / b for a, b in zip(speeds[x]["all"], speeds[y]["all"])]
+                 for k, (x, y) in pairs.items() if x in speeds and y in speeds}
     result = {
         "batch_size": batch,
+        "rounds": rounds,
         "images_per_second": {k: v["per_second"] for k, v in speeds.items()},
+        "images_per_second_spread": {k: spread(v["all"]) for k, v in speeds.items()},
         "samples": {k: v["all"] for k, v in speeds.items()},
-        "ratios": {
-            "engine_fp32/forward": round(speeds["engine_fp32"]["per_second"] / speeds["forward"]["per_second"], 3),
-            "engine_bf16/engine_fp32": round(speeds["engine_bf16"]["per_second"] / speeds["engine_fp32"]["per_second"], 3),
-            "engine_fp32/recipe_eager": round(speeds["engine_fp32"]["per_second"] / speeds["recipe_eager"]["per_second"], 3),
-            "engine_fp32/engine_fp32_framework_conv": round(
-                speeds["engine_fp32"]["per_second"] / speeds["engine_fp32_framework_conv"]["per_second"], 3),
-            "engine_fp32/recipe_graph": round(speeds["engine_fp32"]["per_second"] / speeds["recipe_graph"]["per_second"], 3),
-        },
+        "ratios": {k: round(statistics.median(v), 3) for k, v in per_round.items()},
+        "ratio_spread": {k: spread(v, 3) for k, v in per_round.items()},
         "time_to_first_map_s": round(first_map, 2),
         "relus_guided_by_engine": fp32.report["coverage"]["guided_total"],
         "relus_swapped_by_recipe": swapped,
@@ -144,9 +150,6 @@ def bench_model(name, batch, rounds, calls):
     ours_prob = GuidedBackprop(model, batch_size=batch, preprocessing=preset, score="probability",
                                map_dtype="float32").explain(images).as_float32()[:, 0]
     result["recipe_min_cosine_to_engine_probability_map"] = round(cosine(recipe(images).numpy(), ours_prob), 5)
-    if "xplique" in contenders:
-        result["ratios"]["engine_fp32/xplique"] = round(
-            speeds["engine_fp32"]["per_second"] / speeds["xplique"]["per_second"], 3)
     return result
 
 
@@ -155,26 +158,34 @@ def markdown(results) -> str:
              f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores. "
              f"TensorFlow {results['versions']['tensorflow']}. Revision {results['revision']}.", "",
              f"Command: `{results['command']}`", "",
-             "Images/s, medians of interleaved rounds in one process (higher is better):", ""]
+             "Images/s, median (min–max) of interleaved rounds in one process (higher is better):", ""]
     names = ["forward", "engine_fp32", "engine_bf16", "engine_fp32_framework_conv", "recipe_eager", "recipe_graph",
              "xplique"]
-    lines.append("| model | " + " | ".join(names) + " | engine/forward | engine/recipe eager | engine/xplique | "
-                 "forward-kernel conv grads gain | bf16/fp32 | bf16 cosine | ReLUs guided (engine / recipe) | "
-                 "recipe cosine | first map (s) |")
-    lines.append("|" + "---|" * (len(names) + 10))
+    lines.append("| model | rounds | " + " | ".join(names) + " |")
+    lines.append("|" + "---|" * (len(names) + 2))
     for model, r in results["models"].items():
-        ips = r["images_per_second"]
-        lines.append(f"| {model} | " + " | ".join(str(ips.get(n, "–")) for n in names) +
-                     f" | {r['ratios']['engine_fp32/forward']} | {r['ratios']['engine_fp32/recipe_eager']} | "
-                     f"{r['ratios'].get('engine_fp32/xplique', '–')} | "
-                     f"{r['ratios']['engine_fp32/engine_fp32_framework_conv']} | "
-                     f"{r['ratios']['engine_bf16/engine_fp32']} | {r['bf16_min_cosine_to_fp32']} | "
+        ips = r.get("images_per_second_spread", r["images_per_second"])
+        lines.append(f"| {model} | {r.get('rounds', '–')} | " + " | ".join(str(ips.get(n, "–")) for n in names) + " |")
+    ratios = [("engine/forward", "engine_fp32/forward"), ("engine/recipe eager", "engine_fp32/recipe_eager"),
+              ("engine/recipe graph", "engine_fp32/recipe_graph"), ("engine/xplique", "engine_fp32/xplique"),
+              ("forward-kernel conv grads gain", "engine_fp32/engine_fp32_framework_conv"),
+              ("bf16/fp32", "engine_bf16/engine_fp32")]
+    lines += ["", "Ratios taken within each round (the two ran back to back), median (min–max) over the rounds; "
+              "maps compared on the same batch:", "",
+              "| model | " + " | ".join(r[0] for r in ratios) +
+              " | bf16 cosine | ReLUs guided (engine / recipe) | recipe cosine | first map (s) |",
+              "|" + "---|" * (len(ratios) + 5)]
+    for model, r in results["models"].items():
+        spreads = r.get("ratio_spread", r["ratios"])
+        lines.append(f"| {model} | " + " | ".join(str(spreads.get(key, "–")) for _, key in ratios) +
+                     f" | {r['bf16_min_cosine_to_fp32']} | "
                      f"{r['relus_guided_by_engine']} / {r['relus_swapped_by_recipe']} | "
                      f"{r['recipe_min_cosine_to_engine_probability_map']} | {r['time_to_first_map_s']} |")
     lines += ["", f"Peak RSS of the benchmark process: {results['peak_rss_mb']} MB.", "",
               f"bf16 native on this CPU (avx512_bf16/amx_bf16): {results.get('native_bfloat16')}.", "",
               "*recipe cosine*: the lowest cosine similarity, over the batch, between the recipe's map and ours "
-              "for the same (probability) score; below 1 means the recipe left ReLUs vanilla.", ""]
+              "for the same (probability) score; below 1 means the recipe left ReLUs vanilla. *first map*: from "
+              "the engine's constructor to its first map (build, trace and one batch).", ""]
     return "\n".join(lines)
 
 
@@ -182,7 +193,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["resnet50", "mobilenetv2", "question"])
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=2, help="batches per timed sample")
     args = p.parse_args(argv)
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "revision": git_revision(),
