@@ -46,11 +46,10 @@ def build(name: str):
     raise ValueError(name)
 
 
-def recipe_model(name: str):
-    """A fresh copy with the recipe applied: every layer whose .activation is relu gets a custom-gradient ReLU."""
+def guided_relu_recipe(model) -> int:
+    """The question's recipe, in place: every layer whose .activation is relu gets a custom-gradient ReLU;
+    returns how many layers it swapped."""
     import keras
-
-    model, _ = build(name)
 
     @tf.custom_gradient
     def guided_relu(x):
@@ -63,7 +62,13 @@ def recipe_model(name: str):
         if getattr(layer, "activation", None) is keras.activations.relu:
             layer.activation = guided_relu
             swapped += 1
-    return model, swapped
+    return swapped
+
+
+def recipe_model(name: str):
+    """A fresh copy of ``name`` with the recipe applied, and how many layers it swapped."""
+    model, _ = build(name)
+    return model, guided_relu_recipe(model)
 
 
 def cosine(a, b):
