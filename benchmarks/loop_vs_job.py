@@ -1,6 +1,6 @@
 """The job against the simplest loop, as a user runs them: whole processes, wall clock, rounds interleaved.
 
-    python -m benchmarks.loop_vs_job [--sizes 1500 6000] [--rounds 3] [--size 96] [--batch-size 32]
+    python -m benchmarks.loop_vs_job [--sizes 300 1500 6000] [--rounds 5] [--size 96] [--batch-size 32]
 
 The same HF-style Parquet file of PNG digits and the question's CNN go through
   loop  ``python -m benchmarks.loop_vs_job loop ...``: one process reads the Parquet in chunks, decodes with
@@ -71,8 +71,8 @@ def main(argv=None):
         data, model, out, batch = argv[1:]
         return loop(data, model, out, int(batch))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1500, 6000])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sizes", type=int, nargs="+", default=[300, 1500, 6000])
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--size", type=int, default=96, help="image side")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)

@@ -30,9 +30,18 @@ def test_bad_configuration_fails_before_cluster_time(job_model, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no Parquet files found"):
         run(config(job_model, tmp_path / "empty", out))
-    for name, model, message in _bad_models(tmp_path):
+    # a new output: the embedded Ray starts while the probe is built, and is shut down when the probe refuses
+    bad = _bad_models(tmp_path)
+    with pytest.raises(ValueError, match=bad[0][2]):
+        run(config(bad[0][1], tmp_path / "d.parquet", out))
+    assert not ray.is_initialized()
+    # an existing (empty) output: the probe alone, first
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for name, model, message in bad:
         with pytest.raises((ValueError, RuntimeError), match=message):
-            run(config(model, tmp_path / "d.parquet", out))
+            run(config(model, tmp_path / "d.parquet", existing))
+    assert not any(existing.iterdir())
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("not ours")

@@ -20,15 +20,18 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import threading
 import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from worker.data import dataset, sink, storage
 from worker.data.lease import Lease
 from worker.job.config import JobConfig, build_engine
-from worker.job.resources import connect, place_actors
+from worker.job.resources import connect, connect_beside, place_actors, starts_embedded
 from worker.job.stages import ExplainBatch, decode_stage, read_stage
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,25 @@ def job_identity(config: JobConfig, report: dict) -> dict:
     return ident
 
 
+def _probe_and_start(config: JobConfig, out_fs, out_root: str):
+    """The driver's probe engine (built, not run: it refuses a bad model, target or unguided ReLU before any
+    cluster time). For a new output on an embedded Ray, the Ray starts while the probe is built (~6 s of
+    ``ray.init`` on a 2-core machine overlap TensorFlow's import and the build); an existing output may need
+    no run at all (a no-op re-run), so there Ray starts later, only if rows remain. A model the probe refuses is
+    then reported once the Ray start is over (seconds later than alone) and that Ray is shut down again."""
+    model = storage.fetch_model(config.model)
+
+    def probe():
+        return build_engine(config, model, batch_size=1, warmup=False)
+
+    new_output = out_fs.get_file_info(out_root).type == pafs.FileType.NotFound
+    # a missing model is the probe's error at once, with no Ray to start and stop
+    if (new_output and os.path.exists(model) and starts_embedded()
+            and threading.current_thread() is threading.main_thread()):
+        return connect_beside(probe)
+    return probe()
+
+
 def run(config: JobConfig, *, echo=print) -> dict:
     """Run the job to completion and return its summary (also written to ``_summary.json``)."""
     started = time.time()
@@ -55,7 +77,8 @@ def run(config: JobConfig, *, echo=print) -> dict:
     if config.id_column is None and "id" in in_columns:
         config = dataclasses.replace(config, id_column="id")
         echo("the input has an 'id' column: it is used as the row id (choose another with --id-column)")
-    probe = build_engine(config, storage.fetch_model(config.model), batch_size=1, warmup=False)
+    out_fs, out_root = storage.filesystem(config.output)
+    probe = _probe_and_start(config, out_fs, out_root)
     report = probe.report
     num_classes = probe.source.num_classes
     k, target_kind = probe.target.maps_per_image, probe.target.kind
@@ -73,7 +96,6 @@ def run(config: JobConfig, *, echo=print) -> dict:
     record = {**config.to_dict(), "files": None}
     metadata = {**report, "versions": versions, "job": identity, "config": record,
                 "decode": dataclasses.asdict(decode_options), **config.extra_metadata}
-    out_fs, out_root = storage.filesystem(config.output)
     owner = {"fingerprint": identity["fingerprint"], "job": identity, "metadata": metadata}
     lease = Lease(out_fs, out_root).acquire()  # one run at a time per output (OutputBusyError)
     try:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 EPS = 1e-9
@@ -79,6 +80,46 @@ def connect(logging_level=logging.WARNING) -> None:
                 raise
     env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ["TF_CPP_MIN_LOG_LEVEL"]}}
     ray.init(logging_level=logging_level, runtime_env=env)
+
+
+def starts_embedded() -> bool:
+    """Whether :func:`connect` would start a local Ray in this process (nothing to attach to, none running)."""
+    import ray
+
+    return not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+
+
+def connect_beside(work):
+    """``work()``'s result, computed in a thread while :func:`connect` runs on this one (``ray.init`` wants the
+    main thread), so the seconds of a local Ray's start overlap the driver's own (TensorFlow's import, the probe
+    engine). If ``work`` raises, a Ray this call started is shut down before the error is raised: a bad
+    configuration still leaves no cluster behind. When both fail, ``work``'s error is the one raised."""
+    import ray
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            box["error"] = exc
+
+    started_here = not ray.is_initialized()
+    thread = threading.Thread(target=target, name="driver-probe", daemon=True)
+    thread.start()
+    try:
+        connect()
+    except BaseException:
+        thread.join()
+        if "error" in box:
+            raise box["error"] from None
+        raise
+    thread.join()
+    if "error" in box:
+        if started_here:
+            ray.shutdown()
+        raise box["error"]
+    return box["value"]
 
 
 def alive_nodes() -> list[dict]:

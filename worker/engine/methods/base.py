@@ -62,7 +62,10 @@ class Attribution:
         safe_mode: Keras safe mode when loading (default on).
         output, signature, input_size: pick an output / SavedModel signature / size of a resizable model.
         threads: TensorFlow intra-op threads (match the CPUs the scheduler gave this process).
-        warmup: run the compiled function once when built.
+        warmup: run the compiled function once on a batch of zeros when built, so that the first ``explain``
+            pays no compile (a server that wants even latency). Off by default: the first ``explain`` pays the
+            compile instead, and a one-shot caller does not also pay for a batch of zeros (~3 s of ResNet50's
+            first map on a 2-core CPU: ``benchmarks/results/first_map.md``).
     """
 
     method = "base"
@@ -73,7 +76,7 @@ class Attribution:
                  relu_policy: str = "error", precision: str = "float32", jit_compile="auto",
                  conv_gradients: str = "auto", smooth: int = 0, noise: float = 0.15, cam_layer: str | None = None,
                  safe_mode: bool = True, output: int | None = None, signature: str | None = None,
-                 input_size=None, threads: int | None = None, warmup: bool = True):
+                 input_size=None, threads: int | None = None, warmup: bool = False):
         configure_tensorflow(threads)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
