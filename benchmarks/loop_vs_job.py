@@ -1,6 +1,6 @@
 """The job against the simplest loop, as a user runs them: whole processes, wall clock, rounds interleaved.
 
-    python -m benchmarks.loop_vs_job [--sizes 300 1500 6000] [--rounds 5] [--size 96] [--batch-size 32]
+    python -m benchmarks.loop_vs_job [--sizes 300 1500 6000] [--rounds 5] [--size 96] [--batch-size 32] [--name N]
 
 The same HF-style Parquet file of PNG digits and the question's CNN go through
   loop  ``python -m benchmarks.loop_vs_job loop ...``: one process reads the Parquet in chunks, decodes with
@@ -10,8 +10,8 @@ The same HF-style Parquet file of PNG digits and the question's CNN go through
 Each round runs both at every size, in alternating order. Reported per size: the median and range of each
 side's seconds, of the job / loop rate ratio (paired within a round) and, for the job, where its time went:
 process start and imports (wall minus the driver's own ``_summary.json`` seconds) and the driver's run.
-A linear fit of seconds on rows over the sizes gives each side's steady rate and fixed cost.
-Writes benchmarks/results/loop_vs_job.{json,md}.
+A linear fit of seconds on rows over the sizes (two or more) gives each side's steady rate and fixed cost.
+Writes benchmarks/results/loop_vs_job.{json,md} (``--name``: another name, for a run at other sizes).
 """
 
 from __future__ import annotations
@@ -75,9 +75,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--size", type=int, default=96, help="image side")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--name", default="loop_vs_job", help="results file name (benchmarks/results/NAME.md)")
     args = p.parse_args(argv)
-    if len(set(args.sizes)) < 2:
-        p.error("the fit of steady rate and fixed cost needs two sizes or more")
 
     tmp = tempfile.mkdtemp(prefix="loop-vs-job-")
     runs = []
@@ -107,7 +106,9 @@ def main(argv=None):
                 shutil.rmtree(out_job)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    fits = {side: fit([r["rows"] for r in runs], [r[side] for r in runs]) for side in ("loop", "job")}
+    # the fit of steady rate and fixed cost needs two sizes or more
+    fits = ({side: fit([r["rows"] for r in runs], [r[side] for r in runs]) for side in ("loop", "job")}
+            if len(set(args.sizes)) > 1 else {})
     by_size = {rows: [r for r in runs if r["rows"] == rows] for rows in args.sizes}
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "revision": git_revision(),
                "command": "python -m benchmarks.loop_vs_job " + " ".join(argv), "image_size": args.size,
@@ -123,10 +124,11 @@ def main(argv=None):
         *[f"| {rows} | {spread([r['loop'] for r in rs], 1)} | {spread([r['job'] for r in rs], 1)} | "
           f"**{spread([r['ratio'] for r in rs], 3)}** | {spread([r['job'] - r['job_driver_run'] for r in rs])} | "
           f"{spread([r['job_driver_run'] for r in rs], 1)} |" for rows, rs in by_size.items()], "",
-        "Least-squares fit over every run, seconds = fixed + rows / rate:", "",
-        "| side | steady rows/s | fixed cost (s) |", "|---|---|---|",
-        *[f"| {side} | {f['rows_per_second']} | {f['fixed_seconds']} |" for side, f in results["fit"].items()], ""])
-    write(results, "loop_vs_job", md)
+        *(["Least-squares fit over every run, seconds = fixed + rows / rate:", "",
+           "| side | steady rows/s | fixed cost (s) |", "|---|---|---|",
+           *[f"| {side} | {f['rows_per_second']} | {f['fixed_seconds']} |" for side, f in results["fit"].items()],
+           ""] if fits else [])])
+    write(results, args.name, md)
     print(md)
 
 

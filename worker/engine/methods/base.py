@@ -64,7 +64,7 @@ class Attribution:
         threads: TensorFlow intra-op threads (match the CPUs the scheduler gave this process).
         warmup: run the compiled function once on a batch of zeros when built, so that the first ``explain``
             pays no compile (a server that wants even latency). Off by default: the first ``explain`` pays the
-            compile instead, and a one-shot caller does not also pay for a batch of zeros (~3 s of ResNet50's
+            compile instead, and a one-shot caller does not also pay for a batch of zeros (3.6 s of ResNet50's
             first map on a 2-core CPU: ``benchmarks/results/first_map.md``).
     """
 
