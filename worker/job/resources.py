@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -83,10 +84,11 @@ def connect(logging_level=logging.WARNING) -> None:
 
 
 def starts_embedded() -> bool:
-    """Whether :func:`connect` would start a local Ray in this process (nothing to attach to, none running)."""
-    import ray
-
-    return not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+    """Whether :func:`connect` would start a local Ray (or attach to one ``ray start`` made here) rather than
+    attach to RAY_ADDRESS or find one running in this process. It does not import Ray (a second of CPU that
+    :func:`connect_beside` overlaps with the driver's own work): Ray not imported yet is Ray not running."""
+    ray = sys.modules.get("ray")
+    return not os.environ.get("RAY_ADDRESS") and not (ray is not None and ray.is_initialized())
 
 
 def connect_beside(work):
@@ -94,8 +96,6 @@ def connect_beside(work):
     main thread), so the seconds of a local Ray's start overlap the driver's own (TensorFlow's import, the probe
     engine). If ``work`` raises, a Ray this call started is shut down before the error is raised: a bad
     configuration still leaves no cluster behind. When both fail, ``work``'s error is the one raised."""
-    import ray
-
     box: dict = {}
 
     def target():
@@ -104,9 +104,11 @@ def connect_beside(work):
         except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
             box["error"] = exc
 
-    started_here = not ray.is_initialized()
     thread = threading.Thread(target=target, name="driver-probe", daemon=True)
     thread.start()
+    import ray  # its import overlaps the work too
+
+    started_here = not ray.is_initialized()
     try:
         connect()
     except BaseException:
