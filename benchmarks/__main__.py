@@ -8,6 +8,7 @@ resume; each writes benchmarks/results/<name>.{json,md}, and results/README.md g
 On a machine with a GPU, ``python -m benchmarks.gpu`` adds the GPU table.
 """
 
+import glob
 import os
 import subprocess
 import sys
@@ -29,11 +30,12 @@ def main() -> int:
 def gather() -> None:
     """results/README.md: every table, in the order they run (gpu last, where it exists)."""
     parts = []
-    for name in (*NAMES, "gpu"):
-        path = os.path.join(HERE, "results", f"{name}.md")
-        if os.path.exists(path):
-            with open(path) as f:
-                parts.append(f.read())
+    for name in (*NAMES, "gpu"):  # each table, then its runs at other settings (``--name NAME_...``)
+        for path in [os.path.join(HERE, "results", f"{name}.md"),
+                     *sorted(glob.glob(os.path.join(HERE, "results", f"{name}_*.md")))]:
+            if os.path.exists(path):
+                with open(path) as f:
+                    parts.append(f.read())
     with open(os.path.join(HERE, "results", "README.md"), "w") as f:
         f.write("# Benchmark results\n\nMade by `python -m benchmarks`; each table names its date, machine and "
                 "command.\n\n" + "\n".join(parts))

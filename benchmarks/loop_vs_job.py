@@ -117,7 +117,8 @@ def main(argv=None):
     md = "\n".join([
         f"# The job against the simplest loop ({results['date']})", "", *provenance(results),
         f"{args.size}x{args.size} PNG digits in one HF-style Parquet file, the question's CNN, batch "
-        f"{args.batch_size}; whole processes (interpreter start and imports included), {args.rounds} rounds, "
+        f"{args.batch_size}; whole processes (interpreter start and imports included), {args.rounds} "
+        f"round{'s' if args.rounds > 1 else ''}, "
         "sides alternating. *ratio* is job rows/s over loop rows/s in the same round: median (min–max).", "",
         "| rows | loop s | job s | ratio job/loop | job: start + imports s | job: driver run s |",
         "|---|---|---|---|---|---|",
