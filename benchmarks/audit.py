@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import PeakSampler, git_revision, machine, provenance, spread, write
+from benchmarks.common import PeakSampler, child_json, git_revision, machine, provenance, spread, write
 
 
 def synthetic_output(directory, rows, size, classes=10, rows_per_file=10_000, seed=0):
@@ -95,9 +95,7 @@ def one(output: str, report: str, interventions: int) -> None:
 
 
 def child(output, report, interventions=0) -> dict:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.audit", "one", output, report, str(interventions)],
-                          check=True, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_json(["-m", "benchmarks.audit", "one", output, report, str(interventions)])
 
 
 def main(argv=None):

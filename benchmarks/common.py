@@ -8,6 +8,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import threading
 import time
 
@@ -70,6 +71,15 @@ class PeakSampler(threading.Thread):
 
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def child_json(args: list[str], env: dict | None = None) -> dict:
+    """Run ``python *args`` from the repository root in a fresh process (TensorFlow's logs quiet, ``env`` over
+    this process's environment) and return the JSON object its last line of output printed."""
+    done = subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def git_revision() -> str:

@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-from benchmarks.common import git_revision, machine, provenance, spread, write
+from benchmarks.common import (
+    child_json,
+    git_revision,
+    machine,
+    provenance,
+    spread,
+    write,
+)
 
 CHILD = """
 import json, sys, time
@@ -67,11 +72,8 @@ KINDS = ("engine", "engine_warmup", "recipe_eager")
 
 def child(kind: str, path: str, preset: str, batch: int) -> dict:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, path, preset, str(batch)], capture_output=True,
-                         text=True, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    timings = child_json(["-c", CHILD, kind, path, preset, str(batch)])
     wall = time.perf_counter() - start
-    timings = json.loads(out.stdout.strip().splitlines()[-1])
     timings["to_first_map"] = timings["build"] + timings["first_explain"]
     return {**{k: round(v, 2) for k, v in timings.items()}, "wall": round(wall, 2)}
 

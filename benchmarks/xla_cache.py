@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
-from benchmarks.common import git_revision, machine, provenance, spread, write
+from benchmarks.common import (
+    child_json,
+    git_revision,
+    machine,
+    provenance,
+    spread,
+    write,
+)
 
 CHILD = """
 import json, os, sys, time
@@ -36,13 +41,9 @@ print(json.dumps({"first_map_s": round(time.perf_counter() - start, 2)}))
 
 
 def child(model, batch, cache):
-    env = dict(os.environ)
-    env.pop("TF_XLA_FLAGS", None)
-    if cache:
-        env["TF_XLA_FLAGS"] = f"--tf_xla_persistent_cache_directory={cache}"
-    out = subprocess.run([sys.executable, "-c", CHILD, model, str(batch)], env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["first_map_s"]
+    # no cache: the flag emptied, so a TF_XLA_FLAGS set outside cannot bring one in
+    flags = f"--tf_xla_persistent_cache_directory={cache}" if cache else ""
+    return child_json(["-c", CHILD, model, str(batch)], env={"TF_XLA_FLAGS": flags})["first_map_s"]
 
 
 def main(argv=None):
