@@ -35,6 +35,13 @@ def test_labels_missing_or_out_of_range(gbp):
         gbp.explain(images, labels=[0, 3, -1])
 
 
+def test_no_images_need_no_labels(gbp):
+    """An empty batch (every row of a job's batch failed before the engine) is an empty explanation."""
+    out = gbp.explain(np.zeros((0, 6, 6, 3), np.uint8))
+    assert len(out) == 0 and out.maps.shape == (0, 1, 6, 6)
+    assert len(gbp.explain(np.zeros((0, 6, 6, 3), np.uint8), labels=np.zeros(0, np.float64))) == 0
+
+
 def test_bad_targets():
     with pytest.raises(ValueError, match="does not exist; layers are"):
         GuidedBackprop(small(), target="layer:nope")

@@ -30,12 +30,18 @@ KINDS = ("predicted", "label", "class", "top", "layer")
 
 def label_problem(label, num_classes: int) -> str | None:
     """Why ``label`` cannot be a class index of a model with ``num_classes`` classes (None when it can)."""
+    import math
     import numbers
 
     if label is None:
         return "label is missing"
     if hasattr(label, "item"):  # a numpy scalar
         label = label.item()
+    if isinstance(label, numbers.Real) and not isinstance(label, numbers.Integral):
+        # a float column (pandas makes one of an integer column with a missing value): 3.0 is class 3
+        if not math.isfinite(label) or label != int(label):
+            return f"label {label!r} is not a whole class index"
+        label = int(label)
     if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= int(label) < num_classes:
         return f"label {label!r} out of range [0, {num_classes})"
     return None

@@ -112,7 +112,9 @@ class ExplainBatch:
         images = table[schema.IMAGE_COLUMN].combine_chunks().to_numpy_ndarray()[valid]
         labels = None
         if self.engine.target.kind == "label":
-            labels = np.asarray(table[self.config.label_column].fill_null(0).to_numpy(zero_copy_only=False))[valid]
+            # the rows still valid passed label_problem: whole numbers in range, whatever the column's type
+            labels = np.asarray(table[self.config.label_column].fill_null(0).to_numpy(zero_copy_only=False))
+            labels = labels[valid].astype(np.int64)
         explanation, errors = self._explain(images, labels, valid, errors)
         results = schema.result_columns(valid, explanation, errors, self.map_shape, self.config.map_dtype, self.k)
         results.update(self._statistics(table, valid, explanation))
@@ -136,6 +138,8 @@ class ExplainBatch:
         return schema.placed_columns(valid, values)
 
     def _explain(self, images, labels, valid, errors):
+        if not len(images):  # every row of the batch already has its error
+            return self._empty(), errors
         try:
             return self.engine.explain(images, labels), errors
         except Exception as exc:  # noqa: BLE001 - isolate the row(s) that fail, keep the rest
@@ -147,7 +151,10 @@ class ExplainBatch:
             except Exception as exc:  # noqa: BLE001
                 errors[row] = f"explain: {describe_error(exc)}"
                 valid[row] = False
-        return (Explanation.concatenate(parts) if parts else self.engine.explain(images[:0])), errors
+        return (Explanation.concatenate(parts) if parts else self._empty()), errors
+
+    def _empty(self) -> Explanation:
+        return Explanation.empty(self.k, self.map_shape, self.config.map_dtype, self.engine.report)
 
 
 class JobMetrics:

@@ -246,12 +246,12 @@ class Attribution:
     def explain(self, images: np.ndarray, labels=None) -> Explanation:
         """Explain ``images``: uint8 (N, H, W, 3); ``labels`` (N,) ints for ``target='label'``."""
         images = self._check_images(images)
+        if not len(images):  # nothing to explain: no labels are needed for it either
+            return Explanation.empty(self.target.maps_per_image, self.map_shape, self.map_dtype, self.report)
         labels = self._check_labels(labels, len(images))
         parts = []
         for n, (chunk, chunk_labels) in self._padded(images, labels):
             parts.append({k: v[:n] for k, v in self._run(chunk, chunk_labels).items()})
-        if not parts:
-            return Explanation.empty(self.target.maps_per_image, self.map_shape, self.map_dtype, self.report)
         return Explanation.concatenate([Explanation(**p, report=self.report) for p in parts])
 
     def _check_images(self, images) -> np.ndarray:
