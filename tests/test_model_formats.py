@@ -35,9 +35,17 @@ class SubclassedMLP(keras.Model):
 
 
 def _relu(form):
+    if form == "lambda_closure":
+        return _closure_lambda()
     return {"plain": layers.ReLU(),
             "lambda": layers.Lambda(lambda t: tf.nn.relu(t)),  # noqa: PLW0108 - the form users write
             "custom": TfRelu()}[form]
+
+
+def _closure_lambda():
+    import keras  # noqa: PLW0406 - imported inside the function: the Lambda's closure holds it, not its globals
+
+    return layers.Lambda(lambda t: keras.ops.relu(t))  # noqa: PLW0108
 
 
 def build(kind, relu, seed):
@@ -92,6 +100,22 @@ def test_in_memory_subclassed_model_is_explained():
     expected, _ = reference(params, images)
     np.testing.assert_allclose(gbp.explain(images).maps[:, 0], expected, rtol=1e-4,
                                atol=1e-5 * np.abs(expected).max())
+
+
+def test_lambda_using_a_module_its_closure_holds_loads(tmp_path):
+    """``def build(): import keras; ... Lambda(lambda t: keras.ops.relu(t))``: Keras saves the closure's module as
+    a dict and used to restore the dict ('dict' object has no attribute 'ops'); the module is imported again.
+    (Keras cannot write such a model to .h5 at all: it fails to copy the module while saving.)"""
+    model, params = build("sequential", "lambda_closure", seed=13)
+    assert model.layers[2].function.__closure__, "the Lambda must hold keras in its closure"
+    images = np.random.default_rng(6).integers(0, 256, (4, *SHAPE), dtype=np.uint8)
+    path = save_model(model, "keras", tmp_path)
+    gbp = GuidedBackprop(path, batch_size=4, preprocessing="scale01", reduction="none", map_dtype="float32",
+                         safe_mode=False)
+    expected, _ = reference(params, images)
+    np.testing.assert_allclose(gbp.explain(images).maps[:, 0], expected, rtol=1e-4,
+                               atol=1e-5 * np.abs(expected).max())
+    assert gbp.report["coverage"]["guided_total"] == 1
 
 
 def test_lambda_with_an_unknown_name_is_named(tmp_path):

@@ -1,7 +1,8 @@
 """Loading a model into something the engine can trace: a :class:`ModelSource`.
 
-Supported: an in-memory ``keras.Model``, Keras 3 ``.keras`` files, legacy
-``.h5`` files, and TensorFlow SavedModel directories -- including exports with no
+Supported: an in-memory ``keras.Model`` or tf-keras model, Keras 3 ``.keras`` files, legacy
+``.h5`` files, Keras 2 ``.keras``/``.h5`` files (read with tf-keras, the ``keras2`` extra: see
+:mod:`worker.engine.keras2`), and TensorFlow SavedModel directories -- including exports with no
 Python class behind them (``model.export(...)``, TF1/TF2 ``tf.saved_model.save``).
 A SavedModel is frozen (variables become constants) and its function calls are
 inlined, so its graph can be imported op by op where the guided override reaches
@@ -12,7 +13,8 @@ pickled functions) is refused unless ``safe_mode=False`` (CLI:
 ``--allow-unsafe-deserialization``) is passed for a model you trust.  Keras
 restores a Lambda's bytecode without the module names it used; the usual ones
 (``tf``, ``keras``, ``np``, ``ops``) are provided, so ``Lambda(lambda t:
-tf.nn.relu(t))`` loads, and any other missing name is reported as such.  A model
+tf.nn.relu(t))`` loads, a module the Lambda's closure holds (``import keras`` inside the function that
+built the model) is imported again, and any other missing name is reported as such.  A model
 that still cannot be rebuilt, or is not an image classifier, fails with a
 :class:`ModelLoadError`, never an unexplained traceback.
 
@@ -27,13 +29,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import os
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from worker.engine import keras2
 from worker.engine.errors import describe_error
 from worker.engine.fingerprint import hash_path
 from worker.engine.options import check_choices
@@ -101,13 +106,14 @@ def _shape_checks(input_shape, output_shape, input_size):
 
 
 class KerasSource(ModelSource):
-    """An in-memory Keras model, traced by calling it."""
+    """An in-memory Keras model (Keras 3, or tf-keras: ``kind`` says which), traced by calling it."""
 
     kind = "keras"
 
     def __init__(self, model, *, output: int | None = None, input_size=None, precision: str = "float32"):
-        import keras
-
+        keras = _keras_of(model)
+        if keras.__name__ == "tf_keras":
+            self.kind = "tf_keras"
         if len(model.inputs) != 1:
             raise ModelLoadError(f"model has {len(model.inputs)} inputs; {SUPPORTED}")
         if len(model.outputs) != 1 and output is None:
@@ -116,7 +122,7 @@ class KerasSource(ModelSource):
             raise ModelLoadError(f"output={output} but the model has {len(model.outputs)} outputs")
         self._fingerprint = _hash_weights(model)
         if precision != "float32":
-            model = _with_dtype_policy(model, "mixed_" + precision)
+            model = _with_dtype_policy(model, "mixed_" + precision, keras2_config=self.kind == "tf_keras")
         self.model = model
         self._output = output or 0
         self.input_size, self.channels, self.num_classes = _shape_checks(
@@ -224,13 +230,13 @@ def _placeholder_as_constant(graph_def, name: str):
 
 def load_model(model, *, safe_mode: bool = True, output: int | None = None, signature: str | None = None,
                input_size=None, precision: str = "float32") -> ModelSource:
-    """Open ``model`` (a keras.Model, a .keras/.h5 file or a SavedModel directory)."""
+    """Open ``model`` (a keras.Model or tf-keras model, a .keras/.h5 file or a SavedModel directory)."""
     import keras
 
     check_choices(precision=precision)
     if isinstance(model, ModelSource):
         return model
-    if isinstance(model, keras.Model):
+    if isinstance(model, keras.Model) or keras2.is_model(model):
         return KerasSource(_with_inputs(model, "the model"), output=output, input_size=input_size,
                            precision=precision)
     path = Path(os.fspath(model))
@@ -244,10 +250,18 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
         return SavedModelSource(str(path), signature=signature, output=output, input_size=input_size)
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise ModelLoadError(f"{path} is not a model file: expected .keras, .h5 or a SavedModel directory")
-    if not safe_mode:
-        _lambda_globals()
+    version = keras2.writer_version(path)
+    keras2_file = keras2.is_keras2(version)
+    # a Keras 2 file is read by tf-keras; without it, only a legacy .h5 has a chance in Keras 3
+    if keras2_file and keras2.installed() is None and path.suffix != ".h5":
+        raise ModelLoadError(keras2.missing_extra(path, version))
+    use_tf_keras = keras2_file and keras2.installed() is not None
     try:
-        loaded = keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode)
+        if use_tf_keras:
+            loaded = keras2.load(str(path), safe_mode)
+        else:
+            with contextlib.nullcontext() if safe_mode else _lambda_code():
+                loaded = keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode)
     except Exception as exc:  # noqa: BLE001 - keras raises many types for a bad file
         text = str(exc)
         if "safe_mode" in text or "unsafe_deserialization" in text:
@@ -255,6 +269,9 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
                 f"{path} carries Python code (e.g. a Lambda layer) and Keras safe mode is on. "
                 f"Only for a model you trust, pass {UNSAFE_OPT_IN}."
             ) from exc
+        if keras2_file and not use_tf_keras:
+            cause = describe_error(exc).split(" using config=")[0][:160]  # not Keras's dump of the config
+            raise ModelLoadError(keras2.missing_extra(path, version, cause)) from exc
         raise ModelLoadError(f"{path} could not be loaded as a Keras model: {describe_error(exc)}") from exc
     try:
         return KerasSource(_with_inputs(loaded, path), output=output, input_size=input_size, precision=precision)
@@ -265,29 +282,50 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
                              f"{describe_error(exc)}; {SUPPORTED}") from exc
 
 
-def _lambda_globals() -> None:
-    """Give deserialised Lambda code the module names models are usually written with.
+@contextlib.contextmanager
+def _lambda_code():
+    """While a model that may carry Lambda code is loaded (safe mode off), give that code its module names.
 
-    Keras rebuilds a Lambda's function from its bytecode with the globals of its own
-    ``python_utils`` module, where ``tf``, ``keras`` and ``np`` do not exist: the model then
-    fails while Keras rebuilds it (a Sequential silently stays without inputs).  Only names
-    that module does not define are added."""
+    Keras rebuilds a Lambda's function from its bytecode with the globals of its own ``python_utils`` module,
+    where ``tf``, ``keras`` and ``np`` do not exist: the model then fails while Keras rebuilds it (a Sequential
+    silently stays without inputs).  Only names that module does not define are added, for good: the
+    function keeps those globals.  A Lambda written inside the function that built the model (``def build():
+    import keras; ... Lambda(lambda t: keras.ops.relu(t))``) holds ``keras`` in its closure instead; Keras saves
+    the cell as ``{"class_name": "module", "config": "keras", ...}`` and would restore that dict as its value
+    (``'dict' object has no attribute 'ops'`` when the layer is called): the module is imported again."""
     try:
         from keras.src.utils import python_utils
     except ImportError:  # a Keras without that module: nothing to patch
+        yield
         return
     import keras
 
     for name, module in {"tf": tf, "keras": keras, "np": np, "ops": keras.ops}.items():
         python_utils.__dict__.setdefault(name, module)
+    original = python_utils.func_load
+
+    def func_load(code, defaults=None, closure=None, globs=None):
+        if closure is not None:
+            closure = [importlib.import_module(c["config"]) if _is_module_cell(c) else c for c in closure]
+        return original(code, defaults=defaults, closure=closure, globs=globs)
+
+    python_utils.func_load = func_load
+    try:
+        yield
+    finally:
+        python_utils.func_load = original
+
+
+def _is_module_cell(cell) -> bool:
+    return (isinstance(cell, dict) and cell.get("class_name") == "module" and cell.get("module") == "builtins"
+            and isinstance(cell.get("config"), str))
 
 
 def _with_inputs(model, where):
     """A model with symbolic inputs.  A subclassed model has none, and a Sequential that Keras could not
     rebuild on load has none either: wrap it in a functional model on an ``Input`` of its built shape, so it
     works, or the failing layer (e.g. a Lambda's NameError) is named."""
-    import keras
-
+    keras = _keras_of(model)
     try:
         if model.inputs:
             return model
@@ -322,16 +360,28 @@ def _with_inputs(model, where):
     return keras.Model(inputs, x, name=model.name)
 
 
+def _keras_of(model):
+    """The Keras a model belongs to: ``tf_keras`` for a tf-keras model, else Keras 3."""
+    if keras2.is_model(model):
+        import tf_keras
+
+        return tf_keras
+    import keras
+
+    return keras
+
+
 def _hash_weights(model) -> str:
     digest = hashlib.sha256()
     for weight in model.weights:
-        digest.update(weight.path.encode() if hasattr(weight, "path") else b"")
+        digest.update((getattr(weight, "path", None) or weight.name).encode())
         digest.update(np.ascontiguousarray(np.asarray(weight.numpy())).tobytes())
     return "sha256:" + digest.hexdigest()
 
 
-def _with_dtype_policy(model, policy: str):
-    """Rebuild ``model`` with every layer under ``policy`` (e.g. mixed_bfloat16), same weights."""
+def _with_dtype_policy(model, policy: str, keras2_config: bool = False):
+    """Rebuild ``model`` with every layer under ``policy`` (e.g. mixed_bfloat16), same weights
+    (``keras2_config``: a tf-keras config, whose layers' ``dtype`` is a name or a ``Policy``)."""
 
     def rewrite(node):
         if isinstance(node, dict):
@@ -341,6 +391,8 @@ def _with_dtype_policy(model, policy: str):
             for key, value in node.items():
                 if key == "dtype" and isinstance(value, dict) and value.get("class_name") == "DTypePolicy":
                     value = {**value, "config": {**value["config"], "name": policy}}
+                elif key == "dtype" and keras2_config:
+                    value = keras2.dtype_policy(value, policy) or value
                 out[key] = rewrite(value)
             return out
         if isinstance(node, list):
