@@ -10,8 +10,11 @@ forever.  By default:
   decode reserve, as many as the nodes hold, so the CPUs left serve reading and
   decoding (``decode_cpus``, default a quarter of the cluster's CPUs, at least 0.5).
 
-A plan that cannot be placed fails here, before any cluster time is spent, with
-a message naming what was asked and the largest node.  TensorFlow's thread pools
+While no node can hold the plan (a cluster whose workers scale from zero, nodes
+still joining), a pending placement group asks the autoscaler for the actors
+(:func:`demand_bundles`) and the driver waits, up to the start time-out.  A plan
+that still cannot be placed then fails with a message naming what was asked and
+the largest node.  TensorFlow's thread pools
 are sized to the CPUs an actor was given, so Ray's accounting and the threads
 that really run agree.
 
@@ -209,10 +212,31 @@ def plan_actors(nodes: list[dict], *, actors: int | None = None, gpus_per_actor:
     return ActorPlan(n, cpus_per_actor, 0.0, max(1, math.ceil(cpus_per_actor)), decode_task)
 
 
+def demand_bundles(*, actors: int | None = None, gpus_per_actor: float | None = None,
+                   cpus_per_actor: float | None = None, **_) -> list[dict]:
+    """What to ask an autoscaler for while no node can hold the plan (a cluster scaled to zero, nodes still
+    starting): ``actors`` bundles of the actor's ask when the job names them, else one actor of 1 CPU (and the
+    GPUs per actor asked for). The plan itself is then made from the nodes that joined.
+
+    >>> demand_bundles(actors=2, gpus_per_actor=1)
+    [{'CPU': 1.0, 'GPU': 1.0}, {'CPU': 1.0, 'GPU': 1.0}]
+    >>> demand_bundles()
+    [{'CPU': 1.0}]
+    """
+    bundle = {"CPU": float(cpus_per_actor if cpus_per_actor is not None else 1.0)}
+    if gpus_per_actor:
+        bundle["GPU"] = float(gpus_per_actor)
+    return [dict(bundle) for _ in range(actors or 1)]
+
+
 def place_actors(timeout_s: float, echo=print, **asks) -> ActorPlan:
     """Plan the actors (:func:`plan_actors`) from the connected cluster's alive nodes and check that their
-    resources can be reserved now.  While no plan fits (nodes still joining) or the nodes are busy, wait, up to
-    ``timeout_s`` in all; then fail saying what was asked and what the largest node has.  Ray Data itself
+    resources can be reserved now.  While no plan fits (no nodes yet, nodes still joining) a placement group of
+    :func:`demand_bundles` is left pending: an autoscaler (the cluster launcher's, KubeRay's in-tree one) sees
+    it as demand and starts nodes; polling ``ray.nodes()`` alone asks for nothing, so a cluster scaled to zero
+    would stay at zero. (A placement group, not ``request_resources``: it goes with this driver, so a killed
+    driver leaves no standing request that keeps GPU nodes up.) While no plan fits or the nodes are busy, wait,
+    up to ``timeout_s`` in all; then fail saying what was asked and what the largest node has.  Ray Data itself
     would wait for its actors forever."""
     import time
 
@@ -220,20 +244,30 @@ def place_actors(timeout_s: float, echo=print, **asks) -> ActorPlan:
     from ray.util.placement_group import placement_group, remove_placement_group
 
     deadline = time.monotonic() + timeout_s
-    waited = False
-    while True:
-        try:
-            plan = plan_actors(alive_nodes(), **asks)
-            break
-        except BadActorRequest:
-            raise
-        except PlacementError as exc:
-            if time.monotonic() > deadline:
+    demand, asked = None, ""
+    try:
+        while True:
+            try:
+                plan = plan_actors(alive_nodes(), **asks)
+                break
+            except BadActorRequest:
                 raise
-            if not waited:
-                echo(f"waiting up to {timeout_s:g} s for nodes that can hold the actors: {exc}")
-                waited = True
-            time.sleep(2)
+            except PlacementError as exc:
+                if demand is None:
+                    bundles = demand_bundles(**asks)
+                    demand = placement_group(bundles, strategy="PACK")
+                    asked = f"{len(bundles)} x " + " ".join(f"{_fmt(v)} {k}" for k, v in bundles[0].items())
+                    echo(f"waiting up to {timeout_s:g} s for nodes that can hold the actors ({exc}); an "
+                         f"autoscaler, if the cluster has one, is asked for {asked}")
+                if time.monotonic() > deadline:
+                    raise PlacementError(f"{exc} (after {timeout_s:g} s; an autoscaler, if the cluster has one, was "
+                                         f"asked for {asked} and started no node that holds it: check its node "
+                                         "types and worker limits with `ray status`, or raise "
+                                         "--actor-start-timeout)") from None
+                time.sleep(2)
+    finally:
+        if demand is not None:
+            remove_placement_group(demand)
     bundle = {"CPU": plan.num_cpus, **({"GPU": plan.num_gpus} if plan.num_gpus else {})}
     group = placement_group([bundle] * plan.actors, strategy="PACK")  # reserved and released at once
     try:
