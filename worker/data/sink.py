@@ -12,12 +12,15 @@ A part file's name is a hash of the ids it holds, so a write task that Ray
 retries rewrites the same file instead of adding a duplicate.  On object stores
 (S3, GCS) an object only appears when its upload completes, so files are
 written in place; on local filesystems they are written to ``_tmp/`` and renamed.
+Every storage step goes through :func:`worker.data.retry.call` (the retry policy);
+one that fails for good is a one-line :class:`~worker.data.retry.StorageError`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import uuid
 
@@ -27,8 +30,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
+from worker.data import retry
 from worker.data.lease import LEASE_FILE
-from worker.data.schema import with_metadata
+from worker.data.schema import read_metadata, with_metadata
+
+log = logging.getLogger(__name__)
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
@@ -59,6 +65,12 @@ def _remove_staging(fs: pafs.FileSystem, root: str) -> None:
         fs.delete_dir(posixpath.join(root, TMP_DIR))
 
 
+def _ours(name: str) -> bool:
+    """An entry a run of ours writes; readers skip names starting with ``_`` or ``.`` (pyarrow's and Ray's
+    dataset discovery), so those cannot mislead them either."""
+    return name.startswith(("_", ".")) or (name.startswith("part-") and name.endswith(".parquet"))
+
+
 class AtomicParquetDatasink(Datasink):
     """Ray Data sink that owns its output directory: each write task commits one whole Parquet file, named
     by its ids.
@@ -79,11 +91,31 @@ class AtomicParquetDatasink(Datasink):
         self.fs, self.root, self.owner, self.metadata = fs, root, owner, metadata
         self.rows_per_file, self.overwrite = rows_per_file, overwrite
         self.atomic_rename = isinstance(fs, pafs.LocalFileSystem)
+        self.where = root if self.atomic_rename else f"{fs.type_name}://{root}"
         self.result = {"rows": 0, "errors": 0, "files": []}
+
+    def _io(self, what: str, fn):
+        return retry.call(fn, f"{what} {self.where}")
+
+    def _put(self, path: str, data: bytes) -> None:
+        """A small file written whole: beside it and renamed on local filesystems (a full volume must not leave
+        a truncated ``_job.json`` that stops every later run), in place on object stores (atomic there)."""
+        staging = f"{path}.{uuid.uuid4().hex}.tmp" if self.atomic_rename else path
+        try:
+            with self.fs.open_output_stream(staging) as handle:
+                handle.write(data)
+            if self.atomic_rename:
+                self.fs.move(staging, path)
+        finally:
+            if self.atomic_rename and self.fs.get_file_info(staging).type == pafs.FileType.File:
+                self.fs.delete_file(staging)
 
     def claim(self) -> tuple[np.ndarray, list[str]]:
         """Claim the directory for the owner; return the ids the same job already wrote there (resume) and
         the committed files they came from."""
+        return self._io("claiming the output", self._claim)
+
+    def _claim(self) -> tuple[np.ndarray, list[str]]:
         fs, root = self.fs, self.root
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.File:
@@ -93,11 +125,19 @@ class AtomicParquetDatasink(Datasink):
         # the lease of the run doing this (and a claimant's copy of it on its way to being renamed over it)
         existing = [i for i in existing if not posixpath.basename(i.path).startswith(LEASE_FILE)]
         job_path = posixpath.join(root, JOB_FILE)
+        same = False
         if existing:
             owner = None
             if fs.get_file_info(job_path).type == pafs.FileType.File:
                 with fs.open_input_stream(job_path) as handle:
-                    owner = json.loads(handle.read())
+                    text = handle.read()
+                try:
+                    owner = json.loads(text)
+                except ValueError:
+                    raise OutputExistsError(
+                        f"output {self.where} has a {JOB_FILE} that is not readable JSON (truncated?), so which job "
+                        "owns it is unknown: pass overwrite=True (CLI: --overwrite) to start again, or choose a "
+                        "new output") from None
             same = owner is not None and owner.get("fingerprint") == self.owner["fingerprint"]
             if not same and not self.overwrite:
                 what = "another job's results" if owner else "files that no job of ours wrote"
@@ -108,19 +148,45 @@ class AtomicParquetDatasink(Datasink):
                 for item in existing:  # everything but the lease of the run doing this
                     (fs.delete_dir if item.type == pafs.FileType.Directory else fs.delete_file)(item.path)
         fs.create_dir(root, recursive=True)
-        _remove_staging(fs, root)  # left by a run that died
-        with fs.open_output_stream(job_path) as handle:
-            handle.write(json.dumps(self.owner, indent=2, sort_keys=True).encode())
+        if self.atomic_rename:
+            _remove_staging(fs, root)  # left by a run that died
+        foreign = sorted(posixpath.basename(i.path) for i in existing if not _ours(posixpath.basename(i.path)))
+        if same and foreign:
+            raise OutputExistsError(
+                f"output {self.where} holds {foreign[:3]}, which this job did not write (readers of the output would "
+                "take them for part of it): move them out of the output and run the same command again")
+        self._put(job_path, json.dumps(self.owner, indent=2, sort_keys=True).encode())
         files = committed_files(fs, root)
-        return read_ids(fs, files), files
+        ids = [self._part_ids(path) for path in files]
+        return (np.concatenate(ids) if ids else np.array([], np.bytes_)), files
+
+    def _part_ids(self, path: str) -> np.ndarray:
+        """A committed part's ids, once it is known to be a whole part file of this job."""
+        from worker.data.dataset import id_bytes
+
+        try:
+            table = pq.read_table(path, columns=["id"], filesystem=self.fs)
+            job = (read_metadata(table.schema) or {}).get("job", {})
+            problem = None if job.get("fingerprint") == self.owner["fingerprint"] else "another job's part file"
+        except (pa.ArrowInvalid, pa.ArrowKeyError, KeyError, ValueError) as exc:  # truncated, not Parquet, no id
+            problem = f"not a readable part file ({retry.first_line(exc)})"
+        if problem:
+            raise OutputExistsError(
+                f"output {self.where} holds {posixpath.basename(path)}: {problem}. Move it out of the output and run "
+                "the same command again: its rows are explained again")
+        return id_bytes(table["id"])
 
     @property
     def min_rows_per_write(self):
         return self.rows_per_file
 
     def on_write_start(self, schema=None) -> None:
-        self.fs.create_dir(self.root, recursive=True)
-        _remove_staging(self.fs, self.root)
+        def start():
+            self.fs.create_dir(self.root, recursive=True)
+            if self.atomic_rename:
+                _remove_staging(self.fs, self.root)
+
+        self._io("preparing the output", start)
 
     def write(self, blocks, ctx) -> dict:
         tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks]
@@ -132,12 +198,21 @@ class AtomicParquetDatasink(Datasink):
         digest = hashlib.sha1("\n".join(table["id"].to_pylist()).encode()).hexdigest()[:20]
         name = f"part-{digest}.parquet"
         final = posixpath.join(self.root, name)
-        target = posixpath.join(self.root, TMP_DIR, f"{uuid.uuid4().hex}.parquet") if self.atomic_rename else final
-        if self.atomic_rename:
-            self.fs.create_dir(posixpath.dirname(target), recursive=True)
-        pq.write_table(table, target, filesystem=self.fs, compression="zstd")
-        if self.atomic_rename:
-            self.fs.move(target, final)
+
+        def commit():
+            target = posixpath.join(self.root, TMP_DIR, f"{uuid.uuid4().hex}.parquet") if self.atomic_rename else final
+            if self.atomic_rename:
+                self.fs.create_dir(posixpath.dirname(target), recursive=True)
+            try:
+                pq.write_table(table, target, filesystem=self.fs, compression="zstd")
+            except BaseException:  # a full volume: give the half-written file's space back
+                if self.atomic_rename and self.fs.get_file_info(target).type == pafs.FileType.File:
+                    self.fs.delete_file(target)
+                raise
+            if self.atomic_rename:
+                self.fs.move(target, final)
+
+        self._io(f"writing {name} ({table.num_rows} rows) to", commit)
         return {"rows": table.num_rows, "errors": table.num_rows - table["error"].null_count, "files": [name]}
 
     def on_write_complete(self, write_result) -> None:
@@ -147,12 +222,19 @@ class AtomicParquetDatasink(Datasink):
             "errors": sum(r["errors"] for r in returns),
             "files": sorted(f for r in returns for f in r["files"]),
         }
-        _remove_staging(self.fs, self.root)
+        if self.atomic_rename:
+            self._io("removing the staging directory of", lambda: _remove_staging(self.fs, self.root))
 
     def on_write_failed(self, error: Exception) -> None:
-        _remove_staging(self.fs, self.root)  # committed parts stay: a re-run resumes from them
+        """Committed parts stay (a re-run resumes from them). The staging directory goes if it can: readers
+        never look in it, the next run removes it anyway, and this must not hide the write's own error."""
+        if self.atomic_rename:
+            try:
+                _remove_staging(self.fs, self.root)
+            except OSError as exc:
+                log.warning("could not remove %s/%s after the failed write: %s", self.where, TMP_DIR, exc)
 
     def finish(self, summary: dict) -> None:
         """Write the run's summary (``_summary.json``): the directory is complete for this run."""
-        with self.fs.open_output_stream(posixpath.join(self.root, SUMMARY_FILE)) as handle:
-            handle.write(json.dumps(summary, indent=2, sort_keys=True).encode())
+        data = json.dumps(summary, indent=2, sort_keys=True).encode()
+        self._io("writing the summary of", lambda: self._put(posixpath.join(self.root, SUMMARY_FILE), data))

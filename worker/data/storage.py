@@ -1,7 +1,8 @@
 """Where files live: a pyarrow filesystem for any path or URI, and a local copy of a remote model.
 
 Local paths, ``s3://`` and ``gs://`` (an S3-compatible endpoint comes from ``AWS_ENDPOINT_URL`` or
-``?endpoint_override=`` in the URI).
+``?endpoint_override=`` in the URI). An S3 filesystem gets the retry policy's client settings
+(:mod:`worker.data.retry`: attempts per request, connect and request timeouts).
 
 Example:
     >>> fs, path = filesystem("maps/")
@@ -18,6 +19,8 @@ import tempfile
 
 import pyarrow.fs as pafs
 
+from worker.data import retry
+
 
 class InputError(ValueError):
     """The input dataset cannot be read as asked: raised before any cluster time is spent."""
@@ -28,9 +31,15 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in uri:
         return pafs.LocalFileSystem(), posixpath.abspath(uri) if not uri.startswith("/") else uri
     try:
-        return pafs.FileSystem.from_uri(uri)
+        fs, path = pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"cannot open {uri}: {exc}") from exc
+    if isinstance(fs, pafs.S3FileSystem):  # the URI's own options, with the policy's timeouts and attempts
+        options = fs.__reduce__()[1][0]
+        options.update(connect_timeout=retry.S3_CONNECT_TIMEOUT_S, request_timeout=retry.S3_REQUEST_TIMEOUT_S,
+                       retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=retry.S3_ATTEMPTS))
+        fs = pafs.S3FileSystem._reconstruct(options)
+    return fs, path
 
 
 def fetch_model(uri: str) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from worker.data import dataset, sink, storage
+from worker.data import dataset, retry, sink, storage
 from worker.data.lease import Lease
 from worker.job.config import JobConfig, build_engine
 from worker.job.resources import connect, connect_beside, place_actors, starts_embedded
@@ -61,12 +61,33 @@ def _probe_and_start(config: JobConfig, out_fs, out_root: str):
     def probe():
         return build_engine(config, model, batch_size=1, warmup=False)
 
-    new_output = out_fs.get_file_info(out_root).type == pafs.FileType.NotFound
+    new_output = retry.call(lambda: out_fs.get_file_info(out_root).type,
+                            f"looking up {config.output}") == pafs.FileType.NotFound
     # a missing model is the probe's error at once, with no Ray to start and stop
     if (new_output and os.path.exists(model) and starts_embedded()
             and threading.current_thread() is threading.main_thread()):
         return connect_beside(probe)
     return probe()
+
+
+def read_with_retry(batch: pa.Table, **kwargs) -> pa.Table:
+    """:func:`~worker.job.stages.read_stage` under the storage retry policy (:mod:`worker.data.retry`); an input
+    file that vanished or is no longer whole mid-run is a one-line error naming it."""
+    paths = sorted(set(batch["path"].to_pylist()))
+    return retry.call(lambda: read_stage(batch, **kwargs), f"reading {', '.join(paths)} of the input")
+
+
+def _task_error(exc: BaseException) -> BaseException:
+    """What a Ray task raised, out of Ray's wrappers (RayTaskError, UserCodeException): a storage step's one
+    line, not the remote traceback."""
+    seen = [exc]
+    while True:
+        inner = getattr(seen[-1], "cause", None) or seen[-1].__cause__
+        if inner is None or inner in seen:
+            break
+        seen.append(inner)
+    ours = [e for e in seen if isinstance(e, (retry.StorageError, storage.InputError))]
+    return ours[-1] if ours else exc  # the deepest: Ray's wrapper of it is one too, with the remote traceback
 
 
 def run(config: JobConfig, *, echo=print) -> dict:
@@ -97,7 +118,8 @@ def run(config: JobConfig, *, echo=print) -> dict:
     metadata = {**report, "versions": versions, "job": identity, "config": record,
                 "decode": dataclasses.asdict(decode_options), **config.extra_metadata}
     owner = {"fingerprint": identity["fingerprint"], "job": identity, "metadata": metadata}
-    lease = Lease(out_fs, out_root).acquire()  # one run at a time per output (OutputBusyError)
+    # one run at a time per output (OutputBusyError)
+    lease = retry.call(Lease(out_fs, out_root).acquire, f"taking the lease on {config.output}")
     try:
         datasink = sink.AtomicParquetDatasink(out_fs, out_root, owner, metadata, config.rows_per_file,
                                               overwrite=config.overwrite)
@@ -115,7 +137,7 @@ def run(config: JobConfig, *, echo=print) -> dict:
             done_ref = ray.put(dataset.done_index(done))
             ds = ray.data.from_items([dataclasses.asdict(u) for u in units], override_num_blocks=max(1, len(units)))
             read_columns = config.needed_columns()
-            ds = ds.map_batches(read_stage, batch_size=1, batch_format="pyarrow", num_cpus=plan.decode_cpus_per_task,
+            ds = ds.map_batches(read_with_retry, batch_size=1, batch_format="pyarrow", num_cpus=plan.decode_cpus_per_task,
                                 fn_kwargs={"fs": in_fs, "columns": read_columns, "id_column": config.id_column,
                                            "done": done_ref})
             ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.decode_cpus_per_task,
@@ -129,13 +151,20 @@ def run(config: JobConfig, *, echo=print) -> dict:
                                 fn_constructor_kwargs={"config": config, "threads": plan.threads, "map_shape": map_shape})
             # writes share the CPUs kept for read/decode: a default 1-CPU write task could wait forever
             # behind actors holding the rest of a small node
-            ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
+            try:
+                ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
+            except Exception as exc:
+                error = _task_error(exc)
+                if error is exc:
+                    raise
+                raise error from None
 
         # the files committed before this run were read by claim(); read only the ones new since (any a retried
         # write task committed included, so a duplicate across files is still seen)
         before = set(files_before)
-        new_files = [f for f in sink.committed_files(out_fs, out_root) if f not in before]
-        ids = np.concatenate([done, sink.read_ids(out_fs, new_files)])
+        new_files = retry.call(lambda: [f for f in sink.committed_files(out_fs, out_root) if f not in before],
+                               f"listing {config.output}")
+        ids = np.concatenate([done, retry.call(lambda: sink.read_ids(out_fs, new_files), f"reading {config.output}")])
         elapsed = time.time() - started
         summary = {
             "output": config.output,
