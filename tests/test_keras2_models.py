@@ -186,6 +186,27 @@ def test_keras2_lambda_needs_the_opt_in(fmt, images, tmp_path):
         GuidedBackprop(path)
 
 
+def _closure_lambda_model():
+    import tensorflow as tf_in_closure  # imported inside the function: the Lambda's closure holds it
+
+    return tf_keras.Sequential([
+        layers.Conv2D(8, 3, padding="same", input_shape=(SIZE, SIZE, 3)),
+        layers.Lambda(lambda t: tf_in_closure.nn.relu(t)),  # noqa: PLW0108
+        layers.Flatten(), layers.Dense(4)])
+
+
+def test_keras2_lambda_using_a_module_its_closure_holds_loads(images, tmp_path):
+    """tf-keras saves a closure's module as a dict too (Keras 2 cannot write such a model to .h5 at all)."""
+    tf_keras.utils.set_random_seed(2)
+    model = _closure_lambda_model()
+    path = save(model, "keras", tmp_path)
+    gbp = GuidedBackprop(path, batch_size=len(images), preprocessing="scale01", reduction="none",
+                         map_dtype="float32", safe_mode=False)
+    expected, _ = reference(model, _model_input("lambda", images))
+    np.testing.assert_allclose(gbp.explain(images).maps[:, 0], expected, rtol=1e-4,
+                               atol=1e-5 * np.abs(expected).max())
+
+
 def test_in_memory_tf_keras_model_gives_exact_maps(images):
     model, twin = build("transfer", seed=4)
     gbp = GuidedBackprop(model, batch_size=len(images), preprocessing="scale01", reduction="none",

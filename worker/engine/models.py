@@ -252,16 +252,14 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
         raise ModelLoadError(f"{path} is not a model file: expected .keras, .h5 or a SavedModel directory")
     version = keras2.writer_version(path)
     keras2_file = keras2.is_keras2(version)
-    # a Keras 2 file is read by tf-keras; without it, only a legacy .h5 has a chance in Keras 3
-    if keras2_file and keras2.installed() is None and path.suffix != ".h5":
-        raise ModelLoadError(keras2.missing_extra(path, version))
     use_tf_keras = keras2_file and keras2.installed() is not None
+    # a Keras 2 file is read by tf-keras; without it, only a legacy .h5 has a chance in Keras 3
+    if keras2_file and not use_tf_keras and path.suffix != ".h5":
+        raise ModelLoadError(keras2.missing_extra(path, version))
     try:
-        if use_tf_keras:
-            loaded = keras2.load(str(path), safe_mode)
-        else:
-            with contextlib.nullcontext() if safe_mode else _lambda_code():
-                loaded = keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode)
+        with contextlib.nullcontext() if safe_mode else _lambda_code(use_tf_keras):
+            loaded = (keras2.load(str(path), safe_mode) if use_tf_keras
+                      else keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode))
     except Exception as exc:  # noqa: BLE001 - keras raises many types for a bad file
         text = str(exc)
         if "safe_mode" in text or "unsafe_deserialization" in text:
@@ -283,37 +281,45 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
 
 
 @contextlib.contextmanager
-def _lambda_code():
+def _lambda_code(tf_keras: bool = False):
     """While a model that may carry Lambda code is loaded (safe mode off), give that code its module names.
 
-    Keras rebuilds a Lambda's function from its bytecode with the globals of its own ``python_utils`` module,
+    Keras 3 rebuilds a Lambda's function from its bytecode with the globals of its own ``python_utils`` module,
     where ``tf``, ``keras`` and ``np`` do not exist: the model then fails while Keras rebuilds it (a Sequential
     silently stays without inputs).  Only names that module does not define are added, for good: the
-    function keeps those globals.  A Lambda written inside the function that built the model (``def build():
-    import keras; ... Lambda(lambda t: keras.ops.relu(t))``) holds ``keras`` in its closure instead; Keras saves
-    the cell as ``{"class_name": "module", "config": "keras", ...}`` and would restore that dict as its value
-    (``'dict' object has no attribute 'ops'`` when the layer is called): the module is imported again."""
+    function keeps those globals (tf-keras gives its Lambdas ``tf`` and ``np`` itself).  A Lambda written
+    inside the function that built the model (``def build(): import keras; ... Lambda(lambda t:
+    keras.ops.relu(t))``) holds ``keras`` in its closure instead; Keras 3 and tf-keras save the cell as
+    ``{"class_name": "module", "config": "keras", ...}`` and would restore that dict as its value (``'dict'
+    object has no attribute 'ops'`` when the layer is called): the module is imported again."""
     try:
-        from keras.src.utils import python_utils
+        if tf_keras:
+            from tf_keras.src.utils import generic_utils as utils
+        else:
+            from keras.src.utils import python_utils as utils
     except ImportError:  # a Keras without that module: nothing to patch
         yield
         return
-    import keras
+    if not tf_keras:
+        import keras
 
-    for name, module in {"tf": tf, "keras": keras, "np": np, "ops": keras.ops}.items():
-        python_utils.__dict__.setdefault(name, module)
-    original = python_utils.func_load
+        for name, module in {"tf": tf, "keras": keras, "np": np, "ops": keras.ops}.items():
+            utils.__dict__.setdefault(name, module)
+    original = utils.func_load
 
     def func_load(code, defaults=None, closure=None, globs=None):
+        if isinstance(code, (tuple, list)):  # a whole dump: (code, defaults, closure)
+            code, defaults, closure = code
         if closure is not None:
             closure = [importlib.import_module(c["config"]) if _is_module_cell(c) else c for c in closure]
+        defaults = tuple(defaults) if isinstance(defaults, list) else defaults
         return original(code, defaults=defaults, closure=closure, globs=globs)
 
-    python_utils.func_load = func_load
+    utils.func_load = func_load
     try:
         yield
     finally:
-        python_utils.func_load = original
+        utils.func_load = original
 
 
 def _is_module_cell(cell) -> bool:
