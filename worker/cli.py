@@ -16,7 +16,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 
 from worker.data.decode import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
-from worker.engine.options import MAP_DTYPES, METHODS, PRECISIONS, PRESETS, REDUCTIONS, RELU_POLICIES, SCORES
+from worker.engine.options import (ACTIVATIONS, MAP_DTYPES, METHODS, PRECISIONS, PRESETS, REDUCTIONS,
+                                   RELU_POLICIES, SCORES)
 
 
 def add_explain_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +55,9 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--precision", default="float32", choices=PRECISIONS)
     m.add_argument("--no-statistics", action="store_true", help="skip the per-row map statistics columns")
     m.add_argument("--relu-policy", default="error", choices=RELU_POLICIES)
+    m.add_argument("--activations", default="relu", choices=ACTIVATIONS,
+                   help="relu: the method's rule at ReLUs (capped, thresholded, PReLU); all: at every activation "
+                        "(swish, GELU, hard-swish, ELU, leaky ReLU, ...): f'(x) * max(g, 0) for guided backprop")
     m.add_argument("--allow-unsafe-deserialization", action="store_true",
                    help="load models carrying Python code (Lambda layers); only for models you trust")
     r = p.add_argument_group("resources")

@@ -103,6 +103,43 @@ def _deconv_grad(op, grad):
     return tf.nn.relu(grad)
 
 
+# Activation units (worker.engine.activations): readers of a unit's output y = f(x) read IdentityN(y, x, f'(x))
+# instead, and that op's gradient is the rule: nothing to y (its ops are bypassed), the rule's value to x.
+GUIDED_UNIT = "WorkerGuidedUnit"
+DECONV_UNIT = "WorkerDeconvUnit"
+PLAIN_UNIT = "WorkerPlainUnit"
+
+
+def _unit_gradient(op, grad, rule):
+    _, x, derivative = op.inputs
+    grad = tf.cast(grad, x.dtype)
+    if rule == "plain" or getattr(_local, "plain", False):
+        value = derivative * grad
+    elif rule == "guided":
+        value = derivative * tf.nn.relu(grad)
+    else:
+        value = tf.nn.relu(grad)
+    return None, value, None
+
+
+@tf.RegisterGradient(GUIDED_UNIT)
+def _guided_unit_grad(op, *grads):
+    """Guided backprop's rule on any activation: f'(x) * max(g, 0) (Springenberg's on ReLU and ReLU6)."""
+    return _unit_gradient(op, grads[0], "guided")
+
+
+@tf.RegisterGradient(DECONV_UNIT)
+def _deconv_unit_grad(op, *grads):
+    """Deconvnet's rule on any activation: max(g, 0), whatever the forward input."""
+    return _unit_gradient(op, grads[0], "deconv")
+
+
+@tf.RegisterGradient(PLAIN_UNIT)
+def _plain_unit_grad(op, *grads):
+    """The ordinary gradient f'(x) * g, for a unit the method's rule is not given to."""
+    return _unit_gradient(op, grads[0], "plain")
+
+
 CONV_INPUT_GRAD = "WorkerConv2DForwardGrad"
 DEPTHWISE_INPUT_GRAD = "WorkerDepthwiseForwardGrad"
 
@@ -170,7 +207,7 @@ def _fold_channel_scale(grad, kernel):
     into the small kernel instead of over the large gradient, and the full-size multiply is pruned."""
     if grad.op.type == "Mul" and grad.shape.rank == 4 and grad.shape.is_fully_defined():
         for full, scale in (grad.op.inputs, reversed(grad.op.inputs)):
-            if (full.shape == grad.shape and scale.shape.is_fully_defined()
+            if (full.shape == grad.shape and scale.shape.is_fully_defined() and scale.shape.rank >= 1
                     and scale.shape.num_elements() == grad.shape[-1] == kernel.shape[2]
                     and scale.shape[-1] == grad.shape[-1]):
                 return full, kernel * tf.reshape(tf.cast(scale, kernel.dtype), [1, 1, -1, 1])

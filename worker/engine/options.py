@@ -32,6 +32,8 @@ SCORES = ("logits", "probability")
 PRECISIONS = ("float32", "bfloat16", "float16")
 RELU_POLICIES = ("error", "warn")
 CONV_GRADIENTS = ("auto", "forward", "framework")
+#: which activations get the method's rule (worker.engine.activations): ReLUs (capped, thresholded, PReLU) or all
+ACTIVATIONS = ("relu", "all")
 
 
 def choose(name: str, value, choices) -> None:
@@ -56,6 +58,7 @@ class MapOptions:
     smooth: int = 0  # SmoothGrad: noisy copies per image, averaged (0: off)
     noise: float = 0.15  # SmoothGrad's noise, a fraction of each image's input span
     cam_layer: str | None = None  # Grad-CAM's layer (default: the last convolutional activation)
+    activations: str = "relu"  # "all": guided/Deconvnet rules for swish, GELU, hard-swish, ELU, ... too
 
     def map_options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(MapOptions)}
@@ -74,7 +77,7 @@ class EngineOptions(MapOptions):
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         choose("preprocessing preset", self.preprocessing, PRESETS)
         check_choices(reduction=self.reduction, map_dtype=self.map_dtype, score=self.score,
-                      precision=self.precision, relu_policy=self.relu_policy)
+                      precision=self.precision, relu_policy=self.relu_policy, activations=self.activations)
         check_smoothing(self.smooth, self.noise)
         return self
 
@@ -91,7 +94,8 @@ class EngineOptions(MapOptions):
 def check_choices(**values) -> None:
     """Check named options against their choices: ``check_choices(score="logits", precision="float16")``."""
     choices = {"reduction": REDUCTIONS, "map_dtype": MAP_DTYPES, "score": SCORES, "precision": PRECISIONS,
-               "relu_policy": RELU_POLICIES, "conv_gradients": CONV_GRADIENTS, "method": METHODS}
+               "relu_policy": RELU_POLICIES, "conv_gradients": CONV_GRADIENTS, "method": METHODS,
+               "activations": ACTIVATIONS}
     for name, value in values.items():
         choose(name, value, choices[name])
 

@@ -44,6 +44,8 @@ def job_identity(config: JobConfig, report: dict) -> dict:
     ident = {k: getattr(config, k) for k in keys}
     if config.smooth or config.cam_layer:  # added later: absent when unused, so older outputs still resume
         ident.update(smooth=config.smooth, noise=config.noise, cam_layer=config.cam_layer)
+    if config.activations != "relu":
+        ident["activations"] = config.activations
     ident["columns"] = list(ident["columns"])
     ident["model_fingerprint"] = report["model"]["fingerprint"]
     ident["fingerprint"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

@@ -18,10 +18,11 @@ import numpy as np
 import tensorflow as tf
 
 from worker.engine import reduction as reduction_ops
+from worker.engine.activations import apply_rule, find_units
 from worker.engine.coverage import CoverageReport, inspect_ops
 from worker.engine.explanation import Explanation
 from worker.engine.models import load_model
-from worker.engine.ops import FORWARD_CONV_GRADIENTS, gradient_scope
+from worker.engine.ops import FORWARD_CONV_GRADIENTS, PLAIN_UNIT, gradient_scope
 from worker.engine.options import check_choices, check_smoothing
 from worker.engine.preprocessing import Preprocessing
 from worker.engine.runtime import configure_tensorflow, default_conv_gradients, default_jit_compile, native_bfloat16
@@ -59,6 +60,9 @@ class Attribution:
             image's input span (see :mod:`worker.engine.smoothing`).
         cam_layer: Grad-CAM's layer or scope (default: the last convolutional activation, see
             :mod:`worker.engine.cam`); other methods ignore it.
+        activations: which activations get the method's rule (:mod:`worker.engine.activations`): ``relu``
+            (default: ReLUs, capped or thresholded ones and PReLU; any other activation keeps its plain gradient
+            and is reported) or ``all`` (swish, GELU, hard-swish, ELU, leaky ReLU, sigmoid, ... too).
         safe_mode: Keras safe mode when loading (default on).
         output, signature, input_size: pick an output / SavedModel signature / size of a resizable model.
         threads: TensorFlow intra-op threads (match the CPUs the scheduler gave this process).
@@ -75,13 +79,14 @@ class Attribution:
                  reduction: str = "max_abs", map_dtype: str = "float16", score: str = "logits",
                  relu_policy: str = "error", precision: str = "float32", jit_compile="auto",
                  conv_gradients: str = "auto", smooth: int = 0, noise: float = 0.15, cam_layer: str | None = None,
-                 safe_mode: bool = True, output: int | None = None, signature: str | None = None,
+                 activations: str = "relu", safe_mode: bool = True, output: int | None = None, signature: str | None = None,
                  input_size=None, threads: int | None = None, warmup: bool = False):
         configure_tensorflow(threads)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_choices(score=score, relu_policy=relu_policy, reduction=reduction, map_dtype=map_dtype,
-                      conv_gradients=conv_gradients)
+                      conv_gradients=conv_gradients, activations=activations)
+        self.activations = activations
         check_smoothing(smooth, noise)
         self.smooth, self.noise, self.cam_layer = int(smooth), float(noise), cam_layer
         self.target = Target.parse(target)
@@ -109,6 +114,8 @@ class Attribution:
     # -- what a method decides -------------------------------------------------------------
     #: op type -> registered gradient name, installed while the forward pass is traced
     gradient_overrides: dict[str, str] = {}
+    #: the registered gradient an activation unit gets (worker.engine.ops), or None: units keep their gradient
+    unit_rule: str | None = None
     #: channels of a map before reduction: the model input's (None), or 1 for a class activation map
     map_channels: int | None = None
 
@@ -131,7 +138,8 @@ class Attribution:
         with gradient_scope(overrides):
             output, activation = self.source.forward(x, self.target.layer)
         forward_ops = graph.get_operations()[first_op:]
-        found["coverage"] = inspect_ops(forward_ops, graph, self.gradient_overrides)
+        output, activation, ruled = self._rule_activations(forward_ops, x, output, activation, found)
+        found["coverage"] = inspect_ops(forward_ops, graph, self.gradient_overrides, ruled, self.activations)
 
         logits, differentiated, found["score"] = class_scores(output, self.score)
         clean = logits[::copies]  # the images themselves decide the prediction and the target
@@ -158,6 +166,22 @@ class Attribution:
             "target_class": classes,
             "target_score": scores[::copies],
         }
+
+    def _rule_activations(self, forward_ops, x, output, activation, found):
+        """Give each activation unit of the traced pass its rule (:mod:`worker.engine.activations`); returns the
+        output and layer activation as re-routed, and ``{unit: rule}`` for the coverage report."""
+        ruled: dict = {"units": [], "unplaced": []}
+        if self.unit_rule is None:
+            return output, activation, ruled
+        units, ruled["unplaced"] = find_units(forward_ops, x)
+        rerouted = found.setdefault("rerouted", {})
+        for unit in units:
+            if unit.is_single_relu or unit.output is output:  # an op override guides it; the head is the score
+                continue
+            rule = self.unit_rule if unit.is_relu or self.activations == "all" else PLAIN_UNIT
+            rerouted[unit.output.ref()] = apply_rule(unit, rule)
+            ruled["units"].append((unit, rule))
+        return output, rerouted.get(activation.ref(), activation) if activation is not None else None, ruled
 
     def _concrete_for(self, size):
         size = tuple(int(s) for s in size)
@@ -216,6 +240,7 @@ class Attribution:
             "conv_gradients": self.conv_gradients,
             "smoothing": {"copies": self.smooth, "noise": self.noise} if self.smooth else None,
             "cam_tensor": self._cam_tensor,
+            "activations": self.activations,
             "map_is_gradient_wrt": "model input (after resize and normalisation)",
             "coverage": self.coverage.to_dict() if self.coverage else None,
             "versions": {"tensorflow": tf.__version__, "numpy": np.__version__},

@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 from worker.engine.methods.base import Attribution
-from worker.engine.ops import DECONV_OVERRIDES
+from worker.engine.ops import DECONV_OVERRIDES, DECONV_UNIT
 
 
 class Deconvnet(Attribution):
@@ -27,3 +27,4 @@ class Deconvnet(Attribution):
     requires_relu = True
 
     gradient_overrides = DECONV_OVERRIDES
+    unit_rule = DECONV_UNIT

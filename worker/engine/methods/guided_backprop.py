@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from worker.engine.methods.base import Attribution
-from worker.engine.ops import GUIDED_OVERRIDES
+from worker.engine.ops import GUIDED_OVERRIDES, GUIDED_UNIT
 
 
 class GuidedBackprop(Attribution):
@@ -29,3 +29,4 @@ class GuidedBackprop(Attribution):
     requires_relu = True
 
     gradient_overrides = GUIDED_OVERRIDES
+    unit_rule = GUIDED_UNIT

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 from worker.engine.cam import find_activation, grad_cam
 from worker.engine.methods.base import Attribution
-from worker.engine.ops import GUIDED_OVERRIDES
+from worker.engine.ops import GUIDED_OVERRIDES, GUIDED_UNIT
 
 
 class GuidedGradCAM(Attribution):
     method = "guided_gradcam"
     requires_relu = True
     gradient_overrides = GUIDED_OVERRIDES
+    unit_rule = GUIDED_UNIT
 
     def _maps(self, x, scores, forward_ops, found):
         activation = find_activation(forward_ops, self.cam_layer)
         found["cam"] = activation.op.name
+        activation = found.get("rerouted", {}).get(activation.ref(), activation)  # a unit's output, as re-routed
         guided = super()._maps(x, scores, forward_ops, found)
         size = self.source.input_size
         return [g * grad_cam(activation, scores[:, k], size)[..., None] for k, g in enumerate(guided)]
