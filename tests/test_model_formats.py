@@ -118,6 +118,17 @@ def test_lambda_using_a_module_its_closure_holds_loads(tmp_path):
     assert gbp.report["coverage"]["guided_total"] == 1
 
 
+def test_lambda_model_under_reduced_precision(tmp_path):
+    """A reduced precision rebuilds the model under a dtype policy: its Lambda is rebuilt with the opt-in it was
+    loaded with (it used to be refused by safe mode, even for an in-memory model)."""
+    model, _ = build("sequential", "lambda", seed=14)
+    path = save_model(model, "keras", tmp_path)
+    for source in (model, path):
+        gbp = GuidedBackprop(source, batch_size=2, preprocessing="scale01", precision="float16", safe_mode=False)
+        assert gbp.source.model.layers[2].compute_dtype == "float16"
+        assert gbp.report["coverage"]["guided_total"] == 1
+
+
 def test_lambda_with_an_unknown_name_is_named(tmp_path):
     model = keras.Sequential([keras.Input(SHAPE), layers.Lambda(lambda t: t * numpy_alias.float32(1.0)),
                               layers.Flatten(), layers.Dense(4, activation="relu"), layers.Dense(2)])

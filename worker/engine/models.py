@@ -122,7 +122,7 @@ class KerasSource(ModelSource):
             raise ModelLoadError(f"output={output} but the model has {len(model.outputs)} outputs")
         self._fingerprint = _hash_weights(model)
         if precision != "float32":
-            model = _with_dtype_policy(model, "mixed_" + precision, keras2_config=self.kind == "tf_keras")
+            model = _with_dtype_policy(model, "mixed_" + precision)
         self.model = model
         self._output = output or 0
         self.input_size, self.channels, self.num_classes = _shape_checks(
@@ -385,9 +385,12 @@ def _hash_weights(model) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _with_dtype_policy(model, policy: str, keras2_config: bool = False):
-    """Rebuild ``model`` with every layer under ``policy`` (e.g. mixed_bfloat16), same weights
-    (``keras2_config``: a tf-keras config, whose layers' ``dtype`` is a name or a ``Policy``)."""
+def _with_dtype_policy(model, policy: str):
+    """Rebuild ``model`` with every layer under ``policy`` (e.g. mixed_bfloat16), same weights.
+
+    A Lambda's code is already in memory (from a file only if safe mode was off), so it is rebuilt from its
+    config with safe mode off and the names :func:`_lambda_code` gives it."""
+    keras2_config = keras2.is_model(model)  # a tf-keras layer's ``dtype`` is a name or a ``Policy``
 
     def rewrite(node):
         if isinstance(node, dict):
@@ -405,8 +408,13 @@ def _with_dtype_policy(model, policy: str, keras2_config: bool = False):
             return [rewrite(v) for v in node]
         return node
 
+    if keras2_config:
+        from tf_keras.src.saving.serialization_lib import SafeModeScope
+    else:
+        from keras.src.saving.serialization_lib import SafeModeScope
     try:
-        clone = model.__class__.from_config(rewrite(model.get_config()))
+        with SafeModeScope(False), _lambda_code(keras2_config):
+            clone = model.__class__.from_config(rewrite(model.get_config()))
         clone.set_weights(model.get_weights())
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"could not rebuild the model under {policy}: {exc}") from exc
