@@ -19,6 +19,7 @@ import tensorflow as tf
 tf_keras = pytest.importorskip("tf_keras")  # the `keras2` extra (part of the `test` extra)
 from tf_keras import layers  # noqa: E402
 
+from tests.conftest import assert_path  # noqa: E402
 from tests.reference import grad_cam  # noqa: E402
 from tests.test_applications_reference import reference  # noqa: E402
 from worker import GradCAM, GuidedBackprop  # noqa: E402
@@ -170,12 +171,14 @@ def test_keras2_file_gives_exact_maps(name, fmt, images, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_keras2_model_and_format_gives_exact_maps(name, fmt, images, tmp_path):
+def test_every_keras2_model_and_format_gives_exact_maps(name, fmt, images, tmp_path, engine_path):
+    """Each model in each format, on the CPU's default path and the GPU's (XLA + the framework's convolution
+    gradients, rehearsed on the CPU)."""
     if name == "subclassed" and fmt == "h5":
         with pytest.raises(NotImplementedError):  # Keras 2 itself cannot write it: no such file exists
             build(name)[0].save(str(tmp_path / "model.h5"))
         return
-    check(name, fmt, images, tmp_path)
+    assert_path(check(name, fmt, images, tmp_path, **engine_path), engine_path)
 
 
 @pytest.mark.parametrize("fmt", ["keras", "h5"])
