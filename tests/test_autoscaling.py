@@ -1,0 +1,176 @@
+"""A real autoscaling Ray cluster on loopback whose workers start from zero, as the cluster launcher's
+(``min_workers: 0``, a 0-CPU head) and KubeRay's in-tree autoscaler run them: Ray's fake multi-node provider
+behind a 0-CPU head, worker nodes of 2 CPUs from 0 to 2, token authentication on, attached through RAY_ADDRESS
+as ``ray job submit`` runs an entrypoint. The driver must ask the autoscaler for its actors (it sees no node
+that could hold them) and then wait; an ask no node type can hold still ends after --actor-start-timeout.
+
+The cluster is started here with ``ray start --head --block`` in a process group of its own, on free ports and
+in its own temp dir, and only that group is stopped afterwards (``AutoscalingCluster.start()`` runs
+``ray stop --force``, which would stop every Ray on the machine).
+"""
+
+import glob
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests import jobdata
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER_CPUS = 2
+
+
+def _autoscaling_config(gcs_address):
+    return {
+        "cluster_name": "gs-autoscaling",
+        "max_workers": 2,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "auth": {"ssh_user": "ray"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "cpu_worker": {"resources": {"CPU": WORKER_CPUS, "object_store_memory": 200 * 2**20},
+                           "node_config": {}, "min_workers": 0, "max_workers": 2},
+        },
+        "head_node_type": "ray.head.default",
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+def _mine(marker):
+    """Pids of processes whose command line names this cluster's temp dir (all of them are ours)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster():
+    temp_dir = tempfile.mkdtemp(prefix="gs-as-", dir="/tmp")  # short: Unix socket paths are limited
+    port = free_port()
+    config = os.path.join(temp_dir, "autoscaling.yaml")
+    with open(config, "w") as f:
+        json.dump(_autoscaling_config(f"127.0.0.1:{port}"), f)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    cluster_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    cmd = ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+           f"--autoscaling-config={config}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
+           f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", "--object-store-memory=100000000"]
+    log = open(os.path.join(temp_dir, "head.log"), "w")
+    head = subprocess.Popen(cmd, env=cluster_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while _status(address, env) is None:
+            assert head.poll() is None, open(log.name).read()[-3000:]
+            assert time.monotonic() < deadline, "the autoscaling head did not start within 120 s"
+            time.sleep(2)
+        yield address, env, temp_dir
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                head.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in _mine(temp_dir):  # anything of this cluster that left the process group
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+
+
+def _status(address, env):
+    """The cluster's nodes as {'cpus': [...]} from a short-lived driver, or None while the head is not up."""
+    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
+            "print('NODES', json.dumps([n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']]))" % address)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("NODES ")]
+    return json.loads(lines[-1][6:]) if proc.returncode == 0 and lines else None
+
+
+def _job(address, env, args, timeout):
+    proc = subprocess.run([sys.executable, "-m", "jobs.explain", *args], cwd=ROOT, text=True, timeout=timeout,
+                          env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return proc.returncode, proc.stdout
+
+
+def _monitor_launches(temp_dir):
+    """Times (epoch s) at which the autoscaler launched worker nodes, from its monitor log."""
+    times = []
+    for log in sorted(glob.glob(os.path.join(temp_dir, "session_*", "logs", "monitor.log"))):
+        for line in open(log):
+            if "Adding" in line and "node(s) of type cpu_worker" in line:
+                stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+)", line)
+                if stamp:
+                    t = time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S"))
+                    times.append(t + int(stamp.group(2)) / 1000)
+    return times
+
+
+def test_an_ask_no_node_type_holds_ends_after_the_timeout_saying_what_was_asked(autoscaling_cluster, job_model,
+                                                                               tmp_path):
+    address, env, _ = autoscaling_cluster
+    assert _status(address, env) == [0], "the cluster must start with its 0-CPU head alone"
+    data = str(tmp_path / "d.parquet")
+    jobdata.write_hf(data, *jobdata.digits(20), row_group=20)
+    started = time.monotonic()
+    code, out = _job(address, env, ["--model", job_model, "--input", data, "--output", str(tmp_path / "out"),
+                                    "--preprocessing", "scale01", "--cpus-per-actor", "3",
+                                    "--actor-start-timeout", "20"], timeout=240)
+    assert code == 2, out[-3000:]
+    assert "was asked for 1 x 3 CPU" in out and "after 20 s" in out and "--actor-start-timeout" in out, out[-3000:]
+    assert time.monotonic() - started < 200
+
+
+def test_the_job_completes_on_workers_the_autoscaler_starts_from_zero(autoscaling_cluster, job_model, tmp_path):
+    address, env, temp_dir = autoscaling_cluster
+    assert _status(address, env) == [0], "the cluster must start with its 0-CPU head alone"
+    data = str(tmp_path / "d.parquet")
+    images, labels = jobdata.digits(200)
+    jobdata.write_hf(data, images, labels, row_group=100)
+    out_dir = tmp_path / "out"
+    started = time.time()
+    code, out = _job(address, env, ["--model", job_model, "--input", data, "--output", str(out_dir),
+                                    "--preprocessing", "scale01", "--batch-size", "16",
+                                    "--actor-start-timeout", "300"], timeout=600)
+    elapsed = time.time() - started
+    assert code == 0, out[-3000:]
+    summary = json.loads((out_dir / "_summary.json").read_text())
+    assert summary["complete"] and summary["rows_out"] == 200 and summary["duplicate_ids"] == 0
+    workers = [json.loads(p.read_text()) for p in (out_dir / "_workers").glob("*.json")]
+    assert workers, "no explain actor reported where it ran"
+    assert "is asked for 1 x 1 CPU" in out, out[-3000:]  # the driver raised the demand itself
+    nodes = _status(address, env)
+    assert sorted(nodes) == [0, WORKER_CPUS], f"one worker node should have been started: {nodes}"
+    launches = _monitor_launches(temp_dir)
+    first = min((t for t in launches if t >= started - 1), default=None)
+    print(f"\nautoscaling: job {elapsed:.1f} s; first worker launched "
+          f"{(first - started) if first else float('nan'):.1f} s after the job started")
