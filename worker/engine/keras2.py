@@ -54,7 +54,7 @@ def is_model(model) -> bool:
 
 
 def load(path: str, safe_mode: bool):
-    """Load a Keras 2 file with tf-keras; raises ImportError when tf-keras is not installed.
+    """Load a Keras 2 file with tf-keras.
 
     Safe mode holds for ``.h5`` files too: tf-keras itself only checks it for ``.keras`` files, but honours
     the scope its Lambda layer reads."""
