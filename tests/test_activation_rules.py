@@ -122,9 +122,9 @@ def test_modern_activations_get_the_rule(name):
     check_rule(name, "guided", {})
 
 
-@pytest.mark.parametrize("name", ["relu_capped_1", "relu_threshold", "prelu"])
+@pytest.mark.parametrize("name", ["relu_capped_1", "relu_threshold", "prelu", "leaky_relu", "relu_slope_cap"])
 def test_relu_variants_get_the_rule_by_default(name):
-    """A ReLU with a cap, a threshold or a learnt negative scale is a ReLU: the default gives it the rule, and
+    """A ReLU with a cap, a threshold or a negative slope (leaky, PReLU) is a ReLU: the default gives it the rule, and
     the report names its ops (Deconvnet through a capped ReLU ignored the clip's forward gate before)."""
     model = model_with(name)
     for cls, rule in ((GuidedBackprop, "guided"), (Deconvnet, "deconvnet")):
@@ -134,7 +134,7 @@ def test_relu_variants_get_the_rule_by_default(name):
         assert len(engine.report["coverage"]["guided"]) == 1 and engine.report["coverage"]["vanilla"] == {}
 
 
-@pytest.mark.parametrize("name", ["swish", "gelu", "hard_swish", "leaky_relu", "elu"])
+@pytest.mark.parametrize("name", ["swish", "gelu", "hard_swish", "elu", "sigmoid"])
 def test_other_activations_are_refused_by_default_naming_the_option(name):
     with pytest.raises(UnguidedReluError, match=r"keep their plain gradient .*--activations all"):
         GuidedBackprop(model_with(name), batch_size=2)

@@ -56,8 +56,9 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-statistics", action="store_true", help="skip the per-row map statistics columns")
     m.add_argument("--relu-policy", default="error", choices=RELU_POLICIES)
     m.add_argument("--activations", default="relu", choices=ACTIVATIONS,
-                   help="relu: the method's rule at ReLUs (capped, thresholded, PReLU); all: at every activation "
-                        "(swish, GELU, hard-swish, ELU, leaky ReLU, ...): f'(x) * max(g, 0) for guided backprop")
+                   help="relu: the method's rule at ReLUs (capped, thresholded, leaky, PReLU); all: at every "
+                        "activation (swish, GELU, hard-swish, ELU, SELU, sigmoid, ...): f'(x) * max(g, 0) for "
+                        "guided backprop")
     m.add_argument("--allow-unsafe-deserialization", action="store_true",
                    help="load models carrying Python code (Lambda layers); only for models you trust")
     r = p.add_argument_group("resources")

@@ -21,9 +21,10 @@ the gradient reaches ``x`` through the rule alone.  A plain ``Relu``/``Relu6`` o
 override gives the same values with the framework's fused kernels.
 
 Which units get the method's rule is the ``activations`` option: ``relu`` (default) gives it to units made
-only of ReLUs, caps and thresholds (``Relu``, ``Relu6``, clips, thresholded selects: ``ReLU`` layers with any
-``max_value`` or ``threshold``, PReLU); every other unit keeps the plain gradient, exactly, and is reported.
-``all`` gives the rule to every unit (swish, GELU, hard-swish, ELU, SELU, leaky ReLU, sigmoid, tanh, ...).
+only of ReLUs, caps and thresholds (``Relu``, ``Relu6``, ``LeakyRelu``, clips, thresholded selects: ``ReLU``
+layers with any ``max_value``, ``threshold`` or ``negative_slope``, leaky ReLU, PReLU); every other unit keeps
+the plain gradient, exactly, and is reported.  ``all`` gives the rule to every unit (swish, GELU, hard-swish,
+ELU, SELU, sigmoid, tanh, ...).
 
 Example:
     >>> import keras
@@ -48,12 +49,13 @@ ELEMENTWISE = {
     "LessEqual", "Mul", "AddV2", "Add", "Sub", "RealDiv", "Neg", "Pow", "Square", "Sqrt", "Rsqrt", "Identity",
     "IdentityN", "Cast", "Snapshot",
 }
-#: types nonlinear in their (one) live input; Mul, Minimum and Maximum of two live inputs are nonlinear too
+#: the activations' own nonlinear types (a unit is found from one of these; a product of two live tensors too).
+#: Powers, roots and exponentials may sit inside a unit (tanh-GELU's cube) but do not make one: a normalisation's
+#: ``Rsqrt`` of a variance is no activation
 _UNARY_NONLINEAR = {"Relu", "Relu6", "LeakyRelu", "Elu", "Selu", "Sigmoid", "Tanh", "Erf", "Erfc", "Softplus",
-                    "Softsign", "Exp", "Expm1", "Abs", "Minimum", "Maximum", "ClipByValue", "Select", "SelectV2",
-                    "Pow", "Square", "Sqrt", "Rsqrt"}
+                    "Softsign", "Expm1", "Minimum", "Maximum", "ClipByValue", "Select", "SelectV2"}
 #: a unit whose nonlinear ops are all of these is a ReLU: capped, thresholded or with a learnt negative scale
-RELU_FAMILY = {"Relu", "Relu6", "Minimum", "Maximum", "ClipByValue", "Select", "SelectV2"}
+RELU_FAMILY = {"Relu", "Relu6", "LeakyRelu", "Minimum", "Maximum", "ClipByValue", "Select", "SelectV2"}
 _PASS_THROUGH = {"Identity", "IdentityN", "Cast", "Snapshot"}
 _SEARCH_DEPTH = 6  # elementwise steps back from a nonlinear op to look for its unit's input
 

@@ -61,8 +61,8 @@ class Attribution:
         cam_layer: Grad-CAM's layer or scope (default: the last convolutional activation, see
             :mod:`worker.engine.cam`); other methods ignore it.
         activations: which activations get the method's rule (:mod:`worker.engine.activations`): ``relu``
-            (default: ReLUs, capped or thresholded ones and PReLU; any other activation keeps its plain gradient
-            and is reported) or ``all`` (swish, GELU, hard-swish, ELU, leaky ReLU, sigmoid, ... too).
+            (default: ReLUs, capped, thresholded, leaky or PReLU; any other activation keeps its plain gradient
+            and is reported) or ``all`` (swish, GELU, hard-swish, ELU, SELU, sigmoid, ... too).
         safe_mode: Keras safe mode when loading (default on).
         output, signature, input_size: pick an output / SavedModel signature / size of a resizable model.
         threads: TensorFlow intra-op threads (match the CPUs the scheduler gave this process).
@@ -79,8 +79,8 @@ class Attribution:
                  reduction: str = "max_abs", map_dtype: str = "float16", score: str = "logits",
                  relu_policy: str = "error", precision: str = "float32", jit_compile="auto",
                  conv_gradients: str = "auto", smooth: int = 0, noise: float = 0.15, cam_layer: str | None = None,
-                 activations: str = "relu", safe_mode: bool = True, output: int | None = None, signature: str | None = None,
-                 input_size=None, threads: int | None = None, warmup: bool = False):
+                 activations: str = "relu", safe_mode: bool = True, output: int | None = None,
+                 signature: str | None = None, input_size=None, threads: int | None = None, warmup: bool = False):
         configure_tensorflow(threads)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
