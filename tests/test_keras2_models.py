@@ -1,7 +1,8 @@
 """Keras 2 models (tf-keras, i.e. ``tf.keras`` before TensorFlow 2.16) give exact maps, every way Keras 2 saves them.
 
 The models are built here with tf-keras (no downloads): the question's CNN (Sequential), a MobileNetV2-style
-transfer model (a nested base with DepthwiseConv2D and ``ReLU(max_value=6)``, a softmax head), a Lambda-ReLU
+transfer model (a nested base with DepthwiseConv2D and ``ReLU(max_value=6)``, a softmax head; functional and
+Sequential around the base), a Lambda-ReLU
 model, a subclassed model, and the shape of TensorFlow's transfer-learning tutorial (augmentation layers and
 ``preprocess_input`` called on a Keras tensor, which Keras 2 saves as a ``TFOpLambda``).  Each is saved as
 ``.keras``, ``.h5`` and a SavedModel directory and loaded through the engine.  The expected maps come from the
@@ -59,6 +60,14 @@ def transfer(head):
     return tf_keras.Model(image, layers.Dense(4, activation=head)(x), name="transfer")
 
 
+def transfer_sequential(head):
+    """The same as a Sequential around the base, as many transfer models are written."""
+    base = _base()
+    base.trainable = False
+    return tf_keras.Sequential([layers.InputLayer((SIZE, SIZE, 3)), base, layers.GlobalAveragePooling2D(),
+                                layers.Dense(4, activation=head)], name="transfer_sequential")
+
+
 def lambda_relu(head):
     return tf_keras.Sequential([
         layers.Conv2D(8, 3, padding="same", input_shape=(SIZE, SIZE, 3)),
@@ -101,8 +110,8 @@ def tutorial(head):
     return tf_keras.Model(image, layers.Dense(1)(x), name="tutorial")
 
 
-MODELS = {"cnn": cnn, "transfer": transfer, "lambda": lambda_relu, "subclassed": subclassed,
-          "tutorial": tutorial}
+MODELS = {"cnn": cnn, "transfer": transfer, "transfer_sequential": transfer_sequential, "lambda": lambda_relu,
+          "subclassed": subclassed, "tutorial": tutorial}
 PREPROCESSING = {"tutorial": "none"}  # its own preprocess_input maps [0, 255] to [-1, 1]
 
 
@@ -118,7 +127,7 @@ def _randomize_batchnorm(model, rng):
 def build(name, seed=0):
     """(model as saved, its logits twin with the same weights: the reference differentiates logits)."""
     tf_keras.utils.set_random_seed(seed)
-    model = MODELS[name]("softmax" if name in ("cnn", "transfer") else None)
+    model = MODELS[name]("softmax" if name.startswith(("cnn", "transfer")) else None)
     _randomize_batchnorm(model, np.random.default_rng(seed))
     twin = MODELS[name](None)
     twin.set_weights(model.get_weights())
