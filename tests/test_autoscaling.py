@@ -3,6 +3,7 @@
 behind a 0-CPU head, worker nodes of 2 CPUs from 0 to 2, token authentication on, attached through RAY_ADDRESS
 as ``ray job submit`` runs an entrypoint. The driver must ask the autoscaler for its actors (it sees no node
 that could hold them) and then wait; an ask no node type can hold still ends after --actor-start-timeout.
+deploy/cronjob's submitter script runs against the same cluster's job API, as the CronJob path's pods do.
 
 The cluster is started here with ``ray start --head --block`` in a process group of its own, on free ports and
 in its own temp dir, and only that group is stopped afterwards (``AutoscalingCluster.start()`` runs
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -75,20 +77,21 @@ def autoscaling_cluster():
         json.dump(_autoscaling_config(f"127.0.0.1:{port}"), f)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     cluster_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    dashboard = free_port()  # the job API, which the CronJob's submitter talks to
     cmd = ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
-           f"--autoscaling-config={config}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
-           f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
+           f"--autoscaling-config={config}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
            f"--dashboard-agent-listen-port={free_port()}", "--object-store-memory=100000000"]
     log = open(os.path.join(temp_dir, "head.log"), "w")
     head = subprocess.Popen(cmd, env=cluster_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        while _status(address, env) is None:
+        while _status(address, env) is None or _submissions(f"http://127.0.0.1:{dashboard}", env) is None:
             assert head.poll() is None, open(log.name).read()[-3000:]
             assert time.monotonic() < deadline, "the autoscaling head did not start within 120 s"
             time.sleep(2)
-        yield address, env, temp_dir
+        yield SimpleNamespace(address=address, env=env, temp_dir=temp_dir, dashboard=f"http://127.0.0.1:{dashboard}")
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
@@ -116,6 +119,15 @@ def _status(address, env):
     return json.loads(lines[-1][6:]) if proc.returncode == 0 and lines else None
 
 
+def _submissions(url, env):
+    """The submission ids of the cluster's Ray jobs, through its job API (None while it is not up)."""
+    code = ("import json; from ray.job_submission import JobSubmissionClient; "
+            "print('JOBS', json.dumps([j.submission_id for j in JobSubmissionClient(%r).list_jobs()]))" % url)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("JOBS ")]
+    return json.loads(lines[-1][5:]) if proc.returncode == 0 and lines else None
+
+
 def _job(address, env, args, timeout):
     proc = subprocess.run([sys.executable, "-m", "jobs.explain", *args], cwd=ROOT, text=True, timeout=timeout,
                           env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -137,7 +149,7 @@ def _monitor_launches(temp_dir):
 
 def test_an_ask_no_node_type_holds_ends_after_the_timeout_saying_what_was_asked(autoscaling_cluster, job_model,
                                                                                tmp_path):
-    address, env, _ = autoscaling_cluster
+    address, env = autoscaling_cluster.address, autoscaling_cluster.env
     assert _status(address, env) == [0], "the cluster must start with its 0-CPU head alone"
     data = str(tmp_path / "d.parquet")
     jobdata.write_hf(data, *jobdata.digits(20), row_group=20)
@@ -151,7 +163,7 @@ def test_an_ask_no_node_type_holds_ends_after_the_timeout_saying_what_was_asked(
 
 
 def test_the_job_completes_on_workers_the_autoscaler_starts_from_zero(autoscaling_cluster, job_model, tmp_path):
-    address, env, temp_dir = autoscaling_cluster
+    address, env, temp_dir = autoscaling_cluster.address, autoscaling_cluster.env, autoscaling_cluster.temp_dir
     assert _status(address, env) == [0], "the cluster must start with its 0-CPU head alone"
     data = str(tmp_path / "d.parquet")
     images, labels = jobdata.digits(200)
@@ -174,3 +186,39 @@ def test_the_job_completes_on_workers_the_autoscaler_starts_from_zero(autoscalin
     first = min((t for t in launches if t >= started - 1), default=None)
     print(f"\nautoscaling: job {elapsed:.1f} s; first worker launched "
           f"{(first - started) if first else float('nan'):.1f} s after the job started")
+
+
+def test_the_cronjob_submitter_follows_the_one_ray_job_it_submitted(autoscaling_cluster, job_model, tmp_path):
+    """deploy/cronjob's submitter script, as rendered, against this cluster's job API with token auth: a pod's
+    retry (same Kubernetes Job name) follows the run it submitted rather than submitting another, and the pod's
+    exit status is the Ray job's."""
+    from tests.test_deploy import _cron_script, render
+
+    env, url = autoscaling_cluster.env, autoscaling_cluster.dashboard
+    _, script = _cron_script(render("cronjob"))
+
+    def submitter(script, job_name):
+        proc = subprocess.run(["bash", "-c", script], env={**env, "RAY_ADDRESS": url, "SUBMISSION_ID": job_name},
+                              cwd=tmp_path, text=True, timeout=600, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return proc.returncode, proc.stdout
+
+    # as applied, on a head without /config/job.yaml: the Ray job fails, and so does the pod
+    before = set(_submissions(url, env))
+    code, out = submitter(script, "guided-saliency-cron-29410000")
+    assert code == 1 and "guided-saliency-cron-29410000: FAILED" in out, out[-3000:]
+    # the pod's retry: no second Ray job, the same outcome
+    code, out = submitter(script, "guided-saliency-cron-29410000")
+    assert code == 1 and "guided-saliency-cron-29410000: FAILED" in out, out[-3000:]
+    assert set(_submissions(url, env)) - before == {"guided-saliency-cron-29410000"}
+
+    # with a job file this machine has, the run completes and the pod succeeds
+    data = tmp_path / "in"
+    data.mkdir()
+    jobdata.write_hf(data / "d.parquet", *jobdata.digits(40), row_group=20)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(json.dumps({"model": job_model, "input": str(data), "output_root": str(tmp_path / "out"),
+                                    "preprocessing": "scale01", "batch_size": 16, "actor_start_timeout_s": 300}))
+    code, out = submitter(script.replace("/config/job.yaml", str(job_file)), "guided-saliency-cron-29411440")
+    assert code == 0 and "guided-saliency-cron-29411440: SUCCEEDED" in out, out[-3000:]
+    (summary,) = (tmp_path / "out").glob("date=*/_summary.json")
+    assert json.loads(summary.read_text())["rows_out"] == 40
