@@ -517,13 +517,19 @@ def test_schedules_are_read_in_utc():
     assert "02:30 UTC" in README
 
 
+@pytest.mark.parametrize("version", ["1.33", "1.37"])
 @pytest.mark.parametrize("path", PATHS)
-def test_core_objects_validate_against_the_kubernetes_schema(path):
+def test_core_objects_validate_against_the_kubernetes_schema(path, version):
+    """Core objects, and every pod template inside KubeRay's objects (its CRDs embed the core pod schema, so a
+    misspelt securityContext or nodeSelector field would be pruned or refused there), in the core schema."""
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    core = [d for d in render(path) if d["apiVersion"] in ("v1", "batch/v1")]
+    docs = render(path)
+    core = [d for d in docs if d["apiVersion"] in ("v1", "batch/v1")]
     assert {d["kind"] for d in core} >= {"ConfigMap", "ServiceAccount"}
-    for doc in core:
-        kubernetes_validate.validate(doc, "1.33", strict=True)
+    pods = [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": {"spec": spec}}
+            for _, spec in _pod_templates(docs)]
+    for doc in core + pods:
+        kubernetes_validate.validate(doc, version, strict=True)
 
 
 @pytest.mark.parametrize("name", sorted(str(p.relative_to(DEPLOY)) for p in DEPLOY.rglob("*.yaml")))
