@@ -294,6 +294,8 @@ def test_every_pod_has_the_object_stores_credentials():
         assert any(k.endswith(("role-arn", "gcp-service-account")) for k in account["metadata"].get("annotations", {}))
         for role, pod in _pod_templates(docs):
             assert pod.get("serviceAccountName") == account["metadata"]["name"], f"{path}: {role}"
+            if not role.endswith("head"):  # the autoscaler's Role is bound to this account: keep its token off
+                assert pod.get("automountServiceAccountToken") is False, f"{path}: {role} mounts an API token"
             if "submitter" not in role:
                 for c in pod["containers"]:
                     refs = [s["secretRef"] for s in c.get("envFrom", []) if "secretRef" in s]
