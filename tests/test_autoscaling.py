@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from types import SimpleNamespace
 
@@ -129,9 +130,23 @@ def _submissions(url, env):
 
 
 def _job(address, env, args, timeout):
-    proc = subprocess.run([sys.executable, "-m", "jobs.explain", *args], cwd=ROOT, text=True, timeout=timeout,
-                          env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    return proc.returncode, proc.stdout
+    """Run ``python -m jobs.explain`` attached to the cluster: (exit code, output, epoch time of each line)."""
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.explain", *args], cwd=ROOT, text=True,
+                            env={**env, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        lines = [(time.time(), line) for line in proc.stdout]
+    finally:
+        killer.cancel()
+    out = "".join(line for _, line in lines)
+    assert proc.wait() != -signal.SIGKILL, f"the job did not finish within {timeout} s:\n{out[-3000:]}"
+    return proc.returncode, out, lines
+
+
+def _first(lines, text):
+    return next((t for t, line in lines if text in line), None)
 
 
 def _monitor_launches(temp_dir):
@@ -154,7 +169,7 @@ def test_an_ask_no_node_type_holds_ends_after_the_timeout_saying_what_was_asked(
     data = str(tmp_path / "d.parquet")
     jobdata.write_hf(data, *jobdata.digits(20), row_group=20)
     started = time.monotonic()
-    code, out = _job(address, env, ["--model", job_model, "--input", data, "--output", str(tmp_path / "out"),
+    code, out, _ = _job(address, env, ["--model", job_model, "--input", data, "--output", str(tmp_path / "out"),
                                     "--preprocessing", "scale01", "--cpus-per-actor", "3",
                                     "--actor-start-timeout", "20"], timeout=240)
     assert code == 2, out[-3000:]
@@ -170,7 +185,7 @@ def test_the_job_completes_on_workers_the_autoscaler_starts_from_zero(autoscalin
     jobdata.write_hf(data, images, labels, row_group=100)
     out_dir = tmp_path / "out"
     started = time.time()
-    code, out = _job(address, env, ["--model", job_model, "--input", data, "--output", str(out_dir),
+    code, out, lines = _job(address, env, ["--model", job_model, "--input", data, "--output", str(out_dir),
                                     "--preprocessing", "scale01", "--batch-size", "16",
                                     "--actor-start-timeout", "300"], timeout=600)
     elapsed = time.time() - started
@@ -181,11 +196,14 @@ def test_the_job_completes_on_workers_the_autoscaler_starts_from_zero(autoscalin
     assert workers, "no explain actor reported where it ran"
     assert "is asked for 1 x 1 CPU" in out, out[-3000:]  # the driver raised the demand itself
     nodes = _status(address, env)
-    assert sorted(nodes) == [0, WORKER_CPUS], f"one worker node should have been started: {nodes}"
-    launches = _monitor_launches(temp_dir)
-    first = min((t for t in launches if t >= started - 1), default=None)
-    print(f"\nautoscaling: job {elapsed:.1f} s; first worker launched "
-          f"{(first - started) if first else float('nan'):.1f} s after the job started")
+    # the demand starts one; Ray Data's queued read and decode tasks may ask for the second
+    workers_up = sorted(nodes)[1:]
+    assert sorted(nodes)[0] == 0 and 1 <= len(workers_up) <= 2 and set(workers_up) == {WORKER_CPUS}, nodes
+    asked = _first(lines, "is asked for")
+    launched = min((t for t in _monitor_launches(temp_dir) if t >= started - 1), default=None)
+    assert launched is not None and launched >= asked - 1, "the worker was launched before the driver asked for it"
+    print(f"\nautoscaling: the driver asked {asked - started:.1f} s into the job; the autoscaler launched a worker "
+          f"{launched - asked:.1f} s after the ask; the job took {elapsed:.1f} s in all")
 
 
 def test_the_cronjob_submitter_follows_the_one_ray_job_it_submitted(autoscaling_cluster, job_model, tmp_path):
