@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 import tomllib
@@ -159,17 +160,30 @@ def test_dockerfile_versions_match_pyproject():
     assert _image() in text  # the build command tags what the manifests pull
 
 
+def _build_check():
+    """The Dockerfile's RUN line and the Python its build check runs."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    (run,) = [ln for ln in text.splitlines() if ln.startswith("RUN ")]
+    return run, re.search(r'python -c "([^"]+)"', run).group(1)
+
+
 def test_the_image_build_checks_what_the_job_imports():
     """``import worker, jobs`` is lazy and proves nothing: the build runs pip check and imports TensorFlow and
     Ray at the pinned versions, the engine, the driver and the entrypoints."""
-    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
-    (run,) = [ln for ln in text.splitlines() if ln.startswith("RUN ")]
+    run, code = _build_check()
     assert "&& pip check" in run
-    code = re.search(r'python -c "([^"]+)"', run).group(1)
     compile(code, "Dockerfile", "exec")
     for module in ("tensorflow", "ray", "worker.engine", "worker.job.driver", "jobs.scheduled"):
         assert re.search(rf"\b{re.escape(module)}\b", code), f"the build does not import {module}"
     assert repr(pinned("tensorflow")) in code and repr(pinned("ray")) in code
+
+
+@pytest.mark.slow
+def test_the_image_build_check_passes_with_the_pinned_versions():
+    """The build's import check, run as the image build runs it, in a fresh interpreter of this environment (the
+    versions pyproject.toml pins): a misnamed module or a wrong version would fail the image build too."""
+    _, code = _build_check()
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=DEPLOY.parent, timeout=600)
 
 
 @pytest.mark.parametrize("path", PATHS)
