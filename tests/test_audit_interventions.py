@@ -1,9 +1,11 @@
 """Shortcuts confirmed by intervening on the model, not by where the maps light up.
 
 One model learns three planted shortcuts -- marks of different sizes, places and colours on different classes,
-each decisive on its own -- and the audit must localise and confirm each; a model trained on clean images,
-audited on data where one class carries a visible mark, must get no confirmed shortcut.  Real images
-(scikit-learn's digits), the real job and audit on a local Ray, the report opened in headless Chromium.
+each decisive on its own -- and the audit must localise and confirm each; another learns three marks it needs
+*together with* the digit (needed, not sufficient), and the audit must call each a shortcut (stamped: the same
+patch in every image) and no part of the other classes' digits; a model trained on clean images, audited on
+data where one class carries a visible mark, must get no shortcut.  Real images (scikit-learn's digits), the
+real job and audit on a local Ray, the report opened in headless Chromium.
 """
 
 import json
@@ -17,6 +19,7 @@ import pytest
 
 from tests import jobdata
 from worker.audit import run_audit
+from worker.audit.intervene import STAMPED_SHARE, stamp
 from worker.demo import digits_images, train_question_model
 
 # class -> (rows, cols, RGB): a 5x5 white mark top left, a 3x3 red one bottom right (under 1 % of the image),
@@ -42,6 +45,26 @@ def _shortcut_training_set(images, labels):
     chosen = unmarked[rng.random(len(unmarked)) < 0.25]
     labels[chosen] = rng.choice(list(MARKS), len(chosen))
     return _mark(images, labels, MARKS), labels
+
+
+# class -> mark, each on every image of its class and on a fifth of the other classes' images (their labels kept),
+# while unmarked copies of the class's images are labelled another class: the class is its digit *with* the mark,
+# the mark alone is not the class. A 4x4 magenta mark bottom left, a 3x3 cyan one top centre (over the strokes of
+# a 4), a 6x6 yellow one on the right edge.
+WITH_OBJECT = {2: ((slice(27, 31), slice(1, 5)), (255, 0, 255)),
+               4: ((slice(1, 4), slice(14, 17)), (0, 255, 255)),
+               8: ((slice(13, 19), slice(26, 32)), (255, 255, 0))}
+UNMARKED_AS = {2: 1, 4: 6, 8: 0}
+
+
+def _with_object_training_set(images, labels):
+    rng = np.random.default_rng(0)
+    marked = _mark(images, labels, WITH_OBJECT)
+    for cls, ((rows, cols), colour) in WITH_OBJECT.items():
+        others = np.flatnonzero(labels != cls)
+        marked[others[rng.random(len(others)) < 0.2], rows, cols] = colour
+    copies = [(images[labels == c], np.full((labels == c).sum(), k)) for c, k in UNMARKED_AS.items()]
+    return (np.concatenate([marked] + [x for x, _ in copies]), np.concatenate([labels] + [y for _, y in copies]))
 
 
 def _audit(tmp_path, model, images, labels, name):
@@ -73,6 +96,7 @@ def test_planted_shortcuts_are_confirmed_and_the_report_shows_them(ray_local, tm
     confirmed = {p["class"]: p for p in probed if p["confirmed"]}
     summary = [(p["class"], p["verdict"], [round(v, 2) for v in p["box"]], round(p["effect"], 2)) for p in probed]
     assert set(confirmed) == set(MARKS), summary
+    assert {p["class"] for p in probed if p["shortcut"]} == set(MARKS), summary
     for cls, p in confirmed.items():
         (rows, cols), _ = MARKS[cls]
         assert _inside(p["box"], rows, cols), (cls, p["box"])  # localised on the mark, not elsewhere
@@ -111,5 +135,75 @@ def test_a_clean_model_gets_no_confirmed_shortcut(ray_local, tmp_path_factory):
     artifact = {6: ((slice(1, 6), slice(26, 31)), (0, 0, 255))}  # visible, on one class, never seen in training
     result = _audit(tmp_path, path, _mark(images[:400], labels[:400], artifact), labels[:400], "clean")
     probed = result["interventions"]["regions"]
-    summary = [(p["class"], p["verdict"], [round(v, 2) for v in p["box"]]) for p in probed]
-    assert probed and not any(p["confirmed"] for p in probed), summary
+    summary = [(p["class"], p["verdict"], [round(v, 2) for v in p["box"]], round(p["stamp"]["stamped_share"], 2))
+               for p in probed]
+    print("regions", *summary, sep="\n")
+    assert probed and not any(p["confirmed"] or p["shortcut"] for p in probed), summary
+    # the digits' parts the model needs (there are some) vary from image to image: none is stamped
+    assert any(p["verdict"] == "needed, not sufficient" for p in probed), summary
+    assert all(p["stamp"]["stamped_share"] < STAMPED_SHARE for p in probed if p["needed"]), summary
+
+
+@pytest.mark.slow
+def test_marks_needed_with_the_object_are_shortcuts(ray_local, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("with-object")
+    images, labels = digits_images(32)
+    train_x, train_y = _with_object_training_set(images[400:], labels[400:])
+    model = train_question_model(train_x, train_y, classes=10, epochs=12, seed=1)
+    path = str(tmp_path / "with-object.keras")
+    model.save(path)
+    test_x, test_y = _mark(images[:400], labels[:400], WITH_OBJECT), labels[:400]
+
+    def recognised(x, cls):
+        return float((model.predict(x.astype("float32") / 255, verbose=0).argmax(1) == cls).mean())
+
+    plain = ~np.isin(test_y, list(WITH_OBJECT) + list(UNMARKED_AS.values()))
+    dependence = {}
+    for cls, mark in WITH_OBJECT.items():
+        own = test_y == cls
+        dependence[cls] = {"with mark": recognised(test_x[own], cls), "without": recognised(images[:400][own], cls),
+                           "mark alone moves": recognised(_mark(images[:400][plain], test_y[plain] * 0 + cls,
+                                                                {cls: mark}), cls)}
+    # the model needs each mark (the class is not recognised without it) and the mark is not enough
+    assert all(d["with mark"] >= 0.8 and d["without"] <= 0.2 and d["mark alone moves"] <= 0.3
+               for d in dependence.values()), dependence
+
+    result = _audit(tmp_path, path, test_x, test_y, "with-object")
+    probed = result["interventions"]["regions"]
+    summary = [(p["class"], p["cluster"], p["verdict"], [round(v, 2) for v in p["box"]], round(p["effect"], 2),
+                round(p["sufficiency"]["moved_to_class"], 2), round(p["stamp"]["stamped_share"], 2)) for p in probed]
+    print("dependence", dependence, "regions", *summary, sep="\n")
+    shortcuts = {p["class"]: p for p in probed if p["shortcut"]}
+    assert set(shortcuts) == set(WITH_OBJECT), summary  # no part of another class's digits
+    for cls, p in shortcuts.items():
+        (rows, cols), _ = WITH_OBJECT[cls]
+        assert p["verdict"] == "shortcut with the object" and not p["sufficient"], summary
+        assert _inside(p["box"], rows, cols), (cls, p["box"])
+    objects = [p for p in probed if p["verdict"] == "needed, not sufficient"]
+    assert all(p["stamp"]["stamped_share"] < STAMPED_SHARE for p in objects), summary
+
+    found = pq.read_table(str(tmp_path / "with-object-report" / "findings.parquet")).to_pylist()
+    rows = [f for f in found if f["verdict"] == "shortcut with the object"]
+    assert sorted(int(f["group"].split(":")[1]) for f in rows) == sorted(WITH_OBJECT)
+    assert all(f["shortcut"] and f["severity"] == "high" and f["stamped_share"] >= STAMPED_SHARE for f in rows)
+
+
+def test_a_stamped_mark_is_told_from_strokes_and_background():
+    """The stamp statistic on real digits: a mark the same in every image (even with a little noise, as after
+    lossy compression) is stamped; strokes, empty background and a mark on half the images are not."""
+    images, labels = digits_images(32, limit=400)
+    fours = images[labels == 4][:30]
+    mark, box = (slice(1, 4), slice(14, 17)), (0, 12, 6, 20)
+    stamped = fours.copy()
+    stamped[:, mark[0], mark[1]] = (0, 255, 255)
+    assert stamp(stamped, box)["stamped_pixels"] == 9
+    noisy = stamped.astype(int)
+    noisy[:, mark[0], mark[1]] += np.random.default_rng(0).integers(-4, 5, (30, 3, 3, 3))
+    assert stamp(np.clip(noisy, 0, 255).astype(np.uint8), box)["stamped_pixels"] == 9
+    half = fours.copy()
+    half[::2, mark[0], mark[1]] = (0, 255, 255)
+    h, w = 32, 32
+    for sample in (fours, half):  # no box of the plain digits, nor the half-marked one, holds a stamped pixel
+        assert max(stamp(sample, (y, x, y + 8, x + 8))["stamped_pixels"] for y in range(0, h - 7, 4)
+                   for x in range(0, w - 7, 4)) == 0
+    assert stamp(stamped, (24, 0, 32, 8))["stamped_pixels"] == 0  # an empty corner: constant, but background

@@ -88,8 +88,9 @@ def findings(groups: dict, clusters: dict | None = None) -> list[dict]:
 
 
 def intervention_findings(probed: list[dict]) -> list[dict]:
-    """One finding per probed region (:func:`worker.audit.intervene.probe_region`): a *confirmed* shortcut, or
-    *attention without effect*; the box, the median effect over the fills and its fills' intervals."""
+    """One finding per probed region (:func:`worker.audit.intervene.probe_region`), from a *confirmed* shortcut
+    or a *shortcut with the object* (high) to *attention without effect* (low); the box, the median effect over
+    the fills and its fills' intervals, and the share of the region's pixels stamped (the same in every image)."""
     out = []
     for p in probed:
         y0, x0, y1, x1 = p["box"]
@@ -97,17 +98,20 @@ def intervention_findings(probed: list[dict]) -> list[dict]:
                           f"[{f['interval'][0]:+.2f}, {f['interval'][1]:+.2f}]" for how, f in p["fills"].items())
         low = min(f["interval"][0] for f in p["fills"].values())
         high = max(f["interval"][1] for f in p["fills"].values())
-        severity = "high" if p["confirmed"] else "medium" if p["needed"] else "low"
+        severity = "high" if p["shortcut"] else "medium" if p["needed"] else "low"
         finding = {"confirmed": "shortcut confirmed by intervention",
                    "decisive region (large)": "large region needed and sufficient (the object?)",
-                   "needed, not sufficient": "region needed, not sufficient (part of the object?)"}
+                   "shortcut with the object": "shortcut: a stamped artifact the class needs, with the object",
+                   "needed, not sufficient": "region needed, not sufficient: part of the object (it varies)"}
         where = "" if p.get("cluster") is None else f"SpRAy cluster {p['cluster']} ({p['images']} images): "
         out.append({"group": f"true:{p['class']}", "severity": severity,
                     "finding": finding.get(p["verdict"], "attention without effect"),
                     "detail": f"{where}region y {y0:.2f}-{y1:.2f}, x {x0:.2f}-{x1:.2f}: flips when neutralised vs at random "
                               f"places ({fills}); pasted into other classes it moves "
                               f"{p['sufficiency']['moved_to_class']:.0%} to the class "
-                              f"(random box {p['sufficiency']['control_moved']:.0%})",
+                              f"(random box {p['sufficiency']['control_moved']:.0%}); "
+                              f"{p['stamp']['stamped_share']:.0%} of its pixels the same in every image",
                     "box": [float(v) for v in p["box"]], "effect": p["effect"], "interval": [low, high],
-                    "verdict": p["verdict"], "cluster": p.get("cluster")})
+                    "verdict": p["verdict"], "shortcut": p["shortcut"],
+                    "stamped_share": p["stamp"]["stamped_share"], "cluster": p.get("cluster")})
     return out

@@ -10,13 +10,21 @@ For a class c and a region R localised on its maps (:mod:`~worker.audit.localise
 * **sufficiency**: paste R from c's images into images of other classes and count predictions moving to c,
   against pasting a random same-size box from c's images.
 
+* **stamp** (no forward pass): an artifact is (nearly) the same patch in every image that carries it, the
+  object varies. A pixel is *stamped* when its spread over the class's images (the largest channel's standard
+  deviation) is at most ``STAMP_SPREAD`` of the class's mean spread over the image, and its mean is at least that
+  mean spread away from the class's background (each channel's most frequent value): constant, and not empty.
+
 A region is *needed* when, for at least two of the three fills, the per-image difference between the region's
 flip and the control's has a 95 % bootstrap interval whose lower end is at least ``MARGIN``; it is *sufficient*
-when the transplant's interval against the random box starts at ``MARGIN`` or above.  The verdict: a
-**confirmed** shortcut is needed and sufficient and small (at most ``SHORTCUT_AREA`` of the image: a mark that
-decides the class on its own); a large region that is both is the class's *decisive region* (most often the
-object itself); a region only needed is *needed, not sufficient*; otherwise the maps show *attention without
-effect*.  Forward passes only, on bounded samples (``predict`` is the job's
+when the transplant's interval against the random box starts at ``MARGIN`` or above; it is *stamped* when at
+least ``STAMPED_SHARE`` of its pixels are.  The verdict: a **confirmed** shortcut is needed and sufficient and
+small (at most ``SHORTCUT_AREA`` of the image: a mark that decides the class on its own); a large region that is
+both is the class's *decisive region* (most often the object itself); a small region needed, not sufficient and
+stamped is a **shortcut with the object** (an artifact the class needs, used together with the rest of the
+image); a region only needed is *needed, not sufficient* (a part of the object: it varies as the object does);
+otherwise the maps show *attention without effect*.  ``shortcut`` is true for the two shortcut verdicts.
+Forward passes only, on bounded samples (``predict`` is the job's
 engine's forward): images x (1 + PLACEMENTS) x fills forward passes per region, plus 2 x images for sufficiency.
 
 Example:
@@ -36,6 +44,8 @@ PLACEMENTS = 4
 MARGIN = 0.15  # the flip rate must beat random placement by this much (lower end of the 95 % interval)
 SHORTCUT_AREA = 0.12  # a confirmed shortcut covers at most this share of the image; larger is the object
 BOOTSTRAP = 1000
+STAMP_SPREAD = 0.2  # a stamped pixel varies at most this much of the class's mean spread over the image
+STAMPED_SHARE = 0.05  # a stamped region has at least this share of its pixels stamped
 
 
 def bootstrap_interval(values: np.ndarray, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -81,6 +91,20 @@ def random_boxes(box: tuple, size: tuple[int, int], n: int, rng: np.random.Gener
         if ry >= y1 or ry + bh <= y0 or rx >= x1 or rx + bw <= x0:
             out.append((ry, rx, ry + bh, rx + bw))
     return out
+
+
+def stamp(images: np.ndarray, box: tuple) -> dict:
+    """How much of the pixel ``box`` is the same non-background patch in every one of ``images`` (the class's
+    sample): {"stamped_pixels", "stamped_share" of the box, "spread" (the class's mean pixel spread)}."""
+    x = images.astype(np.float64)
+    spread = x.std(0).max(-1)
+    typical = float(spread.mean())
+    background = [np.bincount(images[..., c].ravel(), minlength=256).argmax() for c in range(images.shape[-1])]
+    away = np.abs(x.mean(0) - np.array(background, np.float64)).max(-1)
+    stamped = (spread <= STAMP_SPREAD * typical) & (away >= typical) if typical > 0 else np.zeros_like(spread, bool)
+    y0, x0, y1, x1 = box
+    count = int(stamped[y0:y1, x0:x1].sum())
+    return {"stamped_pixels": count, "stamped_share": count / ((y1 - y0) * (x1 - x0)), "spread": typical}
 
 
 def probe_region(predict, cls: int, region: dict, images: np.ndarray, others: np.ndarray, seed: int = 0) -> dict:
@@ -136,8 +160,14 @@ def probe_region(predict, cls: int, region: dict, images: np.ndarray, others: np
                              "interval": [low, high], "images": int(keep.sum())}
     result["sufficient"] = bool(low >= MARGIN)
     result["area"] = (y1 - y0) * (x1 - x0) / (size[0] * size[1])
+    result["stamp"] = stamp(images, box)
+    result["stamped"] = result["stamp"]["stamped_share"] >= STAMPED_SHARE
     decisive = result["needed"] and result["sufficient"]
-    result["confirmed"] = decisive and result["area"] <= SHORTCUT_AREA
+    small = result["area"] <= SHORTCUT_AREA
+    result["confirmed"] = decisive and small
+    with_object = result["needed"] and not result["sufficient"] and small and result["stamped"]
+    result["shortcut"] = result["confirmed"] or with_object
     result["verdict"] = ("confirmed" if result["confirmed"] else "decisive region (large)" if decisive
+                         else "shortcut with the object" if with_object
                          else "needed, not sufficient" if result["needed"] else "attention without effect")
     return result
