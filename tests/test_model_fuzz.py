@@ -178,6 +178,15 @@ class Case:
         return all(op.relu_like for op, _ in self.nodes if isinstance(op, Activation))
 
 
+def _vjp(op, inputs, g):
+    """The layer's own vector-Jacobian product for its inputs, in graph mode: only the input gradients run
+    (TensorFlow's eager Conv2DBackpropFilter corrupted the heap on some of these shapes)."""
+    @tf.function(autograph=False)
+    def vjp(inputs, g):
+        return tf.gradients(Case._call(op, inputs), inputs, grad_ys=g)
+    return vjp(inputs, g)
+
+
 def reference(case: Case, images: np.ndarray, target: np.ndarray, rule: str, at: int | None = None):
     """The input map of logit ``target`` by ``rule`` (guided / deconvnet / plain), node by node; with ``at``
     also that node's output and the plain gradient there (for Grad-CAM)."""
@@ -200,12 +209,8 @@ def reference(case: Case, images: np.ndarray, target: np.ndarray, rule: str, at:
             back = [local.astype(np.float32)]
         else:
             inputs = [values[j] for j in ins]
-            with tf.GradientTape() as tape:
-                for t in inputs:
-                    tape.watch(t)
-                out = Case._call(op, inputs)
             back = [np.zeros(t.shape, np.float32) if b is None else b.numpy()
-                    for t, b in zip(inputs, tape.gradient(out, inputs, output_gradients=tf.constant(g)))]
+                    for t, b in zip(inputs, _vjp(op, inputs, tf.constant(g)))]
         for j, b in zip(ins, back):
             grads[j] = b if grads[j] is None else grads[j] + b
     if at is None:
@@ -256,14 +261,14 @@ def check(seed: int, method: str, path: str) -> None:
                 METHODS[method](model, reduction="none", **default)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(2))
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_random_architectures(seed, method):
     check(seed, method, "cpu" if seed % 2 else "gpu")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(4, 64))
+@pytest.mark.parametrize("seed", range(2, 34))
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_random_architectures_many(seed, method, path):

@@ -150,23 +150,24 @@ def find_units(ops, source: tf.Tensor) -> tuple[list[Unit], list]:
     """The activation units among ``ops`` (a forward pass's ops, in creation order) whose inputs depend on
     ``source``, and the nonlinear ops that belong to no unit (an intermediate read outside, say)."""
     graph = _Graph(ops, source)
+    nonlinear = [op for op in graph.ops if graph.nonlinear(op)]
     roots: dict = {}
-    for op in graph.ops:
-        if graph.nonlinear(op):
-            root = next((t for t in graph.candidates(op) if op in graph.region(t)), None)
-            roots.setdefault(root.ref() if root is not None else None, (root, []))[1].append(op)
-    unplaced = roots.pop(None, (None, []))[1]
-    # a root produced inside another root's region belongs to that larger unit
-    regions = {ref: graph.region(root) for ref, (root, _) in roots.items()}
-    units: list[Unit] = []
-    for ref, (root, _) in roots.items():
-        if any(root.op in regions[other] for other in roots if other != ref):
+    for op in nonlinear:
+        root = next((t for t in graph.candidates(op) if op in graph.region(t)), None)
+        if root is not None:
+            roots.setdefault(root.ref(), root)
+    found = [u for u in (_unit(graph, root, graph.region(root)) for root in roots.values()) if u is not None]
+    # a unit inside a larger one (a capped ReLU's Relu inside the cap's unit) is part of it
+    units = [u for u in found if not any(u is not v and set(u.ops) < set(v.ops) for v in found)]
+    covered = {op for u in units for op in u.ops}
+    unplaced = []
+    for op in nonlinear:
+        if op in covered:
             continue
-        unit = _unit(graph, root, regions[ref])
-        if unit is None:
-            unplaced.extend(op for op in regions[ref] if graph.nonlinear(op))
+        if op.type in ("Relu", "Relu6"):  # beside another activation on one tensor: still a ReLU on its own
+            units.append(Unit(graph.live_inputs(op)[0], op.outputs[0], [op], [op]))
         else:
-            units.append(unit)
+            unplaced.append(op)
     return sorted(units, key=lambda u: graph.index[u.output.op]), unplaced
 
 
