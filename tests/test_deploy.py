@@ -350,7 +350,8 @@ def _derived_names(docs):
         if kind == "RayCluster":
             names |= {("Service", f"{name}-head-svc"), ("Secret", name), ("RayCluster", name)}
         elif kind == "RayJob":  # its head service is named after the RayJob; its submitter Job too
-            names |= {("Service", f"{name}-head-svc"), ("Job", name), ("RayJob", name), ("RayCluster", f"{name}-*")}
+            names |= {("Service", f"{name}-head-svc"), ("Job", name), ("RayJob", name), ("RayCluster", f"{name}-*"),
+                      ("Secret", f"{name}-*")}
         elif kind == "RayCronJob":  # RayJobs "<name>-<5 letters>", and all that they derive
             names |= {("RayJob", f"{name}-*"), ("Service", f"{name}-*"), ("Job", f"{name}-*"),
                       ("RayCluster", f"{name}-*"), ("Secret", f"{name}-*")}
