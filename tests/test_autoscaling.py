@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,6 +110,7 @@ def autoscaling_cluster():
             except ProcessLookupError:
                 pass
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _status(address, env):
