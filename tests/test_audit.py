@@ -75,7 +75,9 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
     classes = [g for g in result["groups"] if g.startswith("true:")]
     worst = result["groups"]["worst:border_enrichment"]["worst"]
     assert len(worst) == 6 and [w["value"] for w in worst] == sorted((w["value"] for w in worst), reverse=True)
-    assert page.count("data:image/png;base64,") == len(classes) + 6 * 2  # mean maps + worst cases of 2 stats
+    # per class its mean image, mean map, contrast and mean map on the image; 6 worst cases of 2 statistics, each
+    # as its image and its map on it
+    assert page.count("data:image/png;base64,") == 4 * len(classes) + 2 * 6 * 2
     assert worst[0]["id"] in page
     for w in worst:  # each worst case beside its own input image, found by its row id
         np.testing.assert_array_equal(w["image"], images[int(w["id"].split("#")[1])])

@@ -85,12 +85,17 @@ def config_from_args(args):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="guided-saliency", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="Ray Data's own progress bars and log lines on the console (default: one progress "
+                             "line; Ray Data's lines go to its log file)")
     sub = p.add_subparsers(dest="command", required=True)
-    add_explain_arguments(sub.add_parser("explain", help="explain every row of a Parquet image dataset"))
-    scheduled = sub.add_parser("scheduled", help="run a YAML job file for one logical date (idempotent)")
+    add_parser = lambda name, **kw: sub.add_parser(name, parents=[common], **kw)  # noqa: E731
+    add_explain_arguments(add_parser("explain", help="explain every row of a Parquet image dataset"))
+    scheduled = add_parser("scheduled", help="run a YAML job file for one logical date (idempotent)")
     scheduled.add_argument("--config", required=True, help="job file (YAML); see worker.job.schedule")
     scheduled.add_argument("--date", help="logical date YYYY-MM-DD (default: today in UTC)")
-    audit = sub.add_parser("audit", help="per-class aggregates, findings and an HTML report of a job's output")
+    audit = add_parser("audit", help="per-class aggregates, findings and an HTML report of a job's output")
     audit.add_argument("--input", required=True, help="a job's output directory")
     audit.add_argument("--report", required=True, help="directory for report.html and audit.json")
     audit.add_argument("--label-column", help="default: the job's label column")
@@ -98,24 +103,28 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("--interventions", type=int, default=0,
                        help="confirm or refute each class's regions by intervening on N images per class")
     audit.add_argument("--model", help="model for the controls (default: the path the job recorded)")
-    demo = sub.add_parser("demo", help="make real images and a model, run the job locally, write overlays")
+    demo = add_parser("demo", help="make real images and a model, run the job and the audit locally")
     demo.add_argument("--output", default="demo_output")
-    demo.add_argument("--images", type=int, default=600)
+    demo.add_argument("--images", type=int, default=900, help="held-out images the job explains and the audit reads")
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.verbose:
+        from worker.job.progress import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     try:
         if args.command == "demo":
             from worker.demo import run_demo
 
-            summary = run_demo(args.output, images=args.images)
+            summary = run_demo(args.output, held_out=args.images)
         elif args.command == "audit":
             from worker.audit import run_audit
 
             result = run_audit(args.input, args.report, args.label_column, args.controls, args.model,
-                               interventions=args.interventions)
+                               interventions=args.interventions, echo=print)
             summary = {"report": args.report, "groups": len(result["groups"]), "findings": result["findings"]}
         elif args.command == "scheduled":
             from worker.job.schedule import load_config, scheduled_run

@@ -1,11 +1,11 @@
 """The audit's report: its numbers as Arrow tables and Parquet files, audit.json, and one self-contained
-HTML page (run card, findings, mean maps per class, worst cases, controls, clusters)."""
+HTML page that leads with its answer (the confirmed shortcuts, with their pictures), then per class the mean
+image, mean map and contrast, worst cases, controls, interventions, clusters, every finding and the run card.
+Pictures: :mod:`worker.audit.pictures`."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import os
 
@@ -14,16 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from worker.audit.aggregate import GRID, SAMPLE_SIZE
-from worker.audit.colormap import hot
-
-
-def _png(grid: np.ndarray, vmax: float) -> str:
-    from PIL import Image
-
-    image = Image.fromarray(hot(grid, vmax)).resize((128, 128), Image.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+from worker.audit.pictures import enlarge, heat, overlay, png64, shortcut_panels, with_box
 
 
 def aggregate_tables(result: dict) -> dict[str, pa.Table]:
@@ -54,54 +45,53 @@ def aggregate_tables(result: dict) -> dict[str, pa.Table]:
     return {"classes": classes, "clusters": clusters, "findings": found}
 
 
+def _figure(picture: np.ndarray, caption: str, cls: str = "") -> str:
+    alt = html.escape(caption)
+    return (f'<figure{f" class={chr(34)}{cls}{chr(34)}" if cls else ""}><img alt="{alt}" src="data:image/png;base64,'
+            f'{png64(picture)}"><figcaption>{alt}</figcaption></figure>')
+
+
+def _scale(image: np.ndarray) -> int:
+    """Pixels per input pixel so that an image is about 128 px wide."""
+    return max(1, 128 // image.shape[1])
+
+
 def _image_png(image: np.ndarray, box=None, scale: int = 4) -> str:
-    """A uint8 RGB image, enlarged, with the pixel ``box`` (y0, x0, y1, x1) drawn in cyan."""
-    from PIL import Image, ImageDraw
-
-    picture = Image.fromarray(np.asarray(image, np.uint8)).resize((image.shape[1] * scale, image.shape[0] * scale),
-                                                                 Image.NEAREST)
-    if box is not None:
-        y0, x0, y1, x1 = box
-        ImageDraw.Draw(picture).rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1], outline=(0, 255, 255))
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _overlay(image: np.ndarray, saliency: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
-    heat = hot(np.asarray(Image.fromarray(np.asarray(saliency, np.float32)).resize(image.shape[1::-1], Image.BILINEAR)))
-    return (0.45 * image + 0.55 * heat).astype(np.uint8)
+    """A uint8 RGB image, enlarged, with the pixel ``box`` (y0, x0, y1, x1) outlined."""
+    picture = enlarge(image, scale)
+    return png64(picture if box is None else with_box(picture, box, scale))
 
 
 def _interventions_html(section: dict | None) -> str:
     if not section:
-        return "<h2>Interventions</h2><p>not run (audit --interventions N)</p>"
+        return "<h2 id=interventions>Interventions</h2><p>not run (audit --interventions N)</p>"
 
     def figure(png, caption):
         return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
-    parts = [f"<h2>Interventions</h2><p>Each class's regions (where its maps, or one SpRAy cluster's, concentrate "
-             f"compared with the other classes) neutralised on {section['images_per_class']} of its images with three fills, against the "
-             "same fills at random places, and pasted into other classes' images; a shortcut is confirmed when "
-             "two fills beat random placement by a margin and the pasted region moves predictions to the class. "
+    parts = [f"<h2 id=interventions>Interventions</h2><p>Each class's regions (where its maps, or one SpRAy "
+             f"cluster's, concentrate compared with the other classes) neutralised on {section['images_per_class']} "
+             "of its images with three fills, against the same fills at random places, and pasted into other "
+             "classes' images; a shortcut is confirmed when two fills beat random placement by a margin and the "
+             "pasted region moves predictions to the class. "
              f"Cost: {html.escape(section['cost'])}; {section['seconds']} s in all.</p>"]
     for p in section["regions"]:
         verdict = p["verdict"]
         box = tuple(p["pixels"])
+        scale = _scale(p["mean_image"])
         rows = "".join(f"<tr><td>{how}</td><td>{f['flip_rate']:.0%}</td><td>{f['control_flip_rate']:.0%}</td>"
                        f"<td>{f['effect']:+.2f} [{f['interval'][0]:+.2f}, {f['interval'][1]:+.2f}]</td>"
                        f"<td>{f['accuracy_after']:.0%}</td></tr>" for how, f in p["fills"].items())
         who = f"class {p['class']}" + ("" if p.get("cluster") is None else
                                        f", SpRAy cluster {p['cluster']} ({p['images']} of its sampled images)")
         parts.append(f"<div class=\"intervention\"><h3>{who}: {verdict}</h3>"
-                     + figure(_image_png(p["mean_image"], box), "mean image, region")
-                     + figure(_image_png(_overlay(p["mean_image"], p["mean_map"]), box), "mean map on it")
-                     + "".join(figure(_image_png(_overlay(e["versions"]["original"]["image"], e["map"]), box),
+                     + figure(_image_png(p["mean_image"], box, scale), "mean image, region")
+                     + figure(png64(with_box(enlarge(overlay(p["mean_image"], p["mean_map"]), scale), box, scale)),
+                              "mean map on it")
+                     + "".join(figure(_image_png(overlay(e["versions"]["original"]["image"], e["map"]), box, scale),
                                       "image and its map")
-                               + "".join(figure(_image_png(v["image"], box),
+                               + "".join(figure(_image_png(v["image"], box, scale),
                                                 f"{name}: class {v['predicted']}, logit {v['logit']:.2f}")
                                          for name, v in e["versions"].items())
                                + "<br>" for e in p["examples"])
@@ -112,15 +102,111 @@ def _interventions_html(section: dict | None) -> str:
     return "".join(parts)
 
 
+SAME_CLASS = 0.8  # Spearman to a random class's (or a randomised model's) map above this: the maps hardly depend on it
+
+
+def controls_sentence(controls: dict) -> str:
+    """What the controls say about this model's maps, in a sentence or two."""
+    similar = controls["similarity_to_real"]
+    out = []
+    if "random_class" in similar:
+        v = similar["random_class"]["spearman"]
+        out.append(f"The maps change little with the class asked about (Spearman {v:.2f} to a random class's map): "
+                   "read them as where the model sees edges and objects, not as evidence for one class."
+                   if v >= SAME_CLASS else
+                   f"The maps depend on the class asked about (Spearman {v:.2f} to a random class's map): "
+                   "they carry some class evidence.")
+    if "randomized_model" in similar:
+        v = similar["randomized_model"]["spearman"]
+        out.append(f"A model with randomised weights gives much the same maps (Spearman {v:.2f}): they show the "
+                   "image's structure more than what this model learnt."
+                   if v >= SAME_CLASS else
+                   f"Randomising the model's weights changes them (Spearman {v:.2f}): they depend on what this "
+                   "model learnt.")
+    out.append("Where the maps light up is not what the model relies on: only the interventions test that.")
+    return " ".join(out)
+
+
 def _controls_html(controls: dict | None) -> str:
     if not controls:
-        return "<h2>Controls</h2><p>not run (audit --controls N)</p>"
+        return "<h2 id=controls>Controls</h2><p>not run (audit --controls N)</p>"
     rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{v['spearman']:.3f}</td><td>{v['ssim']:.3f}</td></tr>"
                    for name, v in controls["similarity_to_real"].items())
-    return (f"<h2>Controls</h2><p>{controls['images']} images; extra cost: {html.escape(controls['extra_model_cost'])}. "
-            "High similarity of the real maps to a control means the maps say little about the model or the class "
-            "(guided backprop is known to reconstruct edges and to pass the model-randomisation test poorly).</p>"
+    return (f"<h2 id=controls>Controls</h2><p class=answer>{html.escape(controls_sentence(controls))}</p>"
+            f"<p>{controls['images']} images; extra cost: {html.escape(controls['extra_model_cost'])}. "
+            "Similarity of the real maps to each control (guided backprop is known to reconstruct edges and to "
+            "pass the model-randomisation test poorly: Adebayo et al. 2018).</p>"
             f"<table><tr><th>control</th><th>Spearman</th><th>SSIM</th></tr>{rows}</table>")
+
+
+def _lead_html(result: dict) -> str:
+    """The page's first screen: the confirmed shortcuts with their pictures, or what was (not) found."""
+    section = result.get("interventions")
+    parts = ["<h2 id=answer>What the audit found</h2>"]
+    confirmed = [p for p in (section or {}).get("regions", []) if p["verdict"] == "confirmed" or p.get("shortcut")]
+    for p in confirmed:
+        y0, x0, y1, x1 = p["box"]
+        fills = p["fills"]
+        best = max(fills, key=lambda how: fills[how]["effect"])
+        where = "" if p.get("cluster") is None else f" (on SpRAy cluster {p['cluster']} of its maps)"
+        parts.append(
+            f"<div class=lead><h3>{'Shortcut confirmed' if p['verdict'] == 'confirmed' else 'Shortcut with the object'}: "
+            f"class {p['class']} relies on a small region{where}</h3>"
+            f"<p>Neutralising the boxed region (rows {y0:.0%}-{y1:.0%}, columns {x0:.0%}-{x1:.0%}; "
+            f"{p['area']:.1%} of the image) makes {fills[best]['flip_rate']:.0%} of the class's correctly "
+            f"classified images leave it ({best} fill), against {fills[best]['control_flip_rate']:.0%} for the "
+            f"same fill at random places; pasted into other classes' images it moves "
+            f"{p['sufficiency']['moved_to_class']:.0%} of them to class {p['class']} "
+            f"(a random box of the class's images: {p['sufficiency']['control_moved']:.0%}).</p>"
+            + "".join(_figure(picture, caption) for caption, picture in shortcut_panels(p, scale=_scale(p["mean_image"])))
+            + "</div>")
+    if section is None:
+        parts.append("<p class=answer>Interventions were not run (audit --interventions N): the findings below say "
+                     "where the maps look, not what the model relies on.</p>")
+    elif not confirmed:
+        verdicts = [p["verdict"] for p in section["regions"]]
+        counts = ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)) or "no region to probe"
+        parts.append(f"<p class=answer>No shortcut confirmed by intervention ({counts}).</p>")
+    elif len(section["regions"]) > len(confirmed):
+        rest = [p["verdict"] for p in section["regions"] if p not in confirmed]
+        parts.append(f"<p>The other {len(rest)} regions probed: "
+                     + ", ".join(f"{rest.count(v)} {v}" for v in dict.fromkeys(rest)) + " (see Interventions).</p>")
+    others = [f for f in result["findings"] if f.get("verdict") is None and f["severity"] == "high"]
+    if others:
+        parts.append("<p>Where the maps look (not tested): " + "; ".join(
+            f"{html.escape(f['group'])}: {html.escape(f['finding'])}" for f in others[:6])
+            + (f" and {len(others) - 6} more" if len(others) > 6 else "") + " (<a href=#findings>all findings</a>).</p>")
+    if result.get("controls"):
+        parts.append(f"<p>{html.escape(controls_sentence(result['controls']))}</p>")
+    return "".join(parts)
+
+
+def _classes_html(groups: dict, kind: str, class_images: dict) -> str:
+    """Per class: its mean image, its mean map, and its contrast with the other classes (the mean map minus
+    the other classes' mean), the maps on one colour scale, the contrasts on another."""
+    from worker.audit.localise import contrast
+
+    shown = {g: v for g, v in groups.items() if g.startswith(kind) and v.get("count")}
+    if not shown:
+        return "<p>no classes</p>"
+    contrasts = {g: np.clip(contrast(groups, g), 0, None) for g in shown}
+    vmax = max(float(v["mean_map"].max()) for v in shown.values())
+    cmax = max(float(c.max()) for c in contrasts.values()) or 1.0
+    rows = []
+    for g, v in shown.items():
+        cls = int(g.split(":", 1)[1])
+        image = class_images.get(cls)
+        cells = [_figure(enlarge(image, _scale(image)), "mean image") if image is not None else ""]
+        cells.append(_figure(heat(v["mean_map"], 128, vmax), "mean map"))
+        cells.append(_figure(heat(contrasts[g], 128, cmax), "contrast with the others"))
+        if image is not None:
+            cells.append(_figure(enlarge(overlay(image, v["mean_map"], vmax), _scale(image)), "mean map on the image"))
+        rows.append(f"<div class=cls><h3>{html.escape(g)} (n={v['count']})</h3>{''.join(cells)}</div>")
+    note = "" if class_images else " (no mean images: the job's input could not be read, or has no labels)"
+    return (f"<p>L1-normalised maps averaged on a 16 x 16 grid. <b>One colour scale for all mean maps</b> (white = "
+            f"{vmax:.4f}) and one for all contrasts (white = {cmax:.4f}: the class's mean map minus the other "
+            "classes' mean, positive part), so classes compare by colour. A mean image is the mean of the first "
+            f"images of the class the audit read{note}.</p>" + "".join(rows))
 
 
 def write_report(result: dict, report_dir: str) -> None:
@@ -151,27 +237,24 @@ def write_report(result: dict, report_dir: str) -> None:
             "target": meta.get("target"), "score": meta.get("score"), "output": result["output"],
             "rows": sum(v["count"] for g, v in groups.items() if g.startswith("predicted:"))}
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in card.items())
-    tiles = "".join(
-        f'<figure><img alt="{html.escape(g)}" src="data:image/png;base64,{_png(v["mean_map"], vmax)}">'
-        f"<figcaption>{html.escape(g)} (n={v['count']})</figcaption></figure>" for g, v in shown.items())
-    def figure(grid, caption, top=None):
-        return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
-                f'{_png(grid, top if top is not None else float(grid.max()))}"><figcaption>{html.escape(caption)}'
-                "</figcaption></figure>")
+
+    def grid_figure(grid, caption, top=None):
+        return _figure(heat(grid, 128, top if top is not None else float(grid.max())), caption)
 
     cluster_rows = "".join(
         f"<div><h3>{html.escape(g)}: {len(cs)} cluster(s)</h3>" + "".join(
-            figure(c["mean_map"], f"cluster {c['cluster']}: {c['count']} maps ({c['share']:.0%}), mean", vmax)
-            + "".join(figure(e, f"cluster {c['cluster']}: typical member") for e in c.get("examples", []))
+            grid_figure(c["mean_map"], f"cluster {c['cluster']}: {c['count']} maps ({c['share']:.0%}), mean", vmax)
+            + "".join(grid_figure(e, f"cluster {c['cluster']}: typical member") for e in c.get("examples", []))
             + "<br>" for c in cs) + "</div>"
         for g, cs in clusters.items() if len(cs) > 1)
+
     def worst_case(w):
         caption = f"{w['id']}: {w['value']:.3g}"
         if "image" not in w:
-            return figure(w["grid"], caption)
-        return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
-                f'{_image_png(_overlay(w["image"], w["grid"]), scale=max(1, 128 // w["image"].shape[0]))}">'
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            return grid_figure(w["grid"], caption)
+        scale = _scale(w["image"])
+        return (f"<span class=pair>{_figure(enlarge(w['image'], scale), caption)}"
+                f"{_figure(enlarge(overlay(w['image'], w['grid']), scale), 'its map on it')}</span>")
 
     worst = "".join(
         f"<h3>{html.escape(g.split(':', 1)[1])} ({v['direction']}est)</h3>"
@@ -179,22 +262,38 @@ def write_report(result: dict, report_dir: str) -> None:
     found = "".join(f"<tr><td>{f['severity']}</td><td>{html.escape(f['group'])}</td><td>{f['finding']}</td>"
                     f"<td>{html.escape(f['detail'])}</td></tr>" for f in result["findings"]) or \
         "<tr><td colspan=4>no findings</td></tr>"
+    fingerprint = str(card["model fingerprint"] or "")
+    contents = [("answer", "What the audit found"), ("classes", "Classes"), ("worst", "Worst cases"),
+                ("controls", "Controls"), ("interventions", "Interventions"), ("clusters", "Clusters"),
+                ("findings", "All findings"), ("run", "Run card")]
+    toc = " &middot; ".join(f"<a href=#{a}>{t}</a>" for a, t in contents)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Saliency audit</title>
-<style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:.5em;text-align:center}}
-img{{image-rendering:pixelated;border:1px solid #ccc}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.intervention{{margin-bottom:1.5em}}</style></head><body>
-<h1>Saliency audit</h1><h2>Run card</h2><table>{rows}</table>
-<h2>Findings</h2><table><tr><th>severity</th><th>group</th><th>finding</th><th>detail</th></tr>{found}</table>
-<h2>Mean maps per class</h2><p>L1-normalised maps averaged on a 16 x 16 grid, one colour scale for all
-(max {vmax:.4f}).</p>{tiles}
-<h2>Worst cases per statistic</h2><p>Each image with its map (16 x 16, on its own colour scale) laid over it;
-the row id names it in the output. {html.escape(result.get("worst_images", ""))}</p>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:system-ui,sans-serif;margin:0 auto;padding:.6em 1.2em;max-width:1400px;line-height:1.35}}
+h1{{font-size:1.4em;margin:.2em 0}}h2{{font-size:1.2em;margin:1.2em 0 .3em;border-bottom:1px solid #ddd}}
+h3{{font-size:1em;margin:.6em 0 .2em}}nav{{margin:.3em 0;font-size:.95em}}.sub{{color:#555;margin:0}}
+figure{{display:inline-block;margin:.2em .3em;text-align:center;vertical-align:top}}
+figcaption{{font-size:.8em;max-width:140px;margin:auto}}img{{image-rendering:pixelated;border:1px solid #ccc;max-width:100%}}
+table{{border-collapse:collapse;font-size:.9em}}td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}}
+.lead{{background:#fff6f0;border-left:4px solid #c33;padding:.2em .8em .4em;margin:.4em 0}}.lead p{{margin:.2em 0}}
+.answer{{font-weight:600}}.intervention{{margin-bottom:1.5em}}.pair{{display:inline-block;margin-right:.6em}}
+.cls{{display:inline-block;vertical-align:top;margin:0 1em .5em 0}}</style></head><body>
+<h1>Saliency audit</h1><p class=sub>{card["rows"]} maps in {html.escape(result["output"])}; {html.escape(str(card["method"]))},
+target {html.escape(str(card["target"]))}; model {html.escape(fingerprint[:19])}&hellip;</p>
+<nav>{toc}</nav>
+{_lead_html(result)}
+<h2 id=classes>Classes</h2>{_classes_html(groups, kind, result.get("class_images", {}))}
+<h2 id=worst>Worst cases per statistic</h2><p>Each image beside its map (16 x 16, on its own colour scale) laid
+over it, at the input's resolution; the row id names it in the output. {html.escape(result.get("worst_images", ""))}</p>
 {worst or "<p>no statistics columns in this output</p>"}
 {_controls_html(result.get("controls"))}
 {_interventions_html(result.get("interventions"))}
-<h2>Clusters (spectral relevance analysis)</h2><p>Per class: a uniform sample of at most {SAMPLE_SIZE} maps is
+<h2 id=clusters>Clusters (spectral relevance analysis)</h2><p>Per class: a uniform sample of at most {SAMPLE_SIZE} maps is
 clustered (kNN graph, normalised Laplacian, eigengap for k, k-means); every map is then assigned to its nearest
-cluster. Classes with one cluster are not shown.</p>{cluster_rows or "<p>no class splits into clusters</p>"}
+cluster. Mean maps on the mean maps' colour scale; typical members (the sampled maps nearest the centre) on their
+own. Classes with one cluster are not shown.</p>{cluster_rows or "<p>no class splits into clusters</p>"}
+<h2 id=findings>All findings</h2><table><tr><th>severity</th><th>group</th><th>finding</th><th>detail</th></tr>{found}</table>
+<h2 id=run>Run card</h2><table>{rows}</table>
 </body></html>"""
     with open(os.path.join(report_dir, "report.html"), "w") as f:
         f.write(page)

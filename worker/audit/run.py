@@ -36,6 +36,7 @@ from worker.data.dataset import done_index, plan, read_unit, units_holding
 from worker.data.decode import DecodeError, DecodeOptions, image_cells
 from worker.data.schema import read_metadata
 from worker.job.config import JobConfig, build_engine
+from worker.job.progress import watch
 from worker.job.resources import connect
 
 
@@ -67,10 +68,11 @@ def images_by_id(config, options, ids) -> dict[str, np.ndarray]:
     return {row_id: image for row_id, image, _ in decoded_rows(config, options, ids=ids)}
 
 
-def class_samples(config, options, classes, n: int) -> dict[int, np.ndarray]:
-    """Up to ``n`` images of each class in ``classes`` (by the job's label column), read until each has them."""
+def class_samples(config, options, classes, n: int, most: int | None = None) -> dict[int, np.ndarray]:
+    """Up to ``n`` images of each class in ``classes`` (by the job's label column), read until each has them
+    (or ``most`` rows have been read)."""
     found: dict[int, list] = {c: [] for c in classes}
-    for _, image, label in decoded_rows(config, options, with_labels=True):
+    for _, image, label in itertools.islice(decoded_rows(config, options, with_labels=True), most):
         if label in found and len(found[label]) < n:
             found[label].append(image)
             if all(len(v) == n for v in found.values()):
@@ -134,8 +136,10 @@ def _examples(engine, cls, probed, images, others, n: int = 2) -> list[dict]:
     """A few of the class's images with their maps, and the same images after each fill, with the model's
     class and logit: what the report shows beside the numbers."""
     rng = np.random.default_rng(1)
-    chosen = images[:n]
     mean_image = np.concatenate([images, others]).mean(0).astype(np.uint8)
+    # first the images the region's mean fill moves off the class: the evidence, when there is some
+    moved = engine.predict(fill(images, tuple(probed["pixels"]), "mean", mean_image, others, rng)).argmax(1) != cls
+    chosen = images[np.argsort(~moved, kind="stable")[:n]]
     maps = engine.explain(chosen).as_float32()[:, 0]
     out = []
     for i, image in enumerate(chosen):
@@ -149,15 +153,22 @@ def _examples(engine, cls, probed, images, others, n: int = 2) -> list[dict]:
     return out
 
 
+MEAN_IMAGES = 16  # the report's mean image of a class: of its first this many images
+MEAN_IMAGE_ROWS = 20_000  # read at most this many rows to find them
+
+
 def run_audit(output: str, report_dir: str | None = None, label_column: str | None = None,
-              controls: int = 0, model: str | None = None, interventions: int = 0) -> dict:
+              controls: int = 0, model: str | None = None, interventions: int = 0, echo=None) -> dict:
     """Aggregate a job's output with Ray Data; write audit.json and report.html to ``report_dir``.
 
     ``label_column`` defaults to the job's. ``controls=N`` adds the sanity controls of :mod:`worker.audit.controls`
     on the first N input images, with the engine the job used, rebuilt from its run record (``model``
     defaults to the job's model; a remote one is fetched). ``interventions=N`` localises each labelled class's
     regions and confirms or refutes each by intervening on N images of the class
-    (:mod:`worker.audit.intervene`)."""
+    (:mod:`worker.audit.intervene`). ``echo`` (e.g. ``print``) gets a line per step and a summary; the
+    passes over the maps show one progress line on stderr (:mod:`worker.job.progress`)."""
+    echo = echo or (lambda *_: None)
+    started = time.perf_counter()
 
     fs, root = storage.filesystem(output)
     files = sink.committed_files(fs, root)
@@ -170,7 +181,8 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     connect(logging_level="ERROR")
     partials = _read_outputs(fs, files).map_batches(partial_aggregates, batch_format="pyarrow", batch_size=1024,
                                                     fn_kwargs={"label_column": label_column})
-    merged = merge_partials(partials.iter_batches(batch_format="pyarrow", batch_size=None))
+    with watch("audit: aggregating", len(files), "_read_files", unit="files"):
+        merged = merge_partials(partials.iter_batches(batch_format="pyarrow", batch_size=None))
     fitted = cluster_groups(merged)
     centroids = {g: c.centroids.tolist() for g, c in fitted.items() if c.k > 1}
     clusters = {g: [{"cluster": 0, "count": merged[g]["count"], "share": 1.0, "mean_map": merged[g]["mean_map"]}]
@@ -179,7 +191,8 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
         assigned = _read_outputs(fs, files).map_batches(
             assignment_partials, batch_format="pyarrow", batch_size=1024,
             fn_kwargs={"centroids": centroids, "label_column": label_column})
-        clusters.update(merge_assignments(assigned.iter_batches(batch_format="pyarrow", batch_size=None)))
+        with watch("audit: assigning clusters", len(files), "_read_files", unit="files"):
+            clusters.update(merge_assignments(assigned.iter_batches(batch_format="pyarrow", batch_size=None)))
     add_cluster_examples(merged, fitted, clusters)
     result = {"output": output, "groups": merged, "clusters": clusters, "findings": findings(merged, clusters),
               "metadata": metadata}
@@ -203,9 +216,13 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
         for w in worst:
             if w["id"] in found:
                 w["image"] = found[w["id"]]
+    rows = sum(v["count"] for g, v in merged.items() if g.startswith("predicted:"))
+    echo(f"audit: {rows} maps in {len(files)} files aggregated and clustered in {time.perf_counter() - started:.1f} s")
     if controls:
+        tick = time.perf_counter()
         images = sample_images(config, options, controls)
         result["controls"] = run_controls(make_engine, images, safe_mode=not config.allow_unsafe_deserialization)
+        echo(f"audit: controls on {len(images)} images in {time.perf_counter() - tick:.1f} s")
     if interventions:
         if not label_column:
             raise ValueError("interventions need the true class of each image: the job had no label column")
@@ -221,6 +238,22 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
                                            f"about {3 * interventions} forward passes"}
         result["findings"] = sorted(result["findings"] + intervention_findings(probed),
                                     key=lambda f: (f["severity"] != "high", f["group"]))
+        result["class_images"] = {c: v[:MEAN_IMAGES].mean(0).astype(np.uint8) for c, v in samples.items()}
+        verdicts = [p["verdict"] for p in probed]
+        echo(f"audit: interventions on {len(probed)} regions in {result['interventions']['seconds']} s: "
+             + (", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)) or "no region to probe"))
+    elif config is not None and label_column:  # the report's mean image of each class, beside its maps
+        classes = sorted(int(g.split(":", 1)[1]) for g, v in merged.items() if g.startswith("true:") and v["count"])
+        try:
+            samples = class_samples(dataclasses.replace(config, label_column=label_column), options, classes,
+                                    MEAN_IMAGES, most=MEAN_IMAGE_ROWS)
+            result["class_images"] = {c: v.mean(0).astype(np.uint8) for c, v in samples.items()}
+        except (OSError, ValueError):  # the input is gone: the report shows the maps alone
+            pass
     if report_dir:
         write_report(result, report_dir)
+    high = [f for f in result["findings"] if f["severity"] == "high"]
+    echo(f"audit: done in {time.perf_counter() - started:.1f} s: {len(result['findings'])} findings ({len(high)} high)"
+         + "".join(f"; {f['group']}: {f['finding']}" for f in high[:5])
+         + (f"; report in {report_dir}/report.html" if report_dir else ""))
     return result

@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 from worker.data import dataset, retry, sink, storage
 from worker.data.lease import Lease
 from worker.job.config import JobConfig, build_engine
+from worker.job.progress import watch
 from worker.job.resources import connect, connect_beside, place_actors, starts_embedded
 from worker.job.stages import ExplainBatch, decode_stage, read_stage
 
@@ -77,6 +78,22 @@ def read_with_retry(batch: pa.Table, **kwargs) -> pa.Table:
     file that vanished or is no longer whole mid-run is a one-line error naming it."""
     paths = sorted(set(batch["path"].to_pylist()))
     return retry.call(lambda: read_stage(batch, **kwargs), f"reading {', '.join(paths)} of the input")
+
+
+def _errors_since(fs, root: str, before: set[str]):
+    """A callable: the rows with an error in the part files committed since ``before`` (progress only)."""
+    import pyarrow.parquet as pq
+
+    counted: dict[str, int] = {}
+
+    def count() -> int:
+        for path in sink.committed_files(fs, root):
+            if path not in counted and path not in before:
+                errors = pq.read_table(path, columns=["error"], filesystem=fs)["error"]
+                counted[path] = len(errors) - errors.null_count
+        return sum(counted.values())
+
+    return count
 
 
 def _task_error(exc: BaseException) -> BaseException:
@@ -154,7 +171,9 @@ def run(config: JobConfig, *, echo=print) -> dict:
             # writes share the CPUs kept for read/decode: a default 1-CPU write task could wait forever
             # behind actors holding the rest of a small node
             try:
-                ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
+                with watch("explain", rows_in - len(done), "ExplainBatch",
+                           errors=_errors_since(out_fs, out_root, set(files_before))):
+                    ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
             except Exception as exc:
                 error = _task_error(exc)
                 if error is exc:
