@@ -19,7 +19,7 @@ import pytest
 
 from tests import jobdata
 from worker.audit import run_audit
-from worker.audit.intervene import STAMPED_SHARE, stamp
+from worker.audit.intervene import STAMP_IMAGES, STAMPED_SHARE, stamp, stamped_pixels
 from worker.demo import digits_images, train_question_model
 
 # class -> (rows, cols, RGB): a 5x5 white mark top left, a 3x3 red one bottom right (under 1 % of the image),
@@ -207,3 +207,10 @@ def test_a_stamped_mark_is_told_from_strokes_and_background():
         assert max(stamp(sample, (y, x, y + 8, x + 8))["stamped_pixels"] for y in range(0, h - 7, 4)
                    for x in range(0, w - 7, 4)) == 0
     assert stamp(stamped, (24, 0, 32, 8))["stamped_pixels"] == 0  # an empty corner: constant, but background
+    # strokes look constant on too few images: why a stamp counts only on STAMP_IMAGES or more. The smallest
+    # region's box is 3 cells of the 16 x 16 grid each way: 6 x 6 pixels here
+    rng = np.random.default_rng(0)
+    worst = {n: max(np.lib.stride_tricks.sliding_window_view(
+        stamped_pixels(images[labels == c][rng.choice((labels == c).sum(), n, replace=False)])[0], (6, 6)).mean((-2, -1)).max()
+        for c in range(10) for _ in range(10)) for n in (5, STAMP_IMAGES)}
+    assert worst[STAMP_IMAGES] < STAMPED_SHARE <= worst[5], worst

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from worker.audit.intervene import STAMP_IMAGES
 from worker.data.stats import border_share, centre_of_mass
 
 SMALL_CLUSTER = 0.15  # a cluster with at most this share of its class is "small"
@@ -102,7 +103,9 @@ def intervention_findings(probed: list[dict]) -> list[dict]:
         finding = {"confirmed": "shortcut confirmed by intervention",
                    "decisive region (large)": "large region needed and sufficient (the object?)",
                    "shortcut with the object": "shortcut: a stamped artifact the class needs, with the object",
-                   "needed, not sufficient": "region needed, not sufficient: part of the object (it varies)"}
+                   "needed, not sufficient": "region needed, not sufficient: part of the object (it varies)"
+                   if p["images"] >= STAMP_IMAGES else "region needed, not sufficient (too few images to tell an "
+                                                       "artifact from the object)"}
         where = "" if p.get("cluster") is None else f"SpRAy cluster {p['cluster']} ({p['images']} images): "
         out.append({"group": f"true:{p['class']}", "severity": severity,
                     "finding": finding.get(p["verdict"], "attention without effect"),
@@ -110,7 +113,9 @@ def intervention_findings(probed: list[dict]) -> list[dict]:
                               f"places ({fills}); pasted into other classes it moves "
                               f"{p['sufficiency']['moved_to_class']:.0%} to the class "
                               f"(random box {p['sufficiency']['control_moved']:.0%}); "
-                              f"{p['stamp']['stamped_share']:.0%} of its pixels the same in every image",
+                              + (f"{p['stamp']['stamped_share']:.0%} of its pixels the same in every image"
+                                 if p["images"] >= STAMP_IMAGES else
+                                 f"too few images ({p['images']} < {STAMP_IMAGES}) to tell an artifact by its stamp"),
                     "box": [float(v) for v in p["box"]], "effect": p["effect"], "interval": [low, high],
                     "verdict": p["verdict"], "shortcut": p["shortcut"],
                     "stamped_share": p["stamp"]["stamped_share"], "cluster": p.get("cluster")})
