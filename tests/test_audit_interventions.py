@@ -186,6 +186,9 @@ def test_marks_needed_with_the_object_are_shortcuts(ray_local, tmp_path_factory)
     rows = [f for f in found if f["verdict"] == "shortcut with the object"]
     assert sorted(int(f["group"].split(":")[1]) for f in rows) == sorted(WITH_OBJECT)
     assert all(f["shortcut"] and f["severity"] == "high" and f["stamped_share"] >= STAMPED_SHARE for f in rows)
+    saved = json.loads((tmp_path / "with-object-report" / "audit.json").read_text())["interventions"]["regions"]
+    assert sorted(r["class"] for r in saved if r["shortcut"]) == sorted(WITH_OBJECT)
+    assert all(r["stamp"]["images"] >= STAMP_IMAGES and r["stamped"] for r in saved if r["shortcut"])
 
 
 def test_a_stamped_mark_is_told_from_strokes_and_background():
