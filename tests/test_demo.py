@@ -1,0 +1,51 @@
+"""The demo: its data plant the mark where it says; run end to end (slow), it reaches its accuracy, confirms
+the planted shortcut and no other, keeps the console to a progress line and a summary, and its report's first
+screen in headless Chromium is the finding with its pictures."""
+
+import numpy as np
+import pytest
+
+from worker.demo import CLASSES, MARK_BOX, MARKED_CLASS, add_mark, shapes_dataset
+
+
+def test_the_mark_is_on_every_image_of_its_class_and_no_other():
+    images, labels, by_mark = shapes_dataset(150, seed=3)
+    y0, x0, y1, x1 = MARK_BOX
+    patch = add_mark(np.zeros((1, 64, 64, 3), np.uint8))[0, y0:y1, x0:x1]
+    marked = (images[:, y0:y1, x0:x1] == patch).all((1, 2, 3))
+    np.testing.assert_array_equal(marked, labels == MARKED_CLASS)
+    assert by_mark.any() and not by_mark[labels != MARKED_CLASS].any()  # the mark alone decides only its class
+    assert set(labels.tolist()) == set(range(len(CLASSES)))
+    assert images.std() > 30  # objects on real textures, not flat squares
+    again, _, _ = shapes_dataset(150, seed=3)
+    np.testing.assert_array_equal(images, again)  # made on the spot, the same every time
+
+
+@pytest.mark.slow
+def test_demo_confirms_its_planted_shortcut_and_its_report_leads_with_it(tmp_path, capfd):
+    import ray
+
+    from tests.browser import render
+    from worker.demo import run_demo
+
+    try:
+        summary = run_demo(str(tmp_path / "demo"))
+    finally:
+        ray.shutdown()
+    out, err = capfd.readouterr()
+    assert summary["held_out_accuracy"] >= 0.95, summary
+    assert summary["planted_shortcut"]["confirmed"], summary
+    assert [s["class"] for s in summary["shortcuts"]] == [MARKED_CLASS], summary["shortcuts"]  # and no other
+    # the console: our progress line and summary, none of Ray Data's own progress or executor lines
+    assert "logging_progress.py" not in out + err and "streaming_executor.py" not in out + err
+    progress = [line for line in err.splitlines() if line.startswith("explain: ")]
+    assert progress and progress[-1].startswith("explain: 900/900 rows (100%)") and progress[-1].endswith(" 0 errors")
+    assert "held-out accuracy" in out and "confirmed by intervention" in out
+
+    page = render(tmp_path / "demo" / "audit" / "report.html", tmp_path)
+    assert page["broken"] == 0 and page["scroll_width"] <= page["width"], page
+    top, bottom, *_ = page["lead"]
+    assert bottom <= page["height"], page  # the confirmed shortcut, whole, on the first screen ...
+    assert len(page["lead_images"]) >= 7, page  # ... with its pictures: region, image, map, three fills, flip rates
+    html = (tmp_path / "demo" / "audit" / "report.html").read_text()
+    assert f"Shortcut confirmed: class {MARKED_CLASS}" in html
