@@ -168,7 +168,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     (:mod:`worker.audit.intervene`). ``echo`` (e.g. ``print``) gets a line per step and a summary; the
     passes over the maps show one progress line on stderr (:mod:`worker.job.progress`)."""
     echo = echo or (lambda *_: None)
-    started = time.perf_counter()
+    began = time.perf_counter()
 
     fs, root = storage.filesystem(output)
     files = sink.committed_files(fs, root)
@@ -217,7 +217,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
             if w["id"] in found:
                 w["image"] = found[w["id"]]
     rows = sum(v["count"] for g, v in merged.items() if g.startswith("predicted:"))
-    echo(f"audit: {rows} maps in {len(files)} files aggregated and clustered in {time.perf_counter() - started:.1f} s")
+    echo(f"audit: {rows} maps in {len(files)} files aggregated and clustered in {time.perf_counter() - began:.1f} s")
     if controls:
         tick = time.perf_counter()
         images = sample_images(config, options, controls)
@@ -253,7 +253,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     if report_dir:
         write_report(result, report_dir)
     high = [f for f in result["findings"] if f["severity"] == "high"]
-    echo(f"audit: done in {time.perf_counter() - started:.1f} s: {len(result['findings'])} findings ({len(high)} high)"
+    echo(f"audit: done in {time.perf_counter() - began:.1f} s: {len(result['findings'])} findings ({len(high)} high)"
          + "".join(f"; {f['group']}: {f['finding']}" for f in high[:5])
          + (f"; report in {report_dir}/report.html" if report_dir else ""))
     return result
