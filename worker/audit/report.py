@@ -244,7 +244,10 @@ def write_report(result: dict, report_dir: str) -> None:
     cluster_rows = "".join(
         f"<div><h3>{html.escape(g)}: {len(cs)} cluster(s)</h3>" + "".join(
             grid_figure(c["mean_map"], f"cluster {c['cluster']}: {c['count']} maps ({c['share']:.0%}), mean", vmax)
-            + "".join(grid_figure(e, f"cluster {c['cluster']}: typical member") for e in c.get("examples", []))
+            + ("".join(f"<span class=pair>{_figure(enlarge(m['image'], _scale(m['image'])), 'typical member')}"
+                       f"{_figure(enlarge(overlay(m['image'], m['map']), _scale(m['image'])), 'its map on it')}</span>"
+                       for m in c["members"]) if c.get("members") else
+               "".join(grid_figure(e, f"cluster {c['cluster']}: typical member") for e in c.get("examples", [])))
             + "<br>" for c in cs) + "</div>"
         for g, cs in clusters.items() if len(cs) > 1)
 
@@ -290,8 +293,9 @@ over it, at the input's resolution; the row id names it in the output. {html.esc
 {_interventions_html(result.get("interventions"))}
 <h2 id=clusters>Clusters (spectral relevance analysis)</h2><p>Per class: a uniform sample of at most {SAMPLE_SIZE} maps is
 clustered (kNN graph, normalised Laplacian, eigengap for k, k-means); every map is then assigned to its nearest
-cluster. Mean maps on the mean maps' colour scale; typical members (the sampled maps nearest the centre) on their
-own. Classes with one cluster are not shown.</p>{cluster_rows or "<p>no class splits into clusters</p>"}
+cluster. Mean maps on the mean maps' colour scale; typical members (nearest the centre) on their own: with
+interventions, the class's sampled images beside their maps, else the sampled maps alone. Classes with one
+cluster are not shown.</p>{cluster_rows or "<p>no class splits into clusters</p>"}
 <h2 id=findings>All findings</h2><table><tr><th>severity</th><th>group</th><th>finding</th><th>detail</th></tr>{found}</table>
 <h2 id=run>Run card</h2><table>{rows}</table>
 </body></html>"""

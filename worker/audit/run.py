@@ -132,6 +132,25 @@ def _interventions(merged: dict, clusters: dict, fitted: dict, engine, samples: 
     return results
 
 
+def _cluster_members(engine, samples: dict[int, np.ndarray], fitted: dict, clusters: dict, n: int = 3) -> None:
+    """Attach to each SpRAy cluster of a labelled class its most typical sampled images with their full maps
+    (``members``: the class's sampled images assigned as the audit assigned every map, nearest the centroid
+    first), so the report shows a cluster's members as images, not only maps."""
+    for key, found in clusters.items():
+        kind, _, cls = key.partition(":")
+        if kind != "true" or len(found) < 2 or key not in fitted or int(cls) not in samples:
+            continue
+        images = samples[int(cls)]
+        maps = engine.explain(images).as_float32()[:, 0]
+        grids = downsample(maps).reshape(len(images), -1)
+        centroids = fitted[key].centroids
+        members = assign(grids, centroids)
+        distance = ((grids - centroids[members]) ** 2).sum(1)
+        for c in found:
+            chosen = np.flatnonzero(members == c["cluster"])
+            c["members"] = [{"image": images[i], "map": maps[i]} for i in chosen[np.argsort(distance[chosen])][:n]]
+
+
 def _examples(engine, cls, probed, images, others, n: int = 2) -> list[dict]:
     """A few of the class's images with their maps, and the same images after each fill, with the model's
     class and logit: what the report shows beside the numbers."""
@@ -232,6 +251,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
         samples = class_samples(dataclasses.replace(config, label_column=label_column), options, classes,
                                 interventions)
         probed = _interventions(merged, clusters, fitted, engine, samples)
+        _cluster_members(engine, samples, fitted, clusters)
         result["interventions"] = {"images_per_class": interventions, "regions": probed,
                                    "seconds": round(time.perf_counter() - started, 1),
                                    "cost": f"per region {interventions} x (1 + {PLACEMENTS}) x {len(FILLS)} + "
