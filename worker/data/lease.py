@@ -36,6 +36,9 @@ class OutputBusyError(RuntimeError):
     """Another live run holds this output."""
 
 
+_HELD: set[str] = set()  # the owner tokens of the leases this process holds now
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -59,10 +62,12 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _read(self) -> dict | None:
+        """The lease as stored; None if there is none or it is not readable JSON. A storage error is raised
+        (a throttled read-back is not someone else's lease): the caller retries (:mod:`worker.data.retry`)."""
         try:
             with self.fs.open_input_stream(self.path) as handle:
                 return json.loads(handle.read())
-        except (FileNotFoundError, json.JSONDecodeError, OSError):
+        except (FileNotFoundError, json.JSONDecodeError):
             return None
 
     def _write(self) -> None:
@@ -84,8 +89,11 @@ class Lease:
         age = time.time() - float(held.get("heartbeat", 0))
         if age > self.stale_s:
             return None
-        if held.get("host") == socket.gethostname() and not _alive(int(held.get("pid", 0))):
+        here = held.get("host") == socket.gethostname()
+        if here and not _alive(int(held.get("pid", 0))):
             return None
+        if here and held.get("pid") == os.getpid() and held.get("owner") not in _HELD:
+            return None  # a run of this process that ended without removing it (its store was down then)
         return {**held, "age": age}
 
     def _busy(self, held: dict) -> OutputBusyError:
@@ -100,12 +108,17 @@ class Lease:
         held = self._live_holder()
         if held:
             raise self._busy(held)
-        self.fs.create_dir(self.root, recursive=True)
-        self._write()
-        time.sleep(self.settle_s)
-        held = self._read()
-        if not held or held.get("owner") != self.owner:
-            raise self._busy({**(held or {}), "age": 0.0})
+        _HELD.add(self.owner)  # from its first write on, a claim of this process is as live as another process's
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            self._write()
+            time.sleep(self.settle_s)
+            held = self._read()
+            if not held or held.get("owner") != self.owner:
+                raise self._busy({**(held or {}), "age": 0.0})
+        except BaseException:
+            _HELD.discard(self.owner)
+            raise
         self._thread = threading.Thread(target=self._beat, daemon=True, name="lease-heartbeat")
         self._thread.start()
         return self
@@ -118,12 +131,18 @@ class Lease:
                 pass
 
     def release(self) -> None:
+        """Stop the heartbeat and remove the lease. A store that fails now leaves it behind, to be taken over
+        (stale, its process dead, or a later run of this process); it must not hide the run's own outcome."""
         self._stop.set()
+        _HELD.discard(self.owner)
         if self._thread is not None:
             self._thread.join()
-        held = self._read()
-        if held and held.get("owner") == self.owner:
-            self.fs.delete_file(self.path)
+        try:
+            held = self._read()
+            if held and held.get("owner") == self.owner:
+                self.fs.delete_file(self.path)
+        except OSError:
+            pass
 
     def __enter__(self) -> "Lease":
         return self.acquire()

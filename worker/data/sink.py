@@ -53,10 +53,12 @@ def committed_files(fs: pafs.FileSystem, root: str) -> list[str]:
 
 
 def read_ids(fs: pafs.FileSystem, files: list[str]) -> np.ndarray:
-    """The ``id`` column of ``files``, as one fixed-width bytes array (:func:`worker.data.dataset.id_bytes`)."""
+    """The ``id`` column of ``files``, as one fixed-width bytes array (:func:`worker.data.dataset.id_bytes`);
+    each file read under the retry policy (a retry of all of them at once might never see every read pass)."""
     from worker.data.dataset import id_bytes
 
-    parts = [id_bytes(pq.read_table(path, columns=["id"], filesystem=fs)["id"]) for path in files]
+    parts = [retry.call(lambda p=path: id_bytes(pq.read_table(p, columns=["id"], filesystem=fs)["id"]),
+                        f"reading the ids of {path}") for path in files]
     return np.concatenate(parts) if parts else np.array([], np.bytes_)
 
 
@@ -113,9 +115,11 @@ class AtomicParquetDatasink(Datasink):
     def claim(self) -> tuple[np.ndarray, list[str]]:
         """Claim the directory for the owner; return the ids the same job already wrote there (resume) and
         the committed files they came from."""
-        return self._io("claiming the output", self._claim)
+        files = self._io("claiming the output", self._claim)
+        ids = [self._io(f"reading {posixpath.basename(path)} in", lambda p=path: self._part_ids(p)) for path in files]
+        return (np.concatenate(ids) if ids else np.array([], np.bytes_)), files
 
-    def _claim(self) -> tuple[np.ndarray, list[str]]:
+    def _claim(self) -> list[str]:
         fs, root = self.fs, self.root
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.File:
@@ -156,9 +160,7 @@ class AtomicParquetDatasink(Datasink):
                 f"output {self.where} holds {foreign[:3]}, which this job did not write (readers of the output would "
                 "take them for part of it): move them out of the output and run the same command again")
         self._put(job_path, json.dumps(self.owner, indent=2, sort_keys=True).encode())
-        files = committed_files(fs, root)
-        ids = [self._part_ids(path) for path in files]
-        return (np.concatenate(ids) if ids else np.array([], np.bytes_)), files
+        return committed_files(fs, root)
 
     def _part_ids(self, path: str) -> np.ndarray:
         """A committed part's ids, once it is known to be a whole part file of this job."""

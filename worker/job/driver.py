@@ -106,7 +106,10 @@ def _task_error(exc: BaseException) -> BaseException:
             break
         seen.append(inner)
     ours = [e for e in seen if isinstance(e, (retry.StorageError, storage.InputError))]
-    return ours[-1] if ours else exc  # the deepest: Ray's wrapper of it is one too, with the remote traceback
+    if not ours:
+        return exc
+    # the deepest (Ray's wrapper of it is one too, with the remote traceback), less what Ray Data appended to it
+    return type(ours[-1])(retry.first_line(ours[-1]))
 
 
 def run(config: JobConfig, *, echo=print) -> dict:
@@ -155,6 +158,7 @@ def run(config: JobConfig, *, echo=print) -> dict:
             metadata["actors"] = plan.describe()
             done_ref = ray.put(dataset.done_index(done))
             ds = ray.data.from_items([dataclasses.asdict(u) for u in units], override_num_blocks=max(1, len(units)))
+            ds.context.raise_original_map_exception = True  # a read's StorageError, not Ray's UserCodeException
             read_columns = config.needed_columns()
             ds = ds.map_batches(read_with_retry, batch_size=1, batch_format="pyarrow", num_cpus=plan.decode_cpus_per_task,
                                 fn_kwargs={"fs": in_fs, "columns": read_columns, "id_column": config.id_column,
@@ -170,22 +174,28 @@ def run(config: JobConfig, *, echo=print) -> dict:
                                 fn_constructor_kwargs={"config": config, "threads": plan.threads, "map_shape": map_shape})
             # writes share the CPUs kept for read/decode: a default 1-CPU write task could wait forever
             # behind actors holding the rest of a small node
+            failure = None
             try:
                 with watch("explain", rows_in - len(done), "ExplainBatch",
                            errors=_errors_since(out_fs, out_root, set(files_before))):
                     ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
             except Exception as exc:
-                error = _task_error(exc)
-                if error is exc:
+                failure = _task_error(exc)
+                if failure is exc:
                     raise
-                raise error from None
+            if failure is not None:
+                # raised here, not in the except clause: Ray's exception (and through its traceback the executor
+                # and its actor handles) is then let go, so the failed run's actors end now and a re-run in this
+                # process does not wait for their CPUs
+                del ds
+                raise failure
 
         # the files committed before this run were read by claim(); read only the ones new since (any a retried
         # write task committed included, so a duplicate across files is still seen)
         before = set(files_before)
         new_files = retry.call(lambda: [f for f in sink.committed_files(out_fs, out_root) if f not in before],
                                f"listing {config.output}")
-        ids = np.concatenate([done, retry.call(lambda: sink.read_ids(out_fs, new_files), f"reading {config.output}")])
+        ids = np.concatenate([done, sink.read_ids(out_fs, new_files)])
         elapsed = time.time() - started
         summary = {
             "output": config.output,
