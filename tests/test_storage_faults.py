@@ -163,6 +163,21 @@ def test_a_store_that_stays_down_ends_in_bounded_time_with_one_line(store):
     assert "NETWORK_CONNECTION" in message and "retried" in message and "run the same command again" in message
 
 
+@pytest.mark.slow  # one S3 step's own bound: 3 attempts, each given up after 20 s without a byte
+def test_a_store_that_never_answers_is_given_up_in_bounded_time(store):
+    proxy, _ = store
+    from worker.data.storage import filesystem
+
+    fs, path = filesystem(f"s3://{BUCKET}/policy/hang.parquet")
+    proxy.hang = True
+    started = time.monotonic()
+    with pytest.raises(retry.StorageError, match="Timeout was reached"):
+        retry.call(lambda: pq.write_table(_table(), path, filesystem=fs), "writing hang.parquet", window_s=0)
+    elapsed = time.monotonic() - started
+    assert retry.S3_REQUEST_TIMEOUT_S <= elapsed <= retry.CALL_BOUND_S, elapsed
+    print(f"a store that never answers: one step given up after {elapsed:.1f} s")
+
+
 def test_errors_worth_no_retry_fail_at_once(tmp_path):
     started = time.monotonic()
     with pytest.raises(retry.StorageError, match="missing or not whole"):
