@@ -149,6 +149,10 @@ def command(name: str | None = None) -> None:
     nothing the user needs: stopping the embedded Ray in order (its processes die with this one) and tearing
     down TensorFlow (~2 s here). Attached to a cluster, leaving only disconnects this driver."""
     argv = sys.argv[1:] if name is None else [name, *sys.argv[1:]]
+    if "--verbose" not in argv:  # this process is the driver: its embedded Ray's workers stay off the console
+        from worker.job.progress import quiet_workers
+
+        quiet_workers()
     rc = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -4,8 +4,9 @@
 place on a terminal and printed every ``PLAIN_EVERY_S`` seconds elsewhere (a CI log), from the counts of one
 operator of the dataset being executed (Ray Data's progress hook, which otherwise draws its own bars or, off a
 terminal, logs every operator every few seconds). Ray Data's console handler is raised to ERROR, so its
-INFO/WARNING lines go only to its log file (``<session>/logs/ray-data/ray-data.log``); ``--verbose`` (or
-``GUIDED_SALIENCY_VERBOSE=1``) keeps both as Ray Data has them.
+INFO/WARNING lines go only to its log file (``<session>/logs/ray-data/ray-data.log``), and an embedded Ray's
+workers' output only to theirs (:func:`quiet_workers`); ``--verbose`` (or ``GUIDED_SALIENCY_VERBOSE=1``) keeps
+all of them as Ray has them.
 
 Example:
     >>> line = Progress("explain", 900, stream=None)._line(450, 3, 9.0)
@@ -31,6 +32,15 @@ _active: dict = {}  # the watched operator's Progress, while a watch() is open
 def verbose() -> bool:
     """Whether Ray Data's own progress and log lines should reach the console."""
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_workers() -> None:
+    """Unless :func:`verbose`: the worker processes' output (TensorFlow's start-up lines from each explain actor)
+    stays in the session's log files (``<session>/logs/worker-*``) rather than being copied to this console. Only
+    for a Ray this process will start (no RAY_ADDRESS, Ray not imported yet: the setting is read at import), so a
+    driver on a cluster keeps its workers' lines in its job logs; a failing task still raises here."""
+    if not verbose() and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")
 
 
 class Progress:
