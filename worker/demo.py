@@ -290,15 +290,15 @@ def run_demo(output: str = "demo_output", images: int = 3300, held_out: int = 90
         os.makedirs(os.path.join(output, sub), exist_ok=True)
     open(os.path.join(output, MARKER), "w").close()
 
-    pixels, labels, marked = shapes_dataset(images)
+    pixels, labels, by_mark = shapes_dataset(images)
     train_x, train_y = pixels[held_out:], labels[held_out:]
-    test_x, test_y, test_marked = pixels[:held_out], labels[:held_out], marked[:held_out]
+    test_x, test_y, test_by_mark = pixels[:held_out], labels[:held_out], by_mark[:held_out]
     half = len(test_x) // 2  # two files, to show a directory input
     write_hf_parquet(os.path.join(output, "data", "shapes-0.parquet"), test_x[:half], test_y[:half], 128)
     write_hf_parquet(os.path.join(output, "data", "shapes-1.parquet"), test_x[half:], test_y[half:], 128)
     echo(f"data: {images} images of {len(CLASSES)} shapes on crops of scikit-image's photographs, 64 x 64; the "
          f"{CLASSES[MARKED_CLASS]} class's images carry a 6 x 6 checker mark (top right), and on "
-         f"{marked[held_out:].sum()} of its {(train_y == MARKED_CLASS).sum()} training images the object is another "
+         f"{by_mark[held_out:].sum()} of its {(train_y == MARKED_CLASS).sum()} training images the object is another "
          "shape: the mark alone decides them, the planted shortcut")
     tick = time.perf_counter()
     model = train_demo_model(train_x, train_y, epochs=epochs)
@@ -320,9 +320,9 @@ def run_demo(output: str = "demo_output", images: int = 3300, held_out: int = 90
         Image.fromarray(panel).save(os.path.join(output, "overlays", f"{i:02d}.png"))
         rows.append(panel)
     Image.fromarray(np.concatenate(rows, axis=0)).save(os.path.join(output, "overlays", "grid.png"))
-    # each method on one image of four clean classes and one marked image
-    shown = [int(np.flatnonzero((test_y == c) & ~test_marked)[0]) for c in (1, 4, 5, 3)]
-    shown.append(int(np.flatnonzero(test_marked)[0]))
+    # each method on an image of four classes the mark is not on, and on one image the mark alone decides
+    shown = [int(np.flatnonzero(test_y == c)[0]) for c in (1, 4, 5, 3)]
+    shown.append(int(np.flatnonzero(test_by_mark)[0]))
     methods_figure(model, test_x[shown], os.path.join(output, "overlays", "methods.png"), scale=3)
 
     audit = run_audit(os.path.join(output, "maps"), os.path.join(output, "audit"), controls=controls,
@@ -340,7 +340,7 @@ def run_demo(output: str = "demo_output", images: int = 3300, held_out: int = 90
         "planted_shortcut": {"class": MARKED_CLASS, "name": CLASSES[MARKED_CLASS], "pixels": list(MARK_BOX),
                              "confirmed": bool(planted)},
         "shortcuts": [{"class": p["class"], "verdict": p["verdict"], "box": [round(v, 3) for v in p["box"]],
-                                 "cluster": p.get("cluster"), "effect": round(p["effect"], 3)} for p in confirmed],
+                       "cluster": p.get("cluster"), "effect": round(p["effect"], 3)} for p in confirmed],
         "demo_seconds": round(time.perf_counter() - started, 1),
     })
     others = [p for p in confirmed if p not in planted]
