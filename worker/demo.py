@@ -307,7 +307,8 @@ def run_demo(output: str = "demo_output", images: int = 3300, held_out: int = 90
     echo(f"trained a small ReLU CNN on {len(train_x)} images in {time.perf_counter() - tick:.0f} s")
 
     summary = run(JobConfig(model=model_path, input=os.path.join(output, "data"), output=os.path.join(output, "maps"),
-                            label_column="label", preprocessing="scale01", rows_per_file=256), echo=echo)
+                            label_column="label", preprocessing="scale01", rows_per_file=256,
+                            extra_metadata={"class_names": list(CLASSES)}), echo=echo)
     table = pq.read_table(os.path.join(output, "maps")).sort_by("id")
     maps = read_maps(table)
     ids = table["id"].to_pylist()

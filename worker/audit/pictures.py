@@ -92,7 +92,9 @@ def shortcut_panels(probed: dict, names=None, scale: int = 4) -> list[tuple[str,
     """A probed region (:func:`worker.audit.intervene.probe_region`, with the audit's mean image, mean map and
     examples) as captioned pictures: the region on the mean image and on the mean map, one image and its map,
     the same image after each fill with the model's class, and the flip rates against random placement."""
-    name = (lambda c: f"{c} ({names[c]})") if names else str
+    def name(c: int) -> str:
+        return f"{c} ({names[c]})" if names and 0 <= c < len(names) else str(c)
+
     box = tuple(probed["pixels"])
     size = probed["mean_image"].shape[0] * scale
     panels = [("mean image, region", with_box(enlarge(probed["mean_image"], scale), box, scale)),

@@ -139,9 +139,20 @@ def _controls_html(controls: dict | None) -> str:
             f"<table><tr><th>control</th><th>Spearman</th><th>SSIM</th></tr>{rows}</table>")
 
 
+def _class_names(result: dict) -> list | None:
+    """The classes' names, when the job recorded them (``JobConfig(extra_metadata={"class_names": [...]})``)."""
+    names = result["metadata"].get("class_names")
+    return names if isinstance(names, list) and names else None
+
+
+def _named(cls: int, names) -> str:
+    return f"class {cls}" + (f" ({names[cls]})" if names and 0 <= cls < len(names) else "")
+
+
 def _lead_html(result: dict) -> str:
     """The page's first screen: the confirmed shortcuts with their pictures, or what was (not) found."""
     section = result.get("interventions")
+    names = _class_names(result)
     parts = ["<h2 id=answer>What the audit found</h2>"]
     confirmed = [p for p in (section or {}).get("regions", []) if p["verdict"] == "confirmed" or p.get("shortcut")]
     for p in confirmed:
@@ -151,14 +162,14 @@ def _lead_html(result: dict) -> str:
         where = "" if p.get("cluster") is None else f" (on SpRAy cluster {p['cluster']} of its maps)"
         parts.append(
             f"<div class=lead><h3>{'Shortcut confirmed' if p['verdict'] == 'confirmed' else 'Shortcut with the object'}: "
-            f"class {p['class']} relies on a small region{where}</h3>"
+            f"{html.escape(_named(p['class'], names))} relies on a small region{where}</h3>"
             f"<p>Neutralising the boxed region (rows {y0:.0%}-{y1:.0%}, columns {x0:.0%}-{x1:.0%}; "
             f"{p['area']:.1%} of the image) makes {fills[best]['flip_rate']:.0%} of the class's correctly "
             f"classified images leave it ({best} fill), against {fills[best]['control_flip_rate']:.0%} for the "
             f"same fill at random places; pasted into other classes' images it moves "
             f"{p['sufficiency']['moved_to_class']:.0%} of them to class {p['class']} "
             f"(a random box of the class's images: {p['sufficiency']['control_moved']:.0%}).</p>"
-            + "".join(_figure(picture, caption) for caption, picture in shortcut_panels(p, scale=_scale(p["mean_image"])))
+            + "".join(_figure(picture, caption) for caption, picture in shortcut_panels(p, names, _scale(p["mean_image"])))
             + "</div>")
     if section is None:
         parts.append("<p class=answer>Interventions were not run (audit --interventions N): the findings below say "
@@ -181,7 +192,7 @@ def _lead_html(result: dict) -> str:
     return "".join(parts)
 
 
-def _classes_html(groups: dict, kind: str, class_images: dict) -> str:
+def _classes_html(groups: dict, kind: str, class_images: dict, names=None) -> str:
     """Per class: its mean image, its mean map, and its contrast with the other classes (the mean map minus
     the other classes' mean), the maps on one colour scale, the contrasts on another."""
     from worker.audit.localise import contrast
@@ -201,7 +212,8 @@ def _classes_html(groups: dict, kind: str, class_images: dict) -> str:
         cells.append(_figure(heat(contrasts[g], 128, cmax), "contrast with the others"))
         if image is not None:
             cells.append(_figure(enlarge(overlay(image, v["mean_map"], vmax), _scale(image)), "mean map on the image"))
-        rows.append(f"<div class=cls><h3>{html.escape(g)} (n={v['count']})</h3>{''.join(cells)}</div>")
+        title = g + (f" ({names[cls]})" if names and 0 <= cls < len(names) else "")
+        rows.append(f"<div class=cls><h3>{html.escape(title)} (n={v['count']})</h3>{''.join(cells)}</div>")
     note = "" if class_images else " (no mean images: the job's input could not be read, or has no labels)"
     return (f"<p>L1-normalised maps averaged on a 16 x 16 grid. <b>One colour scale for all mean maps</b> (white = "
             f"{vmax:.4f}) and one for all contrasts (white = {cmax:.4f}: the class's mean map minus the other "
@@ -285,7 +297,7 @@ table{{border-collapse:collapse;font-size:.9em}}td,th{{border:1px solid #ccc;pad
 target {html.escape(str(card["target"]))}; model {html.escape(fingerprint[:19])}&hellip;</p>
 <nav>{toc}</nav>
 {_lead_html(result)}
-<h2 id=classes>Classes</h2>{_classes_html(groups, kind, result.get("class_images", {}))}
+<h2 id=classes>Classes</h2>{_classes_html(groups, kind, result.get("class_images", {}), _class_names(result))}
 <h2 id=worst>Worst cases per statistic</h2><p>Each image beside its map (16 x 16, on its own colour scale) laid
 over it, at the input's resolution; the row id names it in the output. {html.escape(result.get("worst_images", ""))}</p>
 {worst or "<p>no statistics columns in this output</p>"}
