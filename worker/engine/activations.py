@@ -105,7 +105,7 @@ class _Graph:
             return True  # a product or a max of two live tensors
         if op.type in ("Select", "SelectV2"):
             return op.inputs[0].ref() in self.live  # a live condition: a threshold
-        return op.type in _UNARY_NONLINEAR and op.type not in ("Mul",)
+        return op.type in _UNARY_NONLINEAR
 
     def consumers(self, tensor):
         return [op for op in tensor.consumers() if op in self.index]
