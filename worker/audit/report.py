@@ -288,7 +288,7 @@ def write_report(result: dict, report_dir: str) -> None:
 h1{{font-size:1.4em;margin:.2em 0}}h2{{font-size:1.2em;margin:1.2em 0 .3em;border-bottom:1px solid #ddd}}
 h3{{font-size:1em;margin:.6em 0 .2em}}nav{{margin:.3em 0;font-size:.95em}}.sub{{color:#555;margin:0}}
 figure{{display:inline-block;margin:.2em .3em;text-align:center;vertical-align:top}}
-figcaption{{font-size:.8em;max-width:140px;margin:auto}}img{{image-rendering:pixelated;border:1px solid #ccc;max-width:100%}}
+figcaption{{font-size:.8em;max-width:130px;margin:auto}}img{{image-rendering:pixelated;border:1px solid #ccc;max-width:100%}}
 table{{border-collapse:collapse;font-size:.9em}}td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}}
 .lead{{background:#fff6f0;border-left:4px solid #c33;padding:.2em .8em .4em;margin:.4em 0}}.lead p{{margin:.2em 0}}
 .answer{{font-weight:600}}.intervention{{margin-bottom:1.5em}}.pair{{display:inline-block;margin-right:.6em}}
