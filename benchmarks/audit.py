@@ -75,19 +75,34 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
+def memory_mb() -> dict:
+    """This process's RSS, its parts (anonymous: its own heap; shmem: the object store's pages mapped into it)
+    and its PSS (shared pages divided among the processes mapping them), in MB (Linux: /proc/self)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "RssAnon", "RssShmem"):
+                out[{"VmRSS": "rss", "RssAnon": "anon", "RssShmem": "shmem"}[key]] = int(line.split()[1]) / 1024
+    with open("/proc/self/smaps_rollup") as f:
+        out["pss"] = next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+    return out
+
+
 def one(output: str, report: str, interventions: int) -> None:
     """The child: one audit, its seconds and this process's peak RSS before and after, as a JSON line."""
     from benchmarks.common import local_ray
     from worker.audit import run_audit
 
     local_ray()
-    baseline = rss_mb()
+    before = memory_mb()
     start = time.perf_counter()
-    with PeakSampler(lambda: {"rss": rss_mb()}, 0.05) as sampler:
+    with PeakSampler(memory_mb, 0.05) as sampler:
         result = run_audit(output, report, interventions=interventions)
     seconds = time.perf_counter() - start
     section = result.get("interventions") or {}
-    print(json.dumps({"seconds": seconds, "baseline_mb": baseline, "peak_mb": sampler.peak["rss"],
+    print(json.dumps({"seconds": seconds, "baseline_mb": before["rss"], "peak_mb": sampler.peak["rss"],
+                      "before": before, "peak": sampler.peak, "after": memory_mb(),
                       "rows": sum(v["count"] for g, v in result["groups"].items() if g.startswith("predicted:")),
                       "regions": len(section.get("regions", [])),
                       "confirmed": sum(r["confirmed"] for r in section.get("regions", [])),
@@ -106,23 +121,33 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--interventions", type=int, default=30, help="images per class for the interventions")
+    p.add_argument("--no-real", action="store_true", help="only the synthetic outputs (no trained model, no "
+                   "interventions): the memory slope and the rate")
+    p.add_argument("--data", help="keep the synthetic outputs in this folder and reuse them on a later run")
     args = p.parse_args(argv)
     if len(set(args.sizes)) < 3:
         p.error("a slope that can tell flat from linear needs three sizes or more")
     tmp = tempfile.mkdtemp(prefix="audit-bench-")
     specs = {f"{n} x 10 classes": (n, 10) for n in args.sizes}
     specs[f"{max(args.sizes)} x 1 class"] = (max(args.sizes), 1)
-    runs: dict[str, list] = {**{name: [] for name in specs}, "without interventions": [], "with interventions": []}
+    runs: dict[str, list] = {name: [] for name in specs}
+    if not args.no_real:
+        runs.update({"without interventions": [], "with interventions": []})
     try:
         outputs = {}
         for name, (rows, classes) in specs.items():
-            outputs[name] = os.path.join(tmp, name.replace(" ", ""))
-            synthetic_output(outputs[name], rows, 32, classes)
-        os.makedirs(os.path.join(tmp, "real"))
-        real = real_output(os.path.join(tmp, "real"))
+            outputs[name] = os.path.join(args.data or tmp, name.replace(" ", ""))
+            if not os.path.exists(os.path.join(outputs[name], "_done")):
+                shutil.rmtree(outputs[name], ignore_errors=True)
+                synthetic_output(outputs[name], rows, 32, classes)
+                open(os.path.join(outputs[name], "_done"), "w").close()
+        if not args.no_real:
+            os.makedirs(os.path.join(tmp, "real"))
+            real = real_output(os.path.join(tmp, "real"))
         for r in range(args.rounds):
             jobs = [(name, outputs[name], 0) for name in specs]
-            jobs += [("without interventions", real, 0), ("with interventions", real, args.interventions)]
+            if not args.no_real:
+                jobs += [("without interventions", real, 0), ("with interventions", real, args.interventions)]
             for name, output, n in (jobs if r % 2 == 0 else jobs[::-1]):
                 runs[name].append(child(output, os.path.join(tmp, "report"), n))
                 print(r, name, runs[name][-1], flush=True)
@@ -135,36 +160,54 @@ def main(argv=None):
         return {"name": name, "rows": rows, "seconds": [x["seconds"] for x in rs],
                 "maps_per_second": [rows / x["seconds"] for x in rs], "peak_mb": [x["peak_mb"] for x in rs],
                 "growth_mb": [x["peak_mb"] - x["baseline_mb"] for x in rs],
+                **{f"{k}_growth_mb": [x["peak"][k] - x["before"][k] for x in rs] for k in ("anon", "shmem", "pss")},
                 "regions": rs[0]["regions"], "confirmed": rs[0]["confirmed"],
                 "intervention_seconds": [x["intervention_seconds"] for x in rs if x["intervention_seconds"] is not None]}
 
     table = [row(name) for name in runs]
     scale = [t for t in table if t["name"].endswith("10 classes")]
-    slope = np.polyfit([t["rows"] for t in scale for _ in t["growth_mb"]],
-                       [g for t in scale for g in t["growth_mb"]], 1)[0] * 1000
-    without, with_ = (next(t for t in table if t["name"] == n) for n in ("without interventions", "with interventions"))
-    extra = [b - a for a, b in zip(without["seconds"], with_["seconds"])]
+
+    def slope(key):
+        """MB per 1 000 rows, least squares over every run of the 10-class sizes, and its standard error."""
+        x = np.array([t["rows"] for t in scale for _ in t[key]], float)
+        y = np.array([g for t in scale for g in t[key]], float)
+        (b, a), cov = np.polyfit(x, y, 1, cov=True) if len(x) > 3 else (np.polyfit(x, y, 1), np.zeros((2, 2)))
+        return round(float(b) * 1000, 4), round(float(np.sqrt(cov[0, 0])) * 1000, 4)
+
+    slopes = {k: slope(k) for k in ("growth_mb", "anon_growth_mb", "shmem_growth_mb", "pss_growth_mb")}
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "revision": git_revision(),
                "command": "python -m benchmarks.audit " + " ".join(argv), "rounds": args.rounds,
-               "interventions": args.interventions, "runs": table,
-               "driver_growth_mb_per_1000_rows": round(float(slope), 3),
-               "interventions_extra_seconds": extra}
-    md = "\n".join([
-        f"# Audit benchmark ({results['date']})", "", *provenance(results),
-        f"Each audit in a process of its own, {args.rounds} rounds interleaved; median (min–max). *growth*: the "
-        "driver's RSS, sampled every 50 ms during the audit, at its peak minus just before it. Synthetic outputs: 32 x 32 "
-        "float16 maps; the real output: digits (5 391 rows) through the trained question CNN.", "",
-        "| output | rows | seconds | maps/s | driver peak MB | growth MB | regions probed (confirmed) |",
-        "|---|---|---|---|---|---|---|",
-        *[f"| {t['name']} | {t['rows']} | {spread(t['seconds'], 1)} | {spread(t['maps_per_second'], 0)} | "
-          f"{spread(t['peak_mb'], 0)} | {spread(t['growth_mb'], 0)} | "
-          f"{t['regions']} ({t['confirmed']}) |" for t in table], "",
-        f"Driver growth over the 10-class sizes: **{results['driver_growth_mb_per_1000_rows']} MB per 1 000 rows** "
-        "(least squares over every run).", "",
-        f"Interventions ({args.interventions} images per class): **+{spread(extra, 1)} s** on the whole audit, paired "
-        f"by round; the interventions step itself, the engine's rebuild in the driver included, "
-        f"{spread(with_['intervention_seconds'], 1)} s for {with_['regions']} regions.", ""])
-    write(results, "audit", md)
+               "load_average": os.getloadavg(), "interventions": args.interventions, "runs": table,
+               "driver_growth_mb_per_1000_rows": slopes["growth_mb"][0],
+               "slopes_mb_per_1000_rows": slopes}
+    lines = [f"# Audit benchmark ({results['date']})", "", *provenance(results),
+             f"Each audit in a process of its own, {args.rounds} rounds interleaved; median (min–max). The driver's "
+             "memory sampled every 50 ms during the audit, its peak minus just before it (after imports and "
+             "`ray.init`): *RSS*, and its parts *anon* (the process's own heap) and *shmem* (the object store's "
+             "pages mapped into it), and *PSS* (shared pages divided among the processes that map them). "
+             f"Synthetic outputs: 32 x 32 float16 maps in files of 10 000 rows. Load average at the end "
+             f"{', '.join(f'{x:.1f}' for x in results['load_average'])} (a shared machine: rates are noisy, the "
+             "interleaving spreads it over every size).", "",
+             "| output | rows | seconds | maps/s | driver peak RSS MB | RSS growth MB | anon | shmem | PSS growth MB "
+             "| regions probed (confirmed) |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             *[f"| {t['name']} | {t['rows']} | {spread(t['seconds'], 1)} | {spread(t['maps_per_second'], 0)} | "
+               f"{spread(t['peak_mb'], 0)} | {spread(t['growth_mb'], 0)} | {spread(t['anon_growth_mb'], 0)} | "
+               f"{spread(t['shmem_growth_mb'], 0)} | {spread(t['pss_growth_mb'], 0)} | "
+               f"{t['regions']} ({t['confirmed']}) |" for t in table], "",
+             "Driver growth over the 10-class sizes, MB per 1 000 rows (least squares over every run, ± its standard "
+             "error): " + ", ".join(f"{k.replace('_growth_mb', '').replace('growth_mb', 'RSS')} **{v[0]}** (± {v[1]})"
+                                    for k, v in slopes.items()) + ".", ""]
+    if not args.no_real:
+        without, with_ = (next(t for t in table if t["name"] == n) for n in ("without interventions",
+                                                                              "with interventions"))
+        extra = [b - a for a, b in zip(without["seconds"], with_["seconds"])]
+        results["interventions_extra_seconds"] = extra
+        lines += [f"Interventions ({args.interventions} images per class): **+{spread(extra, 1)} s** on the whole "
+                  "audit, paired by round; the interventions step itself, the engine's rebuild in the driver "
+                  f"included, {spread(with_['intervention_seconds'], 1)} s for {with_['regions']} regions.", ""]
+    md = "\n".join(lines)
+    write(results, "audit_memory" if args.no_real else "audit", md)
     print(md)
 
 

@@ -73,17 +73,42 @@ class Moments:
         return self.m2 / self.count if self.count else self.m2 * np.nan
 
 
+CHUNK_VALUES = 1 << 22  # pixels downsampled at a time (32 MB of float64), whatever the block's size
+
+
+def _magnitude(maps: np.ndarray) -> np.ndarray:
+    """:func:`~worker.data.stats.magnitude` in fewer passes: |maps| as float64, NaN as 0 (and inf as the
+    largest float, as ``nan_to_num`` does), channels reduced by max-abs."""
+    s = np.asarray(maps, np.float64)
+    if not np.isfinite(s).all():
+        return magnitude(maps)
+    s = np.abs(s, out=s if s is not maps else None)
+    return s.max(axis=-1) if s.ndim == 4 else s
+
+
 def downsample(maps: np.ndarray, grid: int = GRID) -> np.ndarray:
-    """(N, H, W) -> (N, grid, grid) by area averaging, each map L1-normalised (sums to 1)."""
-    s = magnitude(maps)
-    n, h, w = s.shape
+    """(N, H, W) -> (N, grid, grid) by area averaging, each map L1-normalised (sums to 1).
+
+    Pixel (y, x) goes to cell (y * grid // H, x * grid // W); the cells are contiguous runs of pixels, so the
+    sums are reshapes (H and W multiples of ``grid``) or ``reduceat`` over the runs, in chunks of
+    :data:`CHUNK_VALUES` pixels (a cell no pixel falls in, when H or W < grid, leaves the map all zero)."""
+    n, h, w = maps.shape[:3]
     ys = np.minimum((np.arange(h) * grid) // h, grid - 1)
     xs = np.minimum((np.arange(w) * grid) // w, grid - 1)
-    out = np.zeros((n, grid, grid))
-    np.add.at(out, (slice(None), ys[:, None], xs[None, :]), s)
-    out /= np.bincount(ys, minlength=grid)[:, None] * np.bincount(xs, minlength=grid)[None, :]
-    total = out.sum((1, 2), keepdims=True)
-    return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
+    sums = np.zeros((n, grid, grid))
+    y_runs, x_runs = np.flatnonzero(np.diff(ys, prepend=-1)), np.flatnonzero(np.diff(xs, prepend=-1))
+    step = max(1, CHUNK_VALUES // max(1, int(np.prod(maps.shape[1:]))))
+    for a in range(0, n, step):
+        s = _magnitude(maps[a:a + step])
+        if h % grid == 0 and w % grid == 0:
+            sums[a:a + step] = s.reshape(len(s), grid, h // grid, grid, w // grid).sum((2, 4))
+        else:
+            cells = np.add.reduceat(np.add.reduceat(s, y_runs, axis=1), x_runs, axis=2)
+            sums[a:a + step, ys[y_runs][:, None], xs[x_runs][None, :]] = cells
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sums /= np.bincount(ys, minlength=grid)[:, None] * np.bincount(xs, minlength=grid)[None, :]
+    total = sums.sum((1, 2), keepdims=True)
+    return np.divide(sums, total, out=np.zeros_like(sums), where=total > 0)
 
 
 def _explained_grids(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
@@ -108,9 +133,47 @@ def group_keys(table: pa.Table, label_column: str | None) -> list[tuple[str, int
     return keys
 
 
+def group_members(table: pa.Table, label_column: str | None) -> dict[tuple, np.ndarray]:
+    """{(kind, class): the rows of the group, ascending}: :func:`group_keys` inverted, in numpy when the classes
+    are integers without nulls (one ``argsort`` per kind instead of a dict append per row and group)."""
+    labelled = bool(label_column and label_column in table.column_names)
+    columns = [table["predicted_class"]] + ([table[label_column]] if labelled else [])
+    if not all(pa.types.is_integer(c.type) for c in columns) or table["predicted_class"].null_count:
+        members: dict[tuple, list[int]] = {}
+        for i, keys in enumerate(group_keys(table, label_column)):
+            for key in keys:
+                members.setdefault(key, []).append(i)
+        return {key: np.asarray(rows, np.int64) for key, rows in members.items()}
+    predicted = table["predicted_class"].to_numpy()
+
+    def split(kind, values, rows):
+        order = np.argsort(values, kind="stable")
+        classes, starts = np.unique(values[order], return_index=True)
+        return {(kind, int(c)): rows[part] for c, part in zip(classes, np.split(order, starts[1:]))}
+
+    everything = np.arange(len(predicted))
+    members = split("predicted", predicted, everything)
+    if labelled:
+        label = table[label_column].combine_chunks()
+        valid = np.flatnonzero(label.is_valid().to_numpy(zero_copy_only=False))
+        values = label.fill_null(0).to_numpy()[valid]
+        members.update(split("true", values, valid))
+        right = values == predicted[valid]
+        members.update(split("correct", values[right], valid[right]))
+        members.update(split("wrong", values[~right], valid[~right]))
+    return members
+
+
 def _sample_key(row_id: str) -> float:
     """A uniform pseudo-random key per row id: the same row is sampled the same way in every block split."""
     return int.from_bytes(hashlib.sha1(row_id.encode()).digest()[:8], "big") / 2 ** 64
+
+
+def sample_keys(ids) -> np.ndarray:
+    """:func:`_sample_key` of many ids at once: the first 8 bytes of each SHA-1 read as big-endian uint64 by
+    numpy (the same float: both round the 64-bit integer to nearest, and dividing by 2**64 is exact)."""
+    digests = b"".join(hashlib.sha1(i.encode()).digest()[:8] for i in ids)
+    return np.frombuffer(digests, ">u8").astype(np.float64) / 2 ** 64
 
 
 def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
@@ -132,36 +195,42 @@ def _lists(table: pa.Table, name: str, shape: tuple = (-1,)) -> list:
     return [values[offsets[i]:offsets[i + 1]].reshape(shape) if valid[i] else None for i in range(len(column))]
 
 
-def partial_aggregates(table: pa.Table, label_column: str | None = None) -> pa.Table:
-    """One output block -> one row of :data:`PARTIAL_SCHEMA` per group (a Ray Data map_batches function)."""
+def partial_aggregates(table: pa.Table, label_column: str | None = None, caps: dict | None = None) -> pa.Table:
+    """One output block -> one row of :data:`PARTIAL_SCHEMA` per group (a Ray Data map_batches function).
+
+    ``caps`` ({group: key}, from :func:`sample_caps` of what is merged so far) leaves out of a group's sample the
+    rows whose key is above its cap: they cannot be among the group's :data:`SAMPLE_SIZE` smallest keys, so the
+    merged sample is the same, and a block sends a few sampled maps instead of all of a small group's."""
     table, grids = _explained_grids(table)
     if not table.num_rows:
         return PARTIAL_SCHEMA.empty_table()
     stat_names = [c for c in (*STAT_COLUMNS, *MASK_COLUMNS) if c in table.column_names]
-    stats = {c: table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in stat_names}
-    members: dict[tuple, list[int]] = {}
-    for i, keys in enumerate(group_keys(table, label_column)):
-        for key in keys:
-            members.setdefault(key, []).append(i)
+    stats = np.stack([table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in stat_names], 1) \
+        if stat_names else np.zeros((table.num_rows, 0))
+    finite = np.isfinite(stats)
+    members = group_members(table, label_column)
     ids = table["id"].to_pylist()
-    sample_keys = np.array([_sample_key(i) for i in ids])
+    keys = sample_keys(ids)
     cluster_kind = "true" if any(kind == "true" for kind, _ in members) else "predicted"
     rows = []
     for (kind, cls), chosen in members.items():
+        group = f"{kind}:{cls}"
         moments = Moments.of(grids[chosen])
-        finite = [v[np.isfinite(v)] for v in (stats[name][chosen] for name in stat_names)]
-        row = {"group": f"{kind}:{cls}", "count": moments.count, "mean": moments.mean, "m2": moments.m2,
-               "stat_name": np.array(stat_names, object), "stat_n": [len(v) for v in finite],
-               "stat_sum": [v.sum() for v in finite], "stat_sumsq": [(v ** 2).sum() for v in finite]}
+        ok, values = finite[chosen], np.where(finite[chosen], stats[chosen], 0.0)
+        row = {"group": group, "count": moments.count, "mean": moments.mean, "m2": moments.m2,
+               "stat_name": np.array(stat_names, object), "stat_n": ok.sum(0),
+               "stat_sum": values.sum(0), "stat_sumsq": (values ** 2).sum(0)}
         if kind == cluster_kind:
-            keep = np.asarray(chosen)[np.argsort(sample_keys[chosen])[:SAMPLE_SIZE]]
-            row.update(sample_key=sample_keys[keep], sample_grid=grids[keep].astype(np.float32))
+            if caps and group in caps:
+                chosen = chosen[keys[chosen] <= caps[group]]
+            keep = chosen[np.argsort(keys[chosen])[:SAMPLE_SIZE]]
+            row.update(sample_key=keys[keep], sample_grid=grids[keep].astype(np.float32))
         rows.append(row)
-    for name, direction in WORST.items():
-        if name in stats:
-            values = stats[name]
-            finite = np.flatnonzero(np.isfinite(values))
-            order = finite[np.argsort(-values[finite] if direction == "high" else values[finite], kind="stable")]
+    for j, name in enumerate(stat_names):
+        if name in WORST:
+            direction, values = WORST[name], stats[:, j]
+            order = np.flatnonzero(finite[:, j])
+            order = order[np.argsort(-values[order] if direction == "high" else values[order], kind="stable")]
             order = order[:WORST_K]
             rows.append({"group": f"worst:{name}", "worst_value": values[order],
                          "worst_id": np.array([ids[i] for i in order], object), "worst_grid": grids[order].astype(np.float32),
@@ -169,11 +238,24 @@ def partial_aggregates(table: pa.Table, label_column: str | None = None) -> pa.T
     return _table(rows, PARTIAL_SCHEMA)
 
 
-def merge_partials(partials) -> dict:
+def sample_caps(merged: dict) -> dict[str, float]:
+    """{group: the largest key of its sample} for the groups whose merged sample (``merge_partials``'s state,
+    ``state=True``) is full: a later row with a larger key cannot enter it."""
+    return {g: float(e["sample"][0][-1]) for g, e in merged.items()
+            if "sample" in e and len(e["sample"][0]) >= SAMPLE_SIZE}
+
+
+def merge_partials(partials, on_caps=None) -> dict:
     """Partial rows (a table, or an iterable of tables streamed one at a time, so the driver holds only the
     merged state) -> {group: {"count", "mean_map", "var_map", "stats": {name: {mean, std, n}}, "sample"}},
-    and {"worst:<statistic>": {"worst": [{value, id, grid}], "direction"}}."""
+    and {"worst:<statistic>": {"worst": [{value, id, grid}], "direction"}}.
+
+    What is kept is copied out of each table (no view pins a block's buffers) and is bounded by the groups:
+    moments, stat sums, :data:`SAMPLE_SIZE` sampled maps and :data:`WORST_K` worst cases each. ``on_caps``, if
+    given, is called with :func:`sample_caps` whenever a group's cap changes (the audit hands them to the tasks
+    still to run, so that they send fewer sampled maps)."""
     merged: dict[str, dict] = {}
+    caps: dict[str, float] = {}
     for table in ([partials] if isinstance(partials, pa.Table) else partials):
         if not table.num_rows:
             continue
@@ -187,14 +269,14 @@ def merge_partials(partials) -> dict:
         for i, group in enumerate(groups):
             if group.startswith("worst:"):
                 entry = merged.setdefault(group, {"worst": [], "direction": directions[i]})
-                entry["worst"] += [{"value": v, "id": r, "grid": g}
+                entry["worst"] += [{"value": v, "id": r, "grid": np.array(g)}
                                    for v, r, g in zip(worst_values[i], worst_ids[i], worst_grids[i])]
                 entry["worst"].sort(key=lambda w: -w["value"] if directions[i] == "high" else w["value"])
                 del entry["worst"][WORST_K:]
                 continue
             entry = merged.setdefault(group, {"moments": Moments(0, np.zeros((GRID, GRID)), np.zeros((GRID, GRID))),
                                               "stats": {}})
-            entry["moments"] = entry["moments"].merge(Moments(counts[i], means[i], m2s[i]))
+            entry["moments"] = entry["moments"].merge(Moments(counts[i], np.array(means[i]), np.array(m2s[i])))
             if keys[i] is not None:
                 old_keys, old_grids = entry.get("sample", (np.zeros(0), np.zeros((0, GRID, GRID), np.float32)))
                 all_keys, all_grids = np.concatenate([old_keys, keys[i]]), np.concatenate([old_grids, samples[i]])
@@ -203,6 +285,10 @@ def merge_partials(partials) -> dict:
             for name, n, total, square in zip(names[i], ns[i], sums[i], squares[i]):
                 acc = entry["stats"].setdefault(name, [0, 0.0, 0.0])
                 acc[0], acc[1], acc[2] = acc[0] + n, acc[1] + total, acc[2] + square
+        del table, means, m2s, keys, samples, worst_grids
+        if on_caps is not None and sample_caps(merged) != caps:
+            caps = sample_caps(merged)
+            on_caps(caps)
     result = {}
     for group, entry in sorted(merged.items()):
         if "worst" in entry:

@@ -99,6 +99,44 @@ def _read_outputs(fs, files):
         _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"fs": fs})
 
 
+class SampleCaps:
+    """A Ray actor holding :func:`~worker.audit.aggregate.sample_caps` of what the driver has merged so far,
+    for the aggregation tasks still to run."""
+
+    def __init__(self):
+        self.caps: dict = {}
+
+    def set(self, caps: dict) -> None:
+        self.caps = caps
+
+    def get(self) -> dict:
+        return self.caps
+
+
+def _capped_partials(table: pa.Table, *, label_column, caps) -> pa.Table:
+    import ray
+
+    return partial_aggregates(table, label_column, caps=ray.get(caps.get.remote()))
+
+
+def _aggregate(fs, files, label_column) -> dict:
+    """The first pass: every output file reduced to partial aggregates in a task (a whole file at a time) and
+    merged in the driver as they arrive.  The driver holds only the merged state, and tells the tasks the
+    samples' caps as they tighten, so each block sends about ``SAMPLE_SIZE x its rows / rows merged`` sampled
+    maps per group rather than all of them (the merged sample is the same: a row above a cap cannot enter)."""
+    import ray
+
+    caps = ray.remote(num_cpus=0)(SampleCaps).remote()
+    partials = _read_outputs(fs, files).map_batches(_capped_partials, batch_format="pyarrow", batch_size=None,
+                                                    fn_kwargs={"label_column": label_column, "caps": caps})
+    try:
+        with watch("audit: aggregating", len(files), "_read_files", unit="files"):
+            return merge_partials(partials.iter_batches(batch_format="pyarrow", batch_size=None),
+                                  on_caps=caps.set.remote)
+    finally:
+        ray.kill(caps)
+
+
 MIN_IMAGES = 5  # a region is probed on at least this many of its class's (or cluster's) images
 
 
@@ -198,17 +236,14 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     if label_column is None:
         label_column = config.label_column if config is not None else "label"
     connect(logging_level="ERROR")
-    partials = _read_outputs(fs, files).map_batches(partial_aggregates, batch_format="pyarrow", batch_size=1024,
-                                                    fn_kwargs={"label_column": label_column})
-    with watch("audit: aggregating", len(files), "_read_files", unit="files"):
-        merged = merge_partials(partials.iter_batches(batch_format="pyarrow", batch_size=None))
+    merged = _aggregate(fs, files, label_column)
     fitted = cluster_groups(merged)
     centroids = {g: c.centroids.tolist() for g, c in fitted.items() if c.k > 1}
     clusters = {g: [{"cluster": 0, "count": merged[g]["count"], "share": 1.0, "mean_map": merged[g]["mean_map"]}]
                 for g, c in fitted.items() if c.k == 1}
     if centroids:
         assigned = _read_outputs(fs, files).map_batches(
-            assignment_partials, batch_format="pyarrow", batch_size=1024,
+            assignment_partials, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"centroids": centroids, "label_column": label_column})
         with watch("audit: assigning clusters", len(files), "_read_files", unit="files"):
             clusters.update(merge_assignments(assigned.iter_batches(batch_format="pyarrow", batch_size=None)))
