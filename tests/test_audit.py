@@ -159,3 +159,106 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert pixels.std() > 10  # not blank
     # the inline heat maps rendered: red pixels (R well above B) exist only if the images loaded
     assert (pixels[..., 0] - pixels[..., 2] > 80).sum() > 3 * 100 * 100  # three 128 px tiles, mostly red
+
+
+def _reference_grids(maps, grid=GRID):
+    """The audit's downsampling written independently: |map| (NaN as 0), cell sums as one-hot matrix products,
+    divided by the cell's pixel count, each map then L1-normalised (all zero when a cell holds no pixel)."""
+    s = np.abs(np.nan_to_num(np.asarray(maps, np.float64)))
+    h, w = s.shape[1:]
+    ry = (np.arange(grid)[:, None] == np.minimum(np.arange(h) * grid // h, grid - 1)[None]).astype(float)
+    rx = (np.arange(grid)[:, None] == np.minimum(np.arange(w) * grid // w, grid - 1)[None]).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cells = ry @ s @ rx.T / (ry.sum(1)[:, None] * rx.sum(1)[None])
+    total = cells.sum((1, 2))
+    return np.array([c / t if t > 0 else np.zeros_like(c) for c, t in zip(cells, total)])
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (24, 20), (8, 8)])
+def test_merged_results_equal_numpy_on_the_raw_maps(shape, monkeypatch):
+    """What the streamed, capped, vectorised aggregation merges to is what numpy computes on all the raw maps at
+    once: counts, mean and variance maps, statistics, each class's sample (the rows of smallest SHA-1 key, in
+    that order) and the worst cases; whatever the block split and however stale the tasks' caps are."""
+    import hashlib
+
+    from worker.audit import aggregate
+
+    monkeypatch.setattr(aggregate, "SAMPLE_SIZE", 40)  # small, so that the caps bite
+    rng = np.random.default_rng(5)
+    n = 600
+    maps = rng.random((n, *shape)) ** 3
+    maps[rng.random(n) < 0.05, 0, 0] = np.nan
+    labels, predicted = rng.integers(0, 4, n), rng.integers(0, 4, n)
+    table = _output_table(maps, labels, predicted)
+    label_column = pa.array(labels, mask=rng.random(n) < 0.1)  # some rows unlabelled
+    error = pa.array([("bad" if i % 50 == 7 else None) for i in range(n)], pa.string())
+    table = table.set_column(table.schema.get_field_index("label"), "label", label_column)
+    table = table.set_column(table.schema.get_field_index("error"), "error", error)
+    blocks, start = [], 0
+    for size in rng.integers(1, 120, 40):
+        blocks.append(table.slice(start, int(size)))
+        start += int(size)
+    blocks.append(table.slice(start))
+    caps_seen: list[dict] = [{}]
+
+    def streamed():  # each block sees the caps of two blocks ago, as a task started before the merge would
+        for block in blocks:
+            yield aggregate.partial_aggregates(block, "label", caps=caps_seen[max(0, len(caps_seen) - 3)])
+
+    merged = merge_partials(streamed(), on_caps=caps_seen.append)
+    assert len(caps_seen) > 2  # the caps tightened as blocks merged
+
+    ok = np.array([i % 50 != 7 for i in range(n)])
+    grids = _reference_grids(maps.astype(np.float16)[ok])
+    ids = [str(i) for i in np.flatnonzero(ok)]
+    label_list, pred = label_column.to_pylist(), predicted[ok]
+    lab = [label_list[i] for i in np.flatnonzero(ok)]
+    groups: dict[str, list[int]] = {}
+    for i, (p, c) in enumerate(zip(pred, lab)):
+        groups.setdefault(f"predicted:{p}", []).append(i)
+        if c is not None:
+            groups.setdefault(f"true:{c}", []).append(i)
+            groups.setdefault(f"{'correct' if c == p else 'wrong'}:{c}", []).append(i)
+    keys = np.array([int.from_bytes(hashlib.sha1(i.encode()).digest()[:8], "big") / 2 ** 64 for i in ids])
+    stats = {name: table[name].to_numpy(zero_copy_only=False)[ok] for name in map_statistics(maps[:1])}  # as written
+    assert set(merged) == set(groups) | {f"worst:{name}" for name in aggregate.WORST if name in stats}
+    for g, rows in groups.items():
+        rows = np.asarray(rows)
+        assert merged[g]["count"] == len(rows)
+        np.testing.assert_allclose(merged[g]["mean_map"], grids[rows].mean(0), rtol=1e-10, atol=1e-18)
+        np.testing.assert_allclose(merged[g]["var_map"], grids[rows].var(0), rtol=1e-8, atol=1e-18)
+        for name, s in merged[g]["stats"].items():
+            values = np.asarray(stats[name], np.float64)[rows]
+            values = values[np.isfinite(values)]
+            assert s["n"] == len(values)
+            assert s["mean"] == pytest.approx(values.mean(), rel=1e-12)
+            assert s["std"] == pytest.approx(np.sqrt(max((values ** 2).mean() - values.mean() ** 2, 0)), rel=1e-9)
+        if g.startswith("true:"):
+            chosen = rows[np.argsort(keys[rows])[:40]]
+            np.testing.assert_allclose(merged[g]["sample"], grids[chosen].astype(np.float32), rtol=1e-6)
+        else:
+            assert "sample" not in merged[g]
+    for name, direction in ((k, v) for k, v in aggregate.WORST.items() if k in stats):
+        values = np.asarray(stats[name], np.float64)
+        finite = np.flatnonzero(np.isfinite(values))
+        order = finite[np.argsort(-values[finite] if direction == "high" else values[finite], kind="stable")][:6]
+        assert [w["id"] for w in merged[f"worst:{name}"]["worst"]] == [ids[i] for i in order]
+
+
+def test_vectorised_keys_and_members_equal_the_per_row_ones():
+    from worker.audit.aggregate import _sample_key, group_keys, group_members, sample_keys
+
+    ids = [f"part-{i % 7}#{i}" for i in range(3000)] + ["", "é", "x" * 300]
+    np.testing.assert_array_equal(sample_keys(ids), [_sample_key(i) for i in ids])
+    rng = np.random.default_rng(0)
+    for labels in (pa.array(rng.integers(0, 5, 200), mask=rng.random(200) < 0.2),
+                   pa.array([str(v) for v in rng.integers(0, 5, 200)])):
+        table = pa.table({"predicted_class": pa.array(rng.integers(0, 5, 200)), "label": labels})
+        expected: dict = {}
+        for i, keys in enumerate(group_keys(table, "label")):
+            for key in keys:
+                expected.setdefault(key, []).append(i)
+        found = group_members(table, "label")
+        assert set(found) == set(expected)
+        for key, rows in expected.items():
+            np.testing.assert_array_equal(found[key], rows)
