@@ -15,7 +15,8 @@ FIRST_SCREEN = (1366, 768)  # a laptop's screen
 # after load: the images and whether each decoded, the page's width against the window's, and the box of the
 # lead (the confirmed findings) and of its pictures
 CHECK = """<script>addEventListener("load", () => {
-  const images = [...document.images], lead = document.querySelector(".lead"), answer = document.getElementById("answer");
+  const images = [...document.images], lead = document.querySelector(".lead");
+  const answer = document.getElementById("answer");
   const box = e => { const r = e.getBoundingClientRect(); return [r.top, r.bottom, r.left, r.right]; };
   document.body.setAttribute("data-check", JSON.stringify({
     images: images.length, broken: images.filter(i => !i.complete || i.naturalWidth === 0).length,

@@ -48,7 +48,8 @@ def _result():
     box = tuple(probed["pixels"])
     versions = {"original": ones[:1], **{how: fill(ones[:1], box, how, ones.mean(0).astype(np.uint8), others,
                                                    np.random.default_rng(1)) for how in FILLS}}
-    probed.update(cluster=None, share=1.0, mean_image=ones.mean(0).astype(np.uint8), mean_map=merged["true:1"]["mean_map"],
+    probed.update(cluster=None, share=1.0, mean_image=ones.mean(0).astype(np.uint8),
+                  mean_map=merged["true:1"]["mean_map"],
                   examples=[{"map": maps[labels == 1][0], "versions": {
                       name: {"image": v[0], "predicted": int(predict(v).argmax()), "logit": float(predict(v)[0, 1])}
                       for name, v in versions.items()}}])

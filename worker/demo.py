@@ -110,7 +110,8 @@ def _shape_mask(kind: str, rng, size: int, up: int = 4) -> np.ndarray:
             draw.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=0)
     elif kind == "plus":
         w = 0.38 * r
-        arm = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        arm = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w),
+               (-w, -w)]
         c, s = np.cos(turn), np.sin(turn)
         draw.polygon([(cx + px * c - py * s, cy + px * s + py * c) for px, py in arm], fill=255)
     else:
@@ -244,7 +245,8 @@ def methods_figure(model, images: np.ndarray, path: str, scale: int = 4) -> None
     maps = {name: engine.explain(images).as_float32()[:, 0] for name, engine in columns.items()}
     h, w = images.shape[1] * scale, images.shape[2] * scale
     rows = [np.concatenate([images[i]] + [hot(maps[name][i]) for name in columns], axis=1) for i in range(len(images))]
-    grid = Image.fromarray(np.concatenate(rows, axis=0)).resize(((len(columns) + 1) * w, len(images) * h), Image.NEAREST)
+    grid = Image.fromarray(np.concatenate(rows, axis=0)).resize(((len(columns) + 1) * w, len(images) * h),
+                                                                 Image.NEAREST)
     figure = Image.new("RGB", (grid.width, grid.height + 16), "white")
     figure.paste(grid, (0, 16))
     draw = ImageDraw.Draw(figure)
@@ -330,7 +332,8 @@ def run_demo(output: str = "demo_output", images: int = 3300, held_out: int = 90
                       interventions=interventions, echo=echo)
     probed = audit.get("interventions", {}).get("regions", [])
     confirmed = [p for p in probed if p["verdict"] == "confirmed" or p.get("shortcut")]  # either shortcut verdict
-    planted = [p for p in confirmed if p["verdict"] == "confirmed" and p["class"] == MARKED_CLASS and _planted(p["box"])]
+    planted = [p for p in confirmed
+               if p["verdict"] == "confirmed" and p["class"] == MARKED_CLASS and _planted(p["box"])]
     if planted:
         shortcut_figure(planted[0], CLASSES, os.path.join(output, "overlays", "shortcut.png"))
     summary.update({

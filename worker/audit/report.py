@@ -160,16 +160,17 @@ def _lead_html(result: dict) -> str:
         fills = p["fills"]
         best = max(fills, key=lambda how: fills[how]["effect"])
         where = "" if p.get("cluster") is None else f" (on SpRAy cluster {p['cluster']} of its maps)"
+        kind = "Shortcut confirmed" if p["verdict"] == "confirmed" else "Shortcut with the object"
         parts.append(
-            f"<div class=lead><h3>{'Shortcut confirmed' if p['verdict'] == 'confirmed' else 'Shortcut with the object'}: "
-            f"{html.escape(_named(p['class'], names))} relies on a small region{where}</h3>"
+            f"<div class=lead><h3>{kind}: {html.escape(_named(p['class'], names))} relies on a small region{where}</h3>"
             f"<p>Neutralising the boxed region (rows {y0:.0%}-{y1:.0%}, columns {x0:.0%}-{x1:.0%}; "
             f"{p['area']:.1%} of the image) makes {fills[best]['flip_rate']:.0%} of the class's correctly "
             f"classified images leave it ({best} fill), against {fills[best]['control_flip_rate']:.0%} for the "
             f"same fill at random places; pasted into other classes' images it moves "
             f"{p['sufficiency']['moved_to_class']:.0%} of them to class {p['class']} "
             f"(a random box of the class's images: {p['sufficiency']['control_moved']:.0%}).</p>"
-            + "".join(_figure(picture, caption) for caption, picture in shortcut_panels(p, names, _scale(p["mean_image"])))
+            + "".join(_figure(picture, caption)
+                      for caption, picture in shortcut_panels(p, names, _scale(p["mean_image"])))
             + "</div>")
     if section is None:
         parts.append("<p class=answer>Interventions were not run (audit --interventions N): the findings below say "
@@ -186,7 +187,8 @@ def _lead_html(result: dict) -> str:
     if others:
         parts.append("<p>Where the maps look (not tested): " + "; ".join(
             f"{html.escape(f['group'])}: {html.escape(f['finding'])}" for f in others[:6])
-            + (f" and {len(others) - 6} more" if len(others) > 6 else "") + " (<a href=#findings>all findings</a>).</p>")
+            + (f" and {len(others) - 6} more" if len(others) > 6 else "")
+            + " (<a href=#findings>all findings</a>).</p>")
     if result.get("controls"):
         parts.append(f"<p>{html.escape(controls_sentence(result['controls']))}</p>")
     return "".join(parts)
@@ -288,12 +290,14 @@ def write_report(result: dict, report_dir: str) -> None:
 h1{{font-size:1.4em;margin:.2em 0}}h2{{font-size:1.2em;margin:1.2em 0 .3em;border-bottom:1px solid #ddd}}
 h3{{font-size:1em;margin:.6em 0 .2em}}nav{{margin:.3em 0;font-size:.95em}}.sub{{color:#555;margin:0}}
 figure{{display:inline-block;margin:.2em .3em;text-align:center;vertical-align:top}}
-figcaption{{font-size:.8em;max-width:130px;margin:auto}}img{{image-rendering:pixelated;border:1px solid #ccc;max-width:100%}}
-table{{border-collapse:collapse;font-size:.9em}}td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}}
+figcaption{{font-size:.8em;max-width:130px;margin:auto}}
+img{{image-rendering:pixelated;border:1px solid #ccc;max-width:100%}}table{{border-collapse:collapse;font-size:.9em}}
+td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}}
 .lead{{background:#fff6f0;border-left:4px solid #c33;padding:.2em .8em .4em;margin:.4em 0}}.lead p{{margin:.2em 0}}
 .answer{{font-weight:600}}.intervention{{margin-bottom:1.5em}}.pair{{display:inline-block;margin-right:.6em}}
 .cls{{display:inline-block;vertical-align:top;margin:0 1em .5em 0}}</style></head><body>
-<h1>Saliency audit</h1><p class=sub>{card["rows"]} maps in {html.escape(result["output"])}; {html.escape(str(card["method"]))},
+<h1>Saliency audit</h1><p class=sub>{card["rows"]} maps in {html.escape(result["output"])};
+{html.escape(str(card["method"]))},
 target {html.escape(str(card["target"]))}; model {html.escape(fingerprint[:19])}&hellip;</p>
 <nav>{toc}</nav>
 {_lead_html(result)}
@@ -303,12 +307,14 @@ over it, at the input's resolution; the row id names it in the output. {html.esc
 {worst or "<p>no statistics columns in this output</p>"}
 {_controls_html(result.get("controls"))}
 {_interventions_html(result.get("interventions"))}
-<h2 id=clusters>Clusters (spectral relevance analysis)</h2><p>Per class: a uniform sample of at most {SAMPLE_SIZE} maps is
+<h2 id=clusters>Clusters (spectral relevance analysis)</h2>
+<p>Per class: a uniform sample of at most {SAMPLE_SIZE} maps is
 clustered (kNN graph, normalised Laplacian, eigengap for k, k-means); every map is then assigned to its nearest
 cluster. Mean maps on the mean maps' colour scale; typical members (nearest the centre) on their own: with
 interventions, the class's sampled images beside their maps, else the sampled maps alone. Classes with one
 cluster are not shown.</p>{cluster_rows or "<p>no class splits into clusters</p>"}
-<h2 id=findings>All findings</h2><table><tr><th>severity</th><th>group</th><th>finding</th><th>detail</th></tr>{found}</table>
+<h2 id=findings>All findings</h2>
+<table><tr><th>severity</th><th>group</th><th>finding</th><th>detail</th></tr>{found}</table>
 <h2 id=run>Run card</h2><table>{rows}</table>
 </body></html>"""
     with open(os.path.join(report_dir, "report.html"), "w") as f:

@@ -126,7 +126,8 @@ def _quiet_ray_data() -> None:
             watched = _active.get("progress")
             if watched is not None and _active["operator"] in opstate.op.name:
                 metrics = opstate.op.metrics
-                watched.done = metrics.row_outputs_taken if watched.unit == "rows" else metrics.num_task_inputs_processed
+                rows = watched.unit == "rows"
+                watched.done = metrics.row_outputs_taken if rows else metrics.num_task_inputs_processed
 
     def get_progress_manager(ctx, dataset_id, topology, verbose_progress):
         if "progress" not in _active:
