@@ -102,6 +102,9 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("--controls", type=int, default=0, help="sanity controls on the first N input images")
     audit.add_argument("--interventions", type=int, default=0,
                        help="confirm or refute each class's regions by intervening on N images per class")
+    audit.add_argument("--compare-methods", type=int, default=0, metavar="N",
+                       help="measure every method's faithfulness (deletion/insertion) and sanity (randomisation, "
+                            "class and input sensitivity) on N images per class with the job's model")
     audit.add_argument("--model", help="model for the controls (default: the path the job recorded)")
     demo = add_parser("demo", help="make real images and a model, run the job and the audit locally")
     demo.add_argument("--output", default="demo_output")
@@ -124,7 +127,8 @@ def main(argv=None) -> int:
             from worker.audit import run_audit
 
             result = run_audit(args.input, args.report, args.label_column, args.controls, args.model,
-                               interventions=args.interventions, echo=print)
+                               interventions=args.interventions, echo=print,
+                               compare_methods=args.compare_methods)
             summary = {"report": args.report, "groups": len(result["groups"]), "findings": result["findings"]}
         elif args.command == "scheduled":
             from worker.job.schedule import load_config, scheduled_run

@@ -26,6 +26,8 @@ from worker.audit.aggregate import (
     partial_aggregates,
 )
 from worker.audit.clusters import add_cluster_examples, assign, cluster_groups
+from worker.audit.compare import compare_methods as compare_methods_on
+from worker.audit.compare import stratified_sample
 from worker.audit.controls import run_controls
 from worker.audit.findings import findings, intervention_findings
 from worker.audit.intervene import FILLS, PLACEMENTS, fill, probe_region
@@ -215,15 +217,17 @@ MEAN_IMAGE_ROWS = 20_000  # read at most this many rows to find them
 
 
 def run_audit(output: str, report_dir: str | None = None, label_column: str | None = None,
-              controls: int = 0, model: str | None = None, interventions: int = 0, echo=None) -> dict:
+              controls: int = 0, model: str | None = None, interventions: int = 0, echo=None,
+              compare_methods: int = 0) -> dict:
     """Aggregate a job's output with Ray Data; write audit.json and report.html to ``report_dir``.
 
     ``label_column`` defaults to the job's. ``controls=N`` adds the sanity controls of :mod:`worker.audit.controls`
     on the first N input images, with the engine the job used, rebuilt from its run record (``model``
     defaults to the job's model; a remote one is fetched). ``interventions=N`` localises each labelled class's
     regions and confirms or refutes each by intervening on N images of the class
-    (:mod:`worker.audit.intervene`). ``echo`` (e.g. ``print``) gets a line per step and a summary; the
-    passes over the maps show one progress line on stderr (:mod:`worker.job.progress`)."""
+    (:mod:`worker.audit.intervene`). ``compare_methods=N`` measures every method's faithfulness and sanity on N
+    images per class with the job's model (:mod:`worker.audit.compare`). ``echo`` (e.g. ``print``) gets a line
+    per step and a summary; the passes over the maps show one progress line on stderr (:mod:`worker.job.progress`)."""
     echo = echo or (lambda *_: None)
     began = time.perf_counter()
 
@@ -250,16 +254,18 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     add_cluster_examples(merged, fitted, clusters)
     result = {"output": output, "groups": merged, "clusters": clusters, "findings": findings(merged, clusters),
               "metadata": metadata}
-    if (controls or interventions) and config is None:
+    if (controls or interventions or compare_methods) and config is None:
         raise ValueError(f"{output} was written without a run record (an older version): the controls and "
                          "interventions cannot rebuild its engine; run the job again into a new output")
     options = DecodeOptions.from_dict(metadata["decode"]) if config is not None else None
-    if controls or interventions:
+    if controls or interventions or compare_methods:
         model_path = storage.fetch_model(model or config.model)
 
-        def make_engine(source=None, **overrides):
-            """The job's engine (same method and options) on ``source`` (default: the job's model)."""
-            return build_engine(config, model_path if source is None else source, **{"batch_size": 32, **overrides})
+        def make_engine(source=None, method=None, **overrides):
+            """The job's engine (same method and options, or another ``method``) on ``source`` (default: the job's
+            model)."""
+            run = config if method is None else dataclasses.replace(config, method=method)
+            return build_engine(run, model_path if source is None else source, **{"batch_size": 32, **overrides})
 
     if config is not None:  # the worst cases' own images, beside their maps (when the input is still there)
         worst = [w for g, v in merged.items() if g.startswith("worst:") for w in v["worst"]]
@@ -305,6 +311,16 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
             result["class_images"] = {c: v.mean(0).astype(np.uint8) for c, v in samples.items()}
         except (OSError, ValueError):  # the input is gone: the report shows the maps alone
             pass
+    if compare_methods:
+        sample = stratified_sample(dataclasses.replace(config, label_column=label_column), options,
+                                   sorted(int(g.split(":", 1)[1]) for g, v in merged.items()
+                                          if g.startswith("true:" if label_column else "predicted:") and v["count"]),
+                                   compare_methods)
+        result["method_comparison"] = compare_methods_on(
+            make_engine, sample["images"], sample["ids"], sample["classes"], sample["masks"],
+            safe_mode=not config.allow_unsafe_deserialization, echo=echo)
+        echo(f"audit: methods compared on {len(sample['ids'])} images in "
+             f"{result['method_comparison']['seconds']} s: {result['method_comparison']['sentence']}")
     if report_dir:
         write_report(result, report_dir)
     high = [f for f in result["findings"] if f["severity"] == "high"]
