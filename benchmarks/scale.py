@@ -12,6 +12,14 @@ once about half its rows are committed, then the same command again (resume); th
 (nothing to do).  The engine alone (one process: read Parquet, decode with the job's decode path,
 ``explain``) on the first 50 000 rows gives the rate to compare with.  Linux only (reads /proc).
 Writes benchmarks/results/scale.{json,md}.
+
+    python -m benchmarks.scale --sizes 30000 100000 300000 [--audit-controls 16 --audit-interventions 10]
+
+The whole chain at several sizes (issue #24): at each size the job (with ``--label-column label``) and then
+``python -m jobs.audit`` on its output (clusters; controls and interventions on their bounded samples), each in
+its own process with the same PSS sampling; at the largest size also the kill at about half, the resume and
+the no-op re-run.  The driver's and all processes' peak PSS are fitted against the rows (least squares), for
+the job and for the audit.  Writes benchmarks/results/scale_audit.{json,md}.
 """
 
 from __future__ import annotations
@@ -47,14 +55,29 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.interval = root, interval
         self.stop, self.driver_peak, self.total_peak = threading.Event(), 0.0, 0.0
+        self.seen: set[int] = set()  # every process seen under the root: this run's own, to clean up after it
+
+    def snapshot(self) -> list[int]:
+        tree, todo, pids = _children(), [self.root], []
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            todo.extend(tree.get(pid, []))
+        self.seen.update(pids)
+        return pids
+
+    def kill_seen(self) -> None:
+        """SIGKILL the processes this run started that are still alive (the orphans of a killed tree, or a Ray
+        process a finished driver left): only those seen under the root, never anyone else's."""
+        for pid in sorted(self.seen - {os.getpid()}):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def run(self):
         while not self.stop.is_set():
-            tree, todo, pids = _children(), [self.root], []
-            while todo:
-                pid = todo.pop()
-                pids.append(pid)
-                todo.extend(tree.get(pid, []))
+            pids = self.snapshot()
             driver = _pss_mb(self.root)
             self.driver_peak = max(self.driver_peak, driver)
             self.total_peak = max(self.total_peak, driver + sum(_pss_mb(p) for p in pids[1:]))
@@ -124,9 +147,10 @@ def committed_rows(out: str) -> int:
     return total
 
 
-def run_job(data, model, out, batch, kill_at: int | None = None) -> dict:
+def run_job(data, model, out, batch, kill_at: int | None = None, labels: bool = False) -> dict:
     cmd = [sys.executable, "-m", "jobs.explain", "--model", model, "--input", data, "--output", out,
            "--batch-size", str(batch), "--rows-per-file", "8192", "--no-statistics"]
+    cmd += ["--label-column", "label"] if labels else []
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -138,6 +162,7 @@ def run_job(data, model, out, batch, kill_at: int | None = None) -> dict:
         while proc.poll() is None:
             rows = committed_rows(out)
             if rows >= kill_at:
+                sampler.snapshot()
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed_at = rows
                 break
@@ -146,13 +171,11 @@ def run_job(data, model, out, batch, kill_at: int | None = None) -> dict:
     seconds = time.perf_counter() - start
     sampler.stop.set()
     sampler.join()
-    if killed_at is None:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)  # nothing should be left; be sure
+    sampler.kill_seen()  # nothing of this run should be left; be sure (only its own processes)
     result = {"seconds": round(seconds, 1), "driver_peak_pss_mb": round(sampler.driver_peak, 1),
               "all_processes_peak_pss_mb": round(sampler.total_peak, 1), "returncode": proc.returncode}
     if killed_at is not None:
         result["killed_with_rows_committed"] = killed_at
-        subprocess.run(["pkill", "-9", "-f", "ray::"], capture_output=True)  # orphans of the killed tree
         return result
     summary_path = os.path.join(out, "_summary.json")
     if proc.returncode != 0 or not os.path.exists(summary_path):
@@ -163,6 +186,114 @@ def run_job(data, model, out, batch, kill_at: int | None = None) -> dict:
                                                   "duplicate_ids", "complete", "rows_per_second")}}
 
 
+def run_audit_process(out: str, report: str, controls: int, interventions: int) -> dict:
+    """``python -m jobs.audit`` on a job's output in its own process group, its driver's and every process's
+    peak PSS sampled as the job's are; the seconds its own line reports for the passes over the maps."""
+    import re
+
+    cmd = [sys.executable, "-m", "jobs.audit", "--input", out, "--report", report,
+           "--controls", str(controls), "--interventions", str(interventions)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    sampler = TreeSampler(proc.pid)
+    sampler.start()
+    output, _ = proc.communicate()
+    seconds = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
+    sampler.kill_seen()
+    if proc.returncode != 0:
+        raise RuntimeError(f"audit failed ({proc.returncode}):\n{output[-3000:]}")
+    found = re.search(r"audit: (\d+) maps in (\d+) files aggregated and clustered in ([\d.]+) s", output)
+    return {"seconds": round(seconds, 1), "driver_peak_pss_mb": round(sampler.driver_peak, 1),
+            "all_processes_peak_pss_mb": round(sampler.total_peak, 1),
+            "rows": int(found.group(1)) if found else None,
+            "aggregate_and_cluster_seconds": float(found.group(3)) if found else None,
+            "last_lines": output.strip().splitlines()[-3:]}
+
+
+def chain(args) -> None:
+    """Job then audit at each of ``args.sizes``; kill, resume and no-op re-run at the largest."""
+    tmp = tempfile.mkdtemp(prefix="scale-chain-")
+    sizes, rows_of = sorted(args.sizes), {}
+    try:
+        for n in sizes:
+            here = os.path.join(tmp, str(n))
+            os.makedirs(here)
+            data, model = make_data(here, n, args.files, args.size)
+            job = run_job(data, model, os.path.join(here, "full"), args.batch_size, labels=True)
+            print(n, "job", job, flush=True)
+            audit = run_audit_process(os.path.join(here, "full"), os.path.join(here, "report"),
+                                      args.audit_controls, args.audit_interventions)
+            print(n, "audit", audit, flush=True)
+            rows_of[n] = {"job": job, "audit": audit}
+            if n == sizes[-1]:
+                resumed = os.path.join(here, "resumed")
+                rows_of[n]["killed"] = run_job(data, model, resumed, args.batch_size, kill_at=n // 2, labels=True)
+                rows_of[n]["resume"] = run_job(data, model, resumed, args.batch_size, labels=True)
+                rows_of[n]["no-op re-run"] = run_job(data, model, resumed, args.batch_size, labels=True)
+                print(n, rows_of[n], flush=True)
+            shutil.rmtree(here, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for n in sizes:
+        for name in ("job", "resume", "no-op re-run"):
+            r = rows_of[n].get(name)
+            if r is not None:
+                assert r["complete"] and r["rows_out"] == n and r["duplicate_ids"] == 0, (n, name, r)
+        assert rows_of[n]["audit"]["rows"] == n, rows_of[n]["audit"]
+
+    def fit(what, key):
+        slope, intercept = np.polyfit(sizes, [rows_of[n][what][key] for n in sizes], 1)
+        return {"mb_per_1000_rows": round(float(slope) * 1000, 3), "intercept_mb": round(float(intercept), 1)}
+
+    fits = {f"{what} {key}": fit(what, key) for what in ("job", "audit")
+            for key in ("driver_peak_pss_mb", "all_processes_peak_pss_mb")}
+    largest = rows_of[sizes[-1]]
+    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "revision": git_revision(),
+               "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:]), "sizes": sizes,
+               "files": args.files, "image_size": args.size, "batch_size": args.batch_size,
+               "audit_controls": args.audit_controls, "audit_interventions": args.audit_interventions,
+               "load_average": os.getloadavg(), "runs": {str(n): r for n, r in rows_of.items()}, "fits": fits}
+    lines = [f"# The chain at {', '.join(f'{n:,}' for n in sizes)} rows: job, then audit ({results['date']})", "",
+             *provenance(results),
+             f"PNG images of {args.size}x{args.size} (scikit-learn digits) in {args.files} files, a one-convolution "
+             f"model, batch {args.batch_size}: `python -m jobs.explain --label-column label`, then `python -m "
+             f"jobs.audit` on its output with clusters, `--controls {args.audit_controls} --interventions "
+             f"{args.audit_interventions}`; each in its own process (Ray started in it), peak PSS of its driver and "
+             "of every process under it sampled every 0.5 s. One run of each: a rehearsal on a shared 2-core machine "
+             f"(load average at the end {', '.join(f'{x:.1f}' for x in results['load_average'])}), not a ratio "
+             "of interleaved rounds. 10 million rows did not fit the session: these sizes and the fit stand in.", "",
+             "| rows | run | seconds | rows/s | driver peak PSS (MB) | all processes peak PSS (MB) | note |",
+             "|---|---|---|---|---|---|---|"]
+    for n in sizes:
+        for name, r in rows_of[n].items():
+            done = r.get("rows_this_run", n if name == "audit" else None)
+            rate = f"{done / r['seconds']:,.0f}" if done else ""
+            if name == "audit":
+                note = (f"maps aggregated and clustered in {r['aggregate_and_cluster_seconds']} s "
+                        f"({n / r['aggregate_and_cluster_seconds']:,.0f} maps/s); the audit's rate / the job's: "
+                        f"**{(n / r['seconds']) / (n / rows_of[n]['job']['seconds']):.2f}x** whole process")
+            elif "killed_with_rows_committed" in r:
+                note = f"killed with {r['killed_with_rows_committed']:,} rows committed"
+            else:
+                note = f"rows out {r['rows_out']:,}, resumed {r['rows_resumed']:,}, duplicates {r['duplicate_ids']}"
+            lines.append(f"| {n:,} | {name} | {r['seconds']} | {rate} | {r['driver_peak_pss_mb']} | "
+                         f"{r['all_processes_peak_pss_mb']} | {note} |")
+    lines += ["", "Peak PSS against rows (least squares over the sizes, one run each): "
+              + "; ".join(f"{k}: **{v['mb_per_1000_rows']} MB per 1 000 rows** (intercept {v['intercept_mb']} MB)"
+                          for k, v in fits.items())
+              + f". Extrapolated to 10 million rows: audit driver "
+              f"{fits['audit driver_peak_pss_mb']['intercept_mb'] + fits['audit driver_peak_pss_mb']['mb_per_1000_rows'] * 10_000:,.0f} MB, "
+              f"job driver {fits['job driver_peak_pss_mb']['intercept_mb'] + fits['job driver_peak_pss_mb']['mb_per_1000_rows'] * 10_000:,.0f} MB "
+              "(a straight line through three points: an estimate, not a measurement).", ""]
+    md = "\n".join(lines)
+    write(results, "scale_audit", md)
+    print(md)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=1_000_000)
@@ -170,7 +301,14 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--engine-rows", type=int, default=50_000)
+    p.add_argument("--sizes", type=int, nargs="+", help="the chain, job then audit, at each size (see above)")
+    p.add_argument("--audit-controls", type=int, default=16)
+    p.add_argument("--audit-interventions", type=int, default=10)
     args = p.parse_args(argv)
+    if args.sizes:
+        if len(set(args.sizes)) < 3:
+            p.error("a fit needs three sizes or more")
+        return chain(args)
     tmp = tempfile.mkdtemp(prefix="scale-")
     try:
         started = time.perf_counter()
