@@ -154,9 +154,11 @@ def command(name: str | None = None) -> None:
     down TensorFlow (~2 s here). Attached to a cluster, leaving only disconnects this driver."""
     argv = sys.argv[1:] if name is None else [name, *sys.argv[1:]]
     if "--verbose" not in argv:  # this process is the driver: its embedded Ray's workers stay off the console
-        from worker.job.progress import quiet_workers
+        from worker.job.progress import quiet_tensorflow, quiet_workers
 
         quiet_workers()
+        if argv and (argv[0] != "audit" or "--controls" in argv or "--interventions" in argv):  # will use TF
+            quiet_tensorflow()
     rc = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()

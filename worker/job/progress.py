@@ -43,6 +43,34 @@ def quiet_workers() -> None:
         os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")
 
 
+def quiet_tensorflow() -> None:
+    """Unless :func:`verbose`: import TensorFlow and Keras, and let TensorFlow find its devices, with this
+    process's stderr set aside, so that the C++ start-up lines they print before any log setting reaches them
+    (oneDNN, CUDA drivers, cuInit) stay off the console; if the import fails, they are written back first."""
+    if verbose() or "tensorflow" in sys.modules:
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as aside:
+        os.dup2(aside.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            aside.seek(0)
+            sys.stderr.buffer.write(aside.read())
+            sys.stderr.flush()
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 class Progress:
     """One progress line for ``total`` units of work, written to ``stream`` by a daemon thread; ``errors``
     (optional) is a callable returning the errors so far."""
