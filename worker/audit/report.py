@@ -139,6 +139,105 @@ def _controls_html(controls: dict | None) -> str:
             f"<table><tr><th>control</th><th>Spearman</th><th>SSIM</th></tr>{rows}</table>")
 
 
+DASHED = ' stroke-dasharray="4 3"'
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
+
+
+def _comparison_json(section: dict | None) -> dict | None:
+    """The method comparison for audit.json: its summaries (the per-image rows go to method_comparison.parquet)."""
+    return section and {k: v for k, v in section.items() if k != "rows"}
+
+
+def _svg_curves(lines: list[tuple[str, str, list, bool]], title: str, x_label: str, width: int = 300,
+                height: int = 190) -> str:
+    """A small inline SVG chart: ``lines`` of (name, colour, y values at equal x steps on [0, 1], dashed)."""
+    values = [v for _, _, ys, _ in lines for v in ys if np.isfinite(v)]
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    high = high if high > low else low + 1
+    left, top, right, bottom = 38, 18, width - 8, height - 28
+
+    def xy(i, n, v):
+        return (left + (right - left) * i / max(n - 1, 1), bottom - (bottom - top) * (v - low) / (high - low))
+
+    paths = "".join(
+        f'<polyline fill="none" stroke="{colour}" stroke-width="1.6"{DASHED if dashed else ""} '
+        f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, len(ys), v) for i, v in enumerate(ys)))}">'
+        f"<title>{html.escape(name)}</title></polyline>" for name, colour, ys, dashed in lines)
+    return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="{html.escape(title)}" style="font:10px sans-serif;margin:.2em .4em">'
+            f'<text x="{left}" y="11" font-weight="bold">{html.escape(title)}</text>'
+            f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#888"/>'
+            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#888"/>'
+            f'<text x="{left - 3}" y="{top + 4}" text-anchor="end">{high:.3g}</text>'
+            f'<text x="{left - 3}" y="{bottom}" text-anchor="end">{low:.3g}</text>'
+            f'<text x="{(left + right) / 2}" y="{height - 6}" text-anchor="middle">{html.escape(x_label)}</text>'
+            f"{paths}</svg>")
+
+
+def _comparison_html(section: dict | None, report_dir: str) -> str:
+    """The comparison of methods (:mod:`worker.audit.compare`): its sentence, the side-by-side table and the
+    curves; writes its rows as method_comparison.parquet (one row per method, image and metric)."""
+    if not section:
+        return "<h2 id=methods>Which map to trust</h2><p>not run (audit --compare-methods N)</p>"
+    pq.write_table(pa.Table.from_pylist(section["rows"]), os.path.join(report_dir, "method_comparison.parquet"))
+    done = {n: r for n, r in section["methods"].items() if "error" not in r}
+    colours = {n: COLOURS[i % len(COLOURS)] for i, n in enumerate(done)}
+    keys = [f"{mode}:{how}" for how in section["baselines"] for mode in ("deletion", "insertion")]
+
+    def cell(s, digits=2):
+        return (f"{s['mean']:.{digits}f} <small>[{s['interval'][0]:.{digits}f}, {s['interval'][1]:.{digits}f}]</small>"
+                if s and np.isfinite(s["mean"]) else "&ndash;")
+
+    head = ("<tr><th>method</th>" + "".join(f"<th>{k} AUC (gain over random)</th>" for k in keys)
+            + "<th>Spearman to a random class's map</th><th>Spearman, all layers randomised</th>"
+            "<th>Spearman under noise</th>" + ("<th>energy in mask</th><th>relevance mass</th>"
+                                               if any("localisation" in r for r in done.values()) else "")
+            + "<th>trusted</th><th>s</th></tr>")
+    rows = []
+    for name, r in done.items():
+        local = r.get("localisation")
+        rows.append(f'<tr><td><span style="color:{colours[name]}">&#9632;</span> {html.escape(name)}</td>'
+                    + "".join(f"<td>{r['faithfulness'][k]['auc']['mean']:.2f} ({cell(r['faithfulness'][k]['gain'])})"
+                              "</td>" for k in keys)
+                    + f"<td>{cell(r['class_spearman'])}</td><td>{cell(r['cascade'][-1] if r['cascade'] else None)}</td>"
+                    + f"<td>{cell(r['input_spearman'])}</td>"
+                    + (f"<td>{cell(local['energy_in_mask'])}</td><td>{cell(local['mass_accuracy'])}</td>"
+                       if local else "")
+                    + f"<td>{'yes' if r['trusted'] else 'no'}</td><td>{r['seconds']}</td></tr>")
+    first = next(iter(done.values()), None)
+    if first:
+        rows.append("<tr><td>random order (floor)</td>" + "".join(
+            f"<td>{first['faithfulness'][k]['floor']['mean']:.2f}</td>" for k in keys) + "</tr>")
+    failed = "".join(f"<li>{html.escape(n)}: {html.escape(r['error'])}</li>" for n, r in section["methods"].items()
+                     if "error" in r)
+    charts = "".join(
+        _svg_curves([(n, colours[n], r["faithfulness"][k]["curve"], False) for n, r in done.items()]
+                    + ([("random order", "#777", first["faithfulness"][k]["floor_curve"], True)] if first else []),
+                    f"{k}: target logit", "share of pixels flipped, most relevant first")
+        for k in keys)
+    charts += _svg_curves([(n, colours[n], [1.0] + [p["mean"] for p in r["cascade"]], False)
+                           for n, r in done.items() if r["cascade"]],
+                          "cascading randomisation: Spearman", "layers re-initialised from the top")
+    cost = section["cost"]
+    return (f"<h2 id=methods>Which map to trust</h2><p class=answer>{html.escape(section['sentence'])}</p>"
+            f"<p>{section['images']} images (a stratified sample, read and decoded as the job did), the job's model. "
+            "Faithfulness (RISE deletion and insertion, Petsiuk et al. 2018): the target's logit as pixels are "
+            f"replaced by a baseline in the map's order, most relevant first, in {section['steps']} steps; baselines: "
+            f"blur (Gaussian, sigma {section['blur_sigma']:.0%} of the side) and the sample's mean image. Deletion: a "
+            "low area is good; insertion: a high one; the gain is the paired difference to the same curves along a "
+            "random order (positive is better), with its 95 % bootstrap interval. Sanity (Adebayo et al. 2018): "
+            "Spearman of the map to the map of a random other class and of the model with its layers "
+            "re-initialised from the top (low is good: the map depends on the class and on the weights), and "
+            f"under Gaussian noise of {section['noise_levels']:g} levels (high is good). Cost: "
+            f"{cost['forward_per_image_per_method']} forward and {cost['explain_per_image_per_method']} explain "
+            f"passes per image per method (SmoothGrad: x {1 + cost['smoothgrad_copies']} copies), "
+            f"{cost['floor_forward_per_image']} forward passes per image for the floor; {section['seconds']} s.</p>"
+            f"<table>{head}{''.join(rows)}</table>" + (f"<p>Not compared:</p><ul>{failed}</ul>" if failed else "")
+            + f"<div>{charts}</div>")
+
+
 def _class_names(result: dict) -> list | None:
     """The classes' names, when the job recorded them (``JobConfig(extra_metadata={"class_names": [...]})``)."""
     names = result["metadata"].get("class_names")
@@ -242,7 +341,8 @@ def write_report(result: dict, report_dir: str) -> None:
     with open(os.path.join(report_dir, "audit.json"), "w") as f:
         json.dump({"output": result["output"], "groups": serial, "clusters": serial_clusters,
                    "findings": result["findings"], "controls": result.get("controls"),
-                   "interventions": serial_interventions}, f, indent=1)
+                   "interventions": serial_interventions,
+                   "method_comparison": _comparison_json(result.get("method_comparison"))}, f, indent=1)
     kind = "true:" if any(g.startswith("true:") for g in groups) else "predicted:"
     shown = {g: v for g, v in groups.items() if g.startswith(kind)}
     vmax = max((float(v["mean_map"].max()) for v in shown.values()), default=1.0)
@@ -281,7 +381,8 @@ def write_report(result: dict, report_dir: str) -> None:
         "<tr><td colspan=4>no findings</td></tr>"
     fingerprint = str(card["model fingerprint"] or "")
     contents = [("answer", "What the audit found"), ("classes", "Classes"), ("worst", "Worst cases"),
-                ("controls", "Controls"), ("interventions", "Interventions"), ("clusters", "Clusters"),
+                ("controls", "Controls"), ("methods", "Which map to trust"), ("interventions", "Interventions"),
+                ("clusters", "Clusters"),
                 ("findings", "All findings"), ("run", "Run card")]
     toc = " &middot; ".join(f"<a href=#{a}>{t}</a>" for a, t in contents)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Saliency audit</title>
@@ -306,6 +407,7 @@ target {html.escape(str(card["target"]))}; model {html.escape(fingerprint[:19])}
 over it, at the input's resolution; the row id names it in the output. {html.escape(result.get("worst_images", ""))}</p>
 {worst or "<p>no statistics columns in this output</p>"}
 {_controls_html(result.get("controls"))}
+{_comparison_html(result.get("method_comparison"), report_dir)}
 {_interventions_html(result.get("interventions"))}
 <h2 id=clusters>Clusters (spectral relevance analysis)</h2>
 <p>Per class: a uniform sample of at most {SAMPLE_SIZE} maps is
