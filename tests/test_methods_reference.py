@@ -50,6 +50,29 @@ def test_gradcam_matches_the_numpy_reference(model, images, engine_path):
     assert cam.report["method"] == "gradcam" and cam.report["cam_tensor"].endswith("Relu")
 
 
+@pytest.mark.parametrize("size,stride", [(12, 3), (35, 5)])
+def test_gradcam_upsamples_by_odd_factors(size, stride, engine_path):
+    """A 4 x 4 CAM to 12 x 12, a 7 x 7 one to 35 x 35: XLA's own bilinear resize (the GPU's path) is wrong for
+    odd whole factors; the map must not be."""
+    keras.utils.set_random_seed(2)
+    x = keras.Input((size, size, 3))
+    a = keras.layers.ReLU(name="features")(keras.layers.Conv2D(3, stride, strides=stride)(x))
+    net = keras.Model(x, keras.layers.Dense(4)(keras.layers.Flatten()(a)))
+    pictures = np.random.default_rng(3).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    cam = GradCAM(net, batch_size=2, map_dtype="float32", cam_layer="features", **engine_path)
+    assert_path(cam, engine_path)
+    out = cam.explain(pictures)
+    inputs = tf.constant(pictures, tf.float32)
+    features = keras.Model(net.inputs, net.get_layer("features").output)
+    with tf.GradientTape() as tape:
+        act = features(inputs)
+        tape.watch(act)
+        logits = net.layers[-1](net.layers[-2](act))
+        score = tf.reduce_sum(tf.gather(logits, out.target_class[:, 0], batch_dims=1))
+    expected = ref.grad_cam(act.numpy().astype(np.float64), tape.gradient(score, act).numpy(), (size, size))
+    ref.assert_close(out.maps[:, 0], expected, rtol=1e-4)
+
+
 def test_gradcam_at_a_chosen_layer(model, images):
     """--cam-layer: an earlier block (4x4), found by the layer's name in the traced graph; a fixed class."""
     layers = ref.layers_of(model)

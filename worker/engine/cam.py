@@ -7,7 +7,9 @@ layer (or name scope) ``NAME``.
 
 Grad-CAM (Selvaraju et al., 2017): at that activation A (h x w x c), the channel weights are the spatial mean
 of the *ordinary* gradient of the score; the map is ReLU(sum_c weight_c A_c), upsampled bilinearly to the model
-input on the device.
+input on the device (half-pixel centres, as ``tf.image.resize``), as two small matrix products: XLA's own
+bilinear resize is wrong for odd whole upscale factors (4 -> 12, 7 -> 49: off by up to 90 % of the map's peak
+on TensorFlow 2.21), and XLA is the GPU's default path.
 """
 
 from __future__ import annotations
@@ -49,5 +51,19 @@ def grad_cam(activation: tf.Tensor, score: tf.Tensor, size: tuple[int, int]) -> 
         grads = tf.gradients(tf.reduce_sum(score), activation)[0]
     a, g = tf.cast(activation, tf.float32), tf.cast(grads, tf.float32)
     weights = tf.reduce_mean(g, axis=[1, 2], keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(a * weights, axis=-1, keepdims=True))
-    return tf.image.resize(cam, size, method="bilinear")[..., 0]
+    cam = tf.nn.relu(tf.reduce_sum(a * weights, axis=-1))
+    rows, cols = (_bilinear(n_in, n_out) for n_in, n_out in zip(cam.shape[1:3], size))
+    return tf.einsum("yh,nhw,xw->nyx", rows, cam, cols)
+
+
+def _bilinear(n_in: int, n_out: int) -> tf.Tensor:
+    """(n_out, n_in) weights of bilinear interpolation with half-pixel centres, edges clamped."""
+    import numpy as np
+
+    position = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, n_in - 1)
+    weights = np.zeros((n_out, n_in), np.float32)
+    np.add.at(weights, (np.arange(n_out), low), 1 - (position - low))
+    np.add.at(weights, (np.arange(n_out), high), position - low)
+    return tf.constant(weights)
