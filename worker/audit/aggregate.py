@@ -313,15 +313,12 @@ def assignment_partials(table: pa.Table, centroids: dict, label_column: str | No
     table, grids = _explained_grids(table)
     rows_out = {"group": [], "cluster": [], "count": [], "grid_sum": []}
     if table.num_rows:
-        members: dict[str, list[int]] = {}
-        for i, keys in enumerate(group_keys(table, label_column)):
-            for kind, cls in keys:
-                if f"{kind}:{cls}" in centroids:
-                    members.setdefault(f"{kind}:{cls}", []).append(i)
+        members = {f"{kind}:{cls}": rows for (kind, cls), rows in group_members(table, label_column).items()
+                   if f"{kind}:{cls}" in centroids}
         for group, rows in members.items():
             labels = assign(grids[rows].reshape(len(rows), -1), np.asarray(centroids[group]))
             for c in np.unique(labels):
-                chosen = np.asarray(rows)[labels == c]
+                chosen = rows[labels == c]
                 rows_out["group"].append(group)
                 rows_out["cluster"].append(int(c))
                 rows_out["count"].append(len(chosen))
