@@ -2,6 +2,7 @@
 here; parity with xplique's Deletion and Insertion; the comparison from run_audit on a job's output with masks
 and on a keras.applications model."""
 
+import html
 import importlib.util
 
 import numpy as np
@@ -115,15 +116,15 @@ def test_comparison_from_the_audit_of_a_job_with_masks(ray_local, job_model, tmp
     jobdata.write_hf(tmp_path / "d.parquet", images[keep], labels[keep], row_group=8, box=boxes)
     run(JobConfig(model=job_model, input=str(tmp_path / "d.parquet"), output=str(tmp_path / "out"),
                   preprocessing="scale01", label_column="label", mask_column="box", batch_size=8), echo=lambda *_: None)
-    result = run_audit(str(tmp_path / "out"), str(tmp_path / "report"), compare_methods=2)
+    result = run_audit(str(tmp_path / "out"), str(tmp_path / "report"), compare_methods=1)
     import keras
 
     depths = compare.cascade_depths(len(compare.weighted_layers(keras.saving.load_model(job_model))))
     section = result["method_comparison"]
-    assert section["images"] == 6 and set(section["methods"]) == {name for name, _, _ in compare.variants()}
+    assert section["images"] == 3 and set(section["methods"]) == {name for name, _, _ in compare.variants()}
     for name, r in section["methods"].items():
         assert "error" not in r, name
-        assert [p["layers"] for p in r["cascade"]] == depths and r["localisation"]["energy_in_mask"]["images"] == 6
+        assert [p["layers"] for p in r["cascade"]] == depths and r["localisation"]["energy_in_mask"]["images"] == 3
     table = pq.read_table(str(tmp_path / "report" / "method_comparison.parquet")).to_pylist()
     metrics = {(row["method"], row["metric"]) for row in table}
     assert len(table) == len({(row["method"], row["image"], row["metric"]) for row in table})
@@ -134,9 +135,9 @@ def test_comparison_from_the_audit_of_a_job_with_masks(ray_local, job_model, tmp
         if row["metric"] == "deletion_auc:mean":
             start.setdefault(row["image"], set()).add(round(row["curve"][0], 4))
             assert row["value"] == pytest.approx(np.trapezoid(row["curve"], dx=1 / 16))
-    assert len(start) == 6 and all(len(v) == 1 for v in start.values())
+    assert len(start) == 3 and all(len(v) == 1 for v in start.values())
     page = (tmp_path / "report" / "report.html").read_text()
-    assert "Which map to trust" in page and section["sentence"][:40] in page and page.count("<svg") == 5
+    assert "Which map to trust" in page and html.escape(section["sentence"]) in page and page.count("<svg") == 5
 
 
 @pytest.mark.slow

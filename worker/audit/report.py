@@ -234,7 +234,8 @@ def _comparison_html(section: dict | None, report_dir: str) -> str:
             f"{cost['forward_per_image_per_method']} forward and {cost['explain_per_image_per_method']} explain "
             f"passes per image per method (SmoothGrad: x {1 + cost['smoothgrad_copies']} copies), "
             f"{cost['floor_forward_per_image']} forward passes per image for the floor; {section['seconds']} s.</p>"
-            f"<table>{head}{''.join(rows)}</table>" + (f"<p>Not compared:</p><ul>{failed}</ul>" if failed else "")
+            f"<div style=\"overflow-x:auto\"><table>{head}{''.join(rows)}</table></div>"
+            + (f"<p>Not compared:</p><ul>{failed}</ul>" if failed else "")
             + f"<div>{charts}</div>")
 
 
