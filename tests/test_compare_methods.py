@@ -159,7 +159,8 @@ def test_comparison_on_a_keras_applications_model(tmp_path):
 
     images = np.random.default_rng(4).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     section = compare.compare_methods(make_engine, images, only=("guided_backprop", "gradcam"), steps=8)
+    layers = len(compare.weighted_layers(model))
     for r in section["methods"].values():
-        assert len(r["cascade"]) == compare.CASCADE_POINTS and r["cascade"][-1]["of"] == len(compare.weighted_layers(model))
+        assert len(r["cascade"]) == compare.CASCADE_POINTS and r["cascade"][-1]["of"] == layers
         assert all(np.isfinite(v["gain"]["mean"]) for v in r["faithfulness"].values())
     assert section["cost"]["forward_per_image_per_method"] == 2 * 2 * 9 and section["sentence"]

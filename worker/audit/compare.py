@@ -273,6 +273,12 @@ def compare_methods(make_engine, images: np.ndarray, ids=None, classes=None, mas
                     depths = len(cascade_depths(len(weighted_layers(shared))))
                 except Exception as exc:  # noqa: BLE001
                     random_model = f"{type(exc).__name__}: {exc}"
+            planned = cost_plan(len(images), len(chosen), sum(1 for _, _, s in chosen if s), steps, len(BASELINES),
+                                depths)
+            echo(f"audit: comparing {len(chosen)} methods on {len(images)} images: {planned['forward_total']} forward "
+                 f"passes and {planned['explain_images_total']} explained images planned "
+                 f"({planned['forward_per_image_per_method']} forward and {planned['explain_per_image_per_method']} "
+                 "explain passes per image per method)")
         maps = engine.explain(images, predicted).as_float32()[:, 0]
         order = map_order(maps)
         result: dict = {"method": method, "smooth": smooth, "faithfulness": {}}
@@ -313,10 +319,10 @@ def compare_methods(make_engine, images: np.ndarray, ids=None, classes=None, mas
         result["seconds"] = round(time.perf_counter() - tick, 1)
         methods[name] = result
         echo(f"audit: compared {name} in {result['seconds']} s")
-    smoothed = sum(1 for _, m, s in chosen if s)
     section = {"images": int(len(images)), "steps": steps, "baselines": list(BASELINES), "blur_sigma": BLUR_SIGMA,
                "noise_levels": NOISE_LEVELS, "methods": methods, "rows": rows,
-               "cost": cost_plan(len(images), len(chosen), smoothed, steps, len(BASELINES), depths),
+               "cost": cost_plan(len(images), len(chosen), sum(1 for _, _, s in chosen if s), steps, len(BASELINES),
+                                 depths),
                "seconds": round(time.perf_counter() - began, 1)}
     section["sentence"] = trust_sentence(section)
     return section
