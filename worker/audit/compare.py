@@ -361,7 +361,8 @@ def trust_sentence(section: dict) -> str:
     if trusted:
         best = max(trusted, key=lambda n: gain(done[n]))
         r = done[best]
-        out = (f"Trust {', '.join(trusted)} on this model: each beats a random pixel order on deletion and insertion "
+        each = "each beats" if len(trusted) > 1 else "it beats"
+        out = (f"Trust {', '.join(trusted)} on this model: {each} a random pixel order on deletion and insertion "
                f"with both baselines and changes with the class and the weights (best: {best}, Spearman "
                f"{r['class_spearman']['mean']:.2f} to a random class's map, {r['cascade'][-1]['mean']:.2f} with every "
                "layer re-initialised).")
