@@ -12,7 +12,12 @@ Rounds interleave the sizes.
                  the question's CNN trained for 4 epochs, ``python -m jobs.explain``; audited without and with
                  ``interventions=N`` (the engine rebuilt, every class localised and probed)
 Reported: median seconds (min–max), maps/s, driver peak and growth, and the growth's slope per 1 000 rows.
-Writes benchmarks/results/audit.{json,md}.
+Writes benchmarks/results/audit.{json,md} (with ``--no-real``, audit_memory.{json,md}).
+
+    python -m benchmarks.audit compare [REVISION]
+
+The per-block reduction of REVISION (default 55183e4, before issue #24) against this tree's, interleaved in one
+process: benchmarks/results/audit_vectorised.{json,md}.
 """
 
 from __future__ import annotations
@@ -113,10 +118,62 @@ def child(output, report, interventions=0) -> dict:
     return child_json(["-m", "benchmarks.audit", "one", output, report, str(interventions)])
 
 
+def compare(revision: str, rounds: int = 7) -> None:
+    """The per-block reduction of ``revision``'s worker/audit/aggregate.py (``git show``) against this tree's, in
+    one process, rounds interleaved (order alternating), on one 10 000-row file of 32 x 32 and of 16 x 16 maps
+    (the whole file in one call for both). Writes benchmarks/results/audit_vectorised.{json,md}."""
+    import importlib.util
+    import statistics
+
+    from worker.audit import aggregate as new
+
+    source = subprocess.run(["git", "show", f"{revision}:worker/audit/aggregate.py"], capture_output=True, text=True,
+                            check=True).stdout
+    tmp = tempfile.mkdtemp(prefix="audit-compare-")
+    try:
+        path = os.path.join(tmp, "aggregate_then.py")
+        with open(path, "w") as f:
+            f.write(source)
+        spec = importlib.util.spec_from_file_location("aggregate_then", path)
+        old = importlib.util.module_from_spec(spec)
+        sys.modules["aggregate_then"] = old
+        spec.loader.exec_module(old)
+        rows = []
+        for size in (32, 16):
+            synthetic_output(os.path.join(tmp, str(size)), 10_000, size, 10)
+            table = pq.read_table(os.path.join(tmp, str(size), "part-000000000.parquet"))
+            rates = {"then": [], "now": []}
+            for r in range(rounds):
+                for name, module in ((("then", old), ("now", new)) if r % 2 == 0 else (("now", new), ("then", old))):
+                    start = time.perf_counter()
+                    module.partial_aggregates(table, "label")
+                    rates[name].append(table.num_rows / (time.perf_counter() - start))
+            rows.append({"maps": f"{size} x {size}", **rates,
+                         "ratio": [b / a for a, b in zip(rates["then"], rates["now"])]})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "revision": git_revision(),
+               "command": f"python -m benchmarks.audit compare {revision}", "then": revision, "rounds": rounds,
+               "load_average": os.getloadavg(), "rows": rows}
+    md = "\n".join([f"# The audit's per-block reduction, {revision} against now ({results['date']})", "",
+                     *provenance(results),
+                     f"`partial_aggregates` on one file of 10 000 synthetic maps (10 classes), the whole file in one "
+                     f"call, {rounds} rounds interleaved in one process; maps/s, median (min–max), and the ratio "
+                     f"paired by round. Load average at the end {results['load_average'][0]:.1f} (a shared 2-core "
+                     "machine).", "",
+                     "| maps | then | now | now / then |", "|---|---|---|---|",
+                     *[f"| {r['maps']} | {spread(r['then'], 0)} | {spread(r['now'], 0)} | **{spread(r['ratio'], 2)}** |"
+                       for r in rows], ""])
+    write(results, "audit_vectorised", md)
+    print(md)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["one"]:
         return one(argv[1], argv[2], int(argv[3]))
+    if argv[:1] == ["compare"]:
+        return compare(argv[1] if len(argv) > 1 else "55183e4")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     p.add_argument("--rounds", type=int, default=5)
