@@ -12,8 +12,8 @@ measured the same way:
   trapezoid on [0, 1] (xplique's). The same curves along a random order per image are the floor; a method's
   *gain* is its paired difference to the floor (deletion: floor minus method; insertion: method minus floor),
   with a 95 % bootstrap interval of the mean over images (:func:`~worker.audit.intervene.bootstrap_interval`);
-* **sanity** (Adebayo et al. 2018): *cascading randomisation*, the Spearman rank correlation of the map to the
-  map of the model with its weighted layers re-initialised from the top, cumulatively, at up to
+* **sanity** (Adebayo et al. 2018): *cascading randomisation*, the Spearman rank correlation (and SSIM) of the map to
+  the map of the model with its weighted layers re-initialised from the top, cumulatively, at up to
   ``CASCADE_POINTS`` depths (a curve); *class sensitivity*, Spearman to the map of a random other class;
   *input sensitivity*, Spearman to the map of the image with Gaussian noise of ``NOISE_LEVELS`` pixel levels;
 * **localisation**, where the job had masks: the energy pointing game and relevance mass accuracy
@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from worker.audit.controls import randomized_copy, spearman
+from worker.audit.controls import randomized_copy, spearman, ssim
 from worker.audit.intervene import bootstrap_interval
 
 STEPS = 16
@@ -218,7 +218,7 @@ def _cascade(engine, images, targets, maps, random_model) -> list[dict]:
             done = depth
             randomised = engine.explain(images, targets).as_float32()[:, 0]
             points.append({"layers": depth, "of": len(layers), "down_to": layers[-depth].name,
-                           "values": spearman(maps, randomised)})
+                           "values": spearman(maps, randomised), "ssim_values": ssim(maps, randomised)})
     finally:
         for layer, weights in zip(layers, saved):
             layer.set_weights(weights)
@@ -303,10 +303,12 @@ def compare_methods(make_engine, images: np.ndarray, ids=None, classes=None, mas
             result["cascade_error"] = random_model or "needs a Keras model (a SavedModel has no layers to reset)"
         else:
             points = _cascade(engine, images, predicted, maps, random_model)
-            result["cascade"] = [{**{k: v for k, v in p.items() if k != "values"}, **summary(p["values"], seed)}
+            result["cascade"] = [{"layers": p["layers"], "of": p["of"], "down_to": p["down_to"],
+                                  **summary(p["values"], seed), "ssim": summary(p["ssim_values"], seed)}
                                  for p in points]
             for p in points:
                 rows += _rows(name, ids, classes, f"cascade_spearman@{p['layers']}", p["values"])
+                rows += _rows(name, ids, classes, f"cascade_ssim@{p['layers']}", p["ssim_values"])
         if masks is not None:
             found = mask_statistics(maps, masks)
             result["localisation"] = {k: summary(found[k], seed) for k in ("energy_in_mask", "mass_accuracy")}
