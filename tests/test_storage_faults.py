@@ -139,10 +139,10 @@ def test_a_short_outage_is_waited_out(store):
 
     fs, path = filesystem(f"s3://{BUCKET}/policy/short.parquet")
     proxy.down()
-    threading.Timer(1.5, proxy.up).start()
+    threading.Timer(1.0, proxy.up).start()
     started = time.monotonic()
     retry.call(lambda: pq.write_table(_table(), path, filesystem=fs), "writing short.parquet")
-    assert 1.5 <= time.monotonic() - started < 10
+    assert 1.0 <= time.monotonic() - started < 10
     assert pq.read_table(path, filesystem=direct).num_rows == 64
 
 

@@ -16,11 +16,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -112,6 +114,28 @@ def _task_error(exc: BaseException) -> BaseException:
     return type(ours[-1])(retry.first_line(ours[-1]))
 
 
+class _StorageFailureFilter(logging.Filter):
+    """Keeps Ray Data's console from printing a storage step's failure as a remote traceback (and as a Ray bug,
+    ~200 lines): the driver reports it in one line, and Ray Data's log file still has it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = (record.exc_info or sys.exc_info())[1]  # Ray Data logs while it handles the exception
+        return exc is None or _task_error(exc) is exc
+
+
+@contextlib.contextmanager
+def _storage_failures_in_one_line():
+    handlers = [h for h in logging.getLogger("ray.data").handlers if not type(h).__name__.startswith("SessionFile")]
+    quiet = _StorageFailureFilter()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
 def run(config: JobConfig, *, echo=print) -> dict:
     """Run the job to completion and return its summary (also written to ``_summary.json``)."""
     started = time.time()
@@ -176,8 +200,8 @@ def run(config: JobConfig, *, echo=print) -> dict:
             # behind actors holding the rest of a small node
             failure = None
             try:
-                with watch("explain", rows_in - len(done), "ExplainBatch",
-                           errors=_errors_since(out_fs, out_root, set(files_before))):
+                with _storage_failures_in_one_line(), watch("explain", rows_in - len(done), "ExplainBatch",
+                                                           errors=_errors_since(out_fs, out_root, set(files_before))):
                     ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
             except Exception as exc:
                 failure = _task_error(exc)
