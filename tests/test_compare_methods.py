@@ -138,6 +138,10 @@ def test_comparison_from_the_audit_of_a_job_with_masks(ray_local, job_model, tmp
     assert len(start) == 3 and all(len(v) == 1 for v in start.values())
     page = (tmp_path / "report" / "report.html").read_text()
     assert "Which map to trust" in page and html.escape(section["sentence"]) in page and page.count("<svg") == 5
+    from tests.browser import render
+
+    shown = render(tmp_path / "report" / "report.html", tmp_path)  # the table and curves fit a laptop's window
+    assert shown["broken"] == 0 and shown["scroll_width"] <= shown["width"]
 
 
 @pytest.mark.slow
