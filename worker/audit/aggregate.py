@@ -4,7 +4,10 @@ Each block of the output is reduced to one row per group (true class, predicted 
 the count, mean and M2 of the L1-normalised maps downsampled to 16 x 16, count / sum / sum of squares of
 every statistic column, and a uniform sample of the maps for clustering; plus, per statistic, the worst
 rows.  Rows are Arrow (:data:`PARTIAL_SCHEMA`, list columns, no JSON) and merge exactly (Chan et al.'s
-parallel variance), so any number of rows fits in memory.  numpy and pyarrow only: testable without Ray.
+parallel variance), so any number of rows fits in memory: the driver's state is bounded by the groups (moments,
+stat sums, :data:`SAMPLE_SIZE` sampled maps and :data:`WORST_K` worst cases each), and the samples' caps
+(:func:`sample_caps`), handed to the tasks as they tighten, keep what each block sends small too.  numpy and
+pyarrow only: testable without Ray.
 
 Example:
     >>> a = Moments.of(np.ones((2, 2, 2))); b = Moments.of(np.zeros((2, 2, 2)))
