@@ -3,8 +3,9 @@
 Runs the engine comparison (ResNet50, MobileNetV2, the question's CNN), the Python API's time to first map,
 each method's cost, the engine's CPU defaults against their alternatives, a profile of where the engine's time
 goes, the job against the simplest loop, the job's memory as rows grow 100x, decode throughput (full vs JPEG
-draft), XLA's persistent cache across restarts, the audit, and a 1 million-row rehearsal with a kill and
-resume; each writes benchmarks/results/<name>.{json,md}, and results/README.md gathers the tables.
+draft), XLA's persistent cache across restarts, the audit, a 1 million-row rehearsal with a kill and
+resume, and what every keras.applications family does under every method; each writes
+benchmarks/results/<name>.{json,md}, and results/README.md gathers the tables.
 On a machine with a GPU, ``python -m benchmarks.gpu`` adds the GPU table.
 """
 
@@ -15,7 +16,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("engine", "first_map", "methods", "choices", "profile", "loop_vs_job", "job_memory", "decode", "xla_cache",
-         "audit", "scale")
+         "audit", "scale", "applications")
 
 
 def main() -> int:
