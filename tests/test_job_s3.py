@@ -1,17 +1,11 @@
 """An s3:// dataset, model and output on a real S3-compatible server (moto) on loopback."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from tests import jobdata
-from tests.conftest import free_port, start_ray
+from tests.conftest import moto_server, s3_environment, start_ray
 from worker.job import JobConfig, run
 
 BUCKET = "saliency-test"
@@ -19,33 +13,13 @@ BUCKET = "saliency-test"
 
 @pytest.fixture(scope="module")
 def s3():
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with moto_server() as port, s3_environment(f"http://127.0.0.1:{port}"):
         import boto3
 
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         ray = start_ray(num_cpus=2)  # workers inherit the endpoint and credentials
         yield pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
         ray.shutdown()
-    finally:
-        server.terminate()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_s3_input_model_and_output(s3, job_model, tmp_path):

@@ -5,9 +5,7 @@ vanish or are truncated. Each case either completes or ends with one line within
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -18,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests import jobdata
-from tests.conftest import free_port, start_ray
+from tests.conftest import moto_server, s3_environment, start_ray
 from tests.faultproxy import FaultProxy
 from worker.data import retry, sink
 from worker.job import JobConfig, run
@@ -30,36 +28,19 @@ BUCKET = "saliency-faults"
 def store():
     """moto on loopback, a fault proxy in front of it (what the job talks to), and Ray started after both, so its
     workers inherit the proxy's endpoint."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    proxy = FaultProxy(port).start()
-    env = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
+    with moto_server() as port:
+        proxy = FaultProxy(port).start()
+        with s3_environment(proxy.endpoint):
+            import boto3
 
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket=BUCKET)
-    # the server itself, past the proxy: what is really stored
-    direct = pafs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", access_key="test", secret_key="test",
-                               region="us-east-1")
-    try:
-        yield proxy, direct
-    finally:
-        proxy.close()
-        server.terminate()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket=BUCKET)
+            # the server itself, past the proxy: what is really stored
+            direct = pafs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", access_key="test",
+                                       secret_key="test", region="us-east-1")
+            try:
+                yield proxy, direct
+            finally:
+                proxy.close()
 
 
 @pytest.fixture(scope="module")
