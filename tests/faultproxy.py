@@ -46,29 +46,28 @@ def _read_exact(sock, buffer: bytearray, n: int) -> bytes:
     return body
 
 
+def _read_line(sock, buffer: bytearray, where: str) -> bytes:
+    """One CRLF-terminated line from ``buffer``, reading ``sock`` as needed."""
+    while b"\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"peer closed {where}")
+        buffer.extend(chunk)
+    end = buffer.index(b"\r\n") + 2
+    line = bytes(buffer[:end])
+    del buffer[:end]
+    return line
+
+
 def _read_chunked(sock, buffer: bytearray) -> bytes:
     out = bytearray()
     while True:
-        while b"\r\n" not in buffer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("peer closed mid-chunk")
-            buffer.extend(chunk)
-        end = buffer.index(b"\r\n") + 2
-        line = bytes(buffer[:end])
-        del buffer[:end]
+        line = _read_line(sock, buffer, "mid-chunk")
         size = int(line.split(b";")[0].strip(), 16)
         out += line
         if size == 0:  # trailers, then an empty line
             while True:
-                while b"\r\n" not in buffer:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        raise ConnectionError("peer closed in trailers")
-                    buffer.extend(chunk)
-                end = buffer.index(b"\r\n") + 2
-                trailer = bytes(buffer[:end])
-                del buffer[:end]
+                trailer = _read_line(sock, buffer, "in trailers")
                 out += trailer
                 if trailer == b"\r\n":
                     return bytes(out)
