@@ -142,4 +142,6 @@ def test_applications_match_a_plain_tensorflow_derivation(name, layer):
     guided, _ = reference(model, preprocess(images, NATIVE_PRESET[name]))
     both = GuidedGradCAM(model, batch_size=4, preprocessing=NATIVE_PRESET[name], reduction="none",
                          map_dtype="float32")
-    ref.assert_close(both.explain(images).maps[:, 0], guided * expected_cam[..., None], rtol=1e-4)
+    # the guided factor as tests/test_applications_reference.py checks it (5e-3: a ReLU whose input is within
+    # rounding of 0 may take the other side; ResNet50 on an avx512 host: 3.3e-4 at one pixel)
+    ref.assert_close(both.explain(images).maps[:, 0], guided * expected_cam[..., None], rtol=5e-3)
