@@ -173,3 +173,20 @@ def assert_close(actual, expected, rtol=1e-5):
     """Equal up to ``rtol`` of the expected map's largest magnitude (maps have no natural per-pixel scale)."""
     err = np.abs(actual - expected).max()
     assert err <= rtol * np.abs(expected).max(), f"max abs error {err} vs max {np.abs(expected).max()}"
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def swish_derivative(z):
+    """d/dz of z * sigmoid(z)."""
+    return sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+
+
+def gelu_derivative(z):
+    """d/dz of the exact GELU, z * Phi(z)."""
+    from scipy.special import erf
+
+    return 0.5 * (1 + erf(z / np.sqrt(2))) + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
+

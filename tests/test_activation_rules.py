@@ -12,15 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from keras import layers
-from scipy.special import erf
 
 from tests.conftest import assert_path
-from tests.reference import assert_close
+from tests.reference import assert_close, gelu_derivative, sigmoid, swish_derivative
 from worker import Deconvnet, GuidedBackprop, UnguidedReluError
-
-
-def _sigmoid(z):
-    return 1 / (1 + np.exp(-z))
 
 
 # name -> (layer, f'(z) in numpy, a ReLU the default already guides)
@@ -34,9 +29,8 @@ ACTIVATIONS = {
     "leaky_relu": (lambda: layers.LeakyReLU(0.1), lambda z: np.where(z > 0, 1.0, 0.1), False),
     "relu_slope_cap": (lambda: layers.ReLU(negative_slope=0.1, max_value=1.0),
                        lambda z: np.where(z > 1, 0.0, np.where(z > 0, 1.0, 0.1)), False),
-    "swish": (lambda: layers.Activation("swish"), lambda z: _sigmoid(z) * (1 + z * (1 - _sigmoid(z))), False),
-    "gelu": (lambda: layers.Activation("gelu"),
-             lambda z: 0.5 * (1 + erf(z / np.sqrt(2))) + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi), False),
+    "swish": (lambda: layers.Activation("swish"), swish_derivative, False),
+    "gelu": (lambda: layers.Activation("gelu"), gelu_derivative, False),
     "gelu_tanh": (lambda: layers.Lambda(lambda t: keras.activations.gelu(t, approximate=True)), None, False),
     "hard_swish": (lambda: layers.Activation("hard_swish"),
                    lambda z: np.where(z <= -3, 0.0, np.where(z >= 3, 1.0, (2 * z + 3) / 6)), False),
@@ -45,7 +39,7 @@ ACTIVATIONS = {
     "selu": (lambda: layers.Activation("selu"),
              lambda z: 1.0507009873554805 * np.where(z > 0, 1.0, 1.6732632423543772 * np.exp(np.minimum(z, 0))),
              False),
-    "sigmoid": (lambda: layers.Activation("sigmoid"), lambda z: _sigmoid(z) * (1 - _sigmoid(z)), False),
+    "sigmoid": (lambda: layers.Activation("sigmoid"), lambda z: sigmoid(z) * (1 - sigmoid(z)), False),
     "tanh": (lambda: layers.Activation("tanh"), lambda z: 1 - np.tanh(z) ** 2, False),
 }
 

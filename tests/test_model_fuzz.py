@@ -19,16 +19,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from keras import layers
-from scipy.special import erf
 
-from tests.reference import assert_close, grad_cam
+from tests.reference import assert_close, gelu_derivative, grad_cam, swish_derivative
 from worker import Deconvnet, GradCAM, Gradient, GuidedBackprop, GuidedGradCAM, UnguidedReluError
 
 SIZE, CLASSES = 12, 4
-
-
-def _sigmoid(z):
-    return 1 / (1 + np.exp(-z))
 
 
 class Activation:
@@ -57,10 +52,10 @@ class Activation:
             self.layer, self.derivative = layers.Lambda(lambda t: keras.ops.relu(t)), lambda z: (z > 0) * 1.0
         elif kind == "swish":
             self.layer = layers.Activation("swish")
-            self.derivative = lambda z: _sigmoid(z) * (1 + z * (1 - _sigmoid(z)))
+            self.derivative = swish_derivative
         else:
             self.layer = layers.Activation("gelu")
-            self.derivative = lambda z: 0.5 * (1 + erf(z / np.sqrt(2))) + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
+            self.derivative = gelu_derivative
 
 
 class Case:
