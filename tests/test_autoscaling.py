@@ -113,22 +113,24 @@ def autoscaling_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _ask(code, tag, env):
+    """What a short-lived Python process prints after ``tag`` (JSON), or None while the cluster is not up."""
+    proc = subprocess.run([sys.executable, "-c", f"import json; {code}"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(tag + " ")]
+    return json.loads(lines[-1][len(tag) + 1:]) if proc.returncode == 0 and lines else None
+
+
 def _status(address, env):
-    """The cluster's nodes as {'cpus': [...]} from a short-lived driver, or None while the head is not up."""
-    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
-            "print('NODES', json.dumps([n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']]))" % address)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("NODES ")]
-    return json.loads(lines[-1][6:]) if proc.returncode == 0 and lines else None
+    """The cluster's nodes' CPUs from a short-lived driver, or None while the head is not up."""
+    return _ask("import ray; ray.init(address=%r, logging_level='ERROR'); print('NODES', json.dumps("
+                "[n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']]))" % address, "NODES", env)
 
 
 def _submissions(url, env):
     """The submission ids of the cluster's Ray jobs, through its job API (None while it is not up)."""
-    code = ("import json; from ray.job_submission import JobSubmissionClient; "
-            "print('JOBS', json.dumps([j.submission_id for j in JobSubmissionClient(%r).list_jobs()]))" % url)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("JOBS ")]
-    return json.loads(lines[-1][5:]) if proc.returncode == 0 and lines else None
+    return _ask("from ray.job_submission import JobSubmissionClient; print('JOBS', json.dumps("
+                "[j.submission_id for j in JobSubmissionClient(%r).list_jobs()]))" % url, "JOBS", env)
 
 
 def _job(address, env, args, timeout):
