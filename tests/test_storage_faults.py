@@ -323,15 +323,22 @@ def _first_part_on(direct, prefix):
     return present
 
 
+def _run_until_first_part(store, job_model, tmp_path, name):
+    """A 240-row run into s3://BUCKET/<name>/run in the background, each request slowed by the proxy so that the
+    writes last long enough to cut; returns (config, thread, result) once its first part is committed."""
+    proxy, direct = store
+    cfg = _config(job_model, _dataset(tmp_path, 240), f"s3://{BUCKET}/{name}/run")
+    proxy.delay_s = 0.1  # each part's upload takes a few round trips
+    job, result = _background(lambda: run(cfg, echo=lambda *_: None))
+    _wait_for(_first_part_on(direct, f"{BUCKET}/{name}/run"), 300, "the first committed part")
+    assert job.is_alive(), "the run ended before the outage"
+    return cfg, job, result
+
+
 @pytest.mark.slow
 def test_s3_outage_of_20_s_mid_run_is_waited_out(store, cluster, job_model, tmp_path):
     proxy, direct = store
-    data = _dataset(tmp_path, 240)
-    output = f"s3://{BUCKET}/outage/run"
-    proxy.delay_s = 0.1  # each part's upload takes a few round trips: the writes last long enough to cut
-    job, result = _background(lambda: run(_config(job_model, data, output), echo=lambda *_: None))
-    _wait_for(_first_part_on(direct, f"{BUCKET}/outage/run"), 300, "the first committed part")
-    assert job.is_alive(), "the run ended before the outage"
+    _, job, result = _run_until_first_part(store, job_model, tmp_path, "outage")
     proxy.down()
     time.sleep(20)
     proxy.up()
@@ -346,13 +353,7 @@ def test_s3_outage_of_20_s_mid_run_is_waited_out(store, cluster, job_model, tmp_
 @pytest.mark.slow
 def test_s3_down_for_good_ends_within_the_bound_then_resumes(store, cluster, job_model, tmp_path):
     proxy, direct = store
-    data = _dataset(tmp_path, 240)
-    output = f"s3://{BUCKET}/down/run"
-    cfg = _config(job_model, data, output)
-    proxy.delay_s = 0.1
-    job, result = _background(lambda: run(cfg, echo=lambda *_: None))
-    _wait_for(_first_part_on(direct, f"{BUCKET}/down/run"), 300, "the first committed part")
-    assert job.is_alive(), "the run ended before the outage"
+    cfg, job, result = _run_until_first_part(store, job_model, tmp_path, "down")
     proxy.down()
     down = time.monotonic()
     job.join(timeout=retry.GIVE_UP_S + 120)
