@@ -68,6 +68,12 @@ def test_hf_directory_end_to_end(ray_local, job_model, tmp_path):
     # the same job again: nothing to do; another job: refused; --overwrite: replaced
     again = run(config(job_model, data, out, target="label", label_column="label", columns=("note",)))
     assert again["rows_resumed"] == 40 and again["rows_this_run"] == 0 and again["rows_out"] == 40
+    # the seconds split into phases: a no-op re-run plans and checks, it starts nothing and explains nothing
+    for timings in (summary["timings"], again["timings"]):
+        assert set(timings) == {"planning", "starting", "explaining", "checking"} and min(timings.values()) >= 0
+    assert summary["timings"]["starting"] > 0 and summary["timings"]["explaining"] > 0
+    assert again["timings"]["starting"] == 0 and again["timings"]["explaining"] < 0.05
+    assert abs(sum(again["timings"].values()) - again["seconds"]) < 0.05
     with pytest.raises(OutputExistsError, match="another job"):
         run(config(job_model, data, out, target="predicted"))
     assert read(out).num_rows == 40

@@ -136,9 +136,25 @@ def _storage_failures_in_one_line():
             handler.removeFilter(quiet)
 
 
-def run(config: JobConfig, *, echo=print) -> dict:
-    """Run the job to completion and return its summary (also written to ``_summary.json``)."""
-    started = time.time()
+@dataclasses.dataclass
+class _Plan:
+    """What the driver knows before any cluster time: the input's units, the output, the engine's shape."""
+
+    config: JobConfig
+    in_fs: object
+    units: list
+    out_fs: object
+    out_root: str
+    num_classes: int
+    target_kind: str
+    map_shape: tuple
+    decode_options: object
+    identity: dict
+    metadata: dict
+
+
+def _plan(config: JobConfig, echo) -> _Plan:
+    """Check the configuration, list the input, build the probe engine, and write down the run record."""
     config.validate()
     in_fs, units, in_columns = dataset.plan(config.input, config.needed_columns(), files=config.files)
     if config.id_column is None and "id" in in_columns:
@@ -147,10 +163,10 @@ def run(config: JobConfig, *, echo=print) -> dict:
     out_fs, out_root = storage.filesystem(config.output)
     probe = _probe_and_start(config, out_fs, out_root)
     report = probe.report
-    num_classes = probe.source.num_classes
-    k, target_kind = probe.target.maps_per_image, probe.target.kind
+    k = probe.target.maps_per_image
     h, w = probe.source.input_size
     map_shape = (k, *probe.map_shape) if k > 1 else probe.map_shape
+    num_classes, target_kind = probe.source.num_classes, probe.target.kind
     del probe
 
     import ray
@@ -163,63 +179,94 @@ def run(config: JobConfig, *, echo=print) -> dict:
     record = {**config.to_dict(), "files": None}
     metadata = {**report, "versions": versions, "job": identity, "config": record,
                 "decode": dataclasses.asdict(decode_options), **config.extra_metadata}
-    owner = {"fingerprint": identity["fingerprint"], "job": identity, "metadata": metadata}
+    return _Plan(config, in_fs, units, out_fs, out_root, num_classes, target_kind, map_shape, decode_options,
+                 identity, metadata)
+
+
+def _explain_remaining(plan: _Plan, datasink, done: np.ndarray, files_before: list[str], echo) -> float:
+    """Start the actors and stream the rows not yet done through read -> decode -> explain -> the sink; the
+    seconds spent starting Ray and placing the actors."""
+    import ray
+
+    config, rows_in = plan.config, sum(u.rows for u in plan.units)
+    starting = time.time()
+    connect()
+    placed = place_actors(config.actor_start_timeout_s, echo, actors=config.actors,
+                          gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
+                          decode_cpus=config.decode_cpus, gpu_memory_limit_mb=config.gpu_memory_limit_mb)
+    plan.metadata["actors"] = placed.describe()
+    starting = time.time() - starting
+    done_ref = ray.put(dataset.done_index(done))
+    ds = ray.data.from_items([dataclasses.asdict(u) for u in plan.units], override_num_blocks=max(1, len(plan.units)))
+    ds.context.raise_original_map_exception = True  # a read's StorageError, not Ray's UserCodeException
+    ds = ds.map_batches(read_with_retry, batch_size=1, batch_format="pyarrow", num_cpus=placed.decode_cpus_per_task,
+                        fn_kwargs={"fs": plan.in_fs, "columns": config.needed_columns(),
+                                   "id_column": config.id_column, "done": done_ref})
+    ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=placed.decode_cpus_per_task,
+                        fn_kwargs={"image_column": config.image_column, "label_column": config.label_column,
+                                   "needs_label": plan.target_kind == "label",
+                                   "num_classes": plan.num_classes,
+                                   "options": plan.decode_options,
+                                   "mask_column": config.mask_column})
+    ds = ds.map_batches(ExplainBatch, batch_size=config.batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=placed.actors), num_cpus=placed.num_cpus,
+                        num_gpus=placed.num_gpus or None,
+                        fn_constructor_kwargs={"config": config, "threads": placed.threads,
+                                               "map_shape": plan.map_shape})
+    # writes share the CPUs kept for read/decode: a default 1-CPU write task could wait forever
+    # behind actors holding the rest of a small node
+    failure = None
+    try:
+        with _storage_failures_in_one_line(), watch("explain", rows_in - len(done), "ExplainBatch",
+                                                   errors=_errors_since(plan.out_fs, plan.out_root,
+                                                                        set(files_before))):
+            ds.write_datasink(datasink, ray_remote_args={"num_cpus": placed.decode_cpus_per_task})
+    except Exception as exc:
+        failure = _task_error(exc)
+        if failure is exc:
+            raise
+    if failure is not None:
+        # raised here, not in the except clause: Ray's exception (and through its traceback the executor
+        # and its actor handles) is then let go, so the failed run's actors end now and a re-run in this
+        # process does not wait for their CPUs
+        del ds
+        raise failure
+    return starting
+
+
+def run(config: JobConfig, *, echo=print) -> dict:
+    """Run the job to completion and return its summary (also written to ``_summary.json``).
+
+    The summary's ``timings`` split the run's seconds: ``planning`` (input listed, probe engine built, output
+    claimed and its done ids read: what a resume or a no-op re-run costs before any row), ``starting`` (Ray
+    and the actors), ``explaining`` (the rows streamed through) and ``checking`` (every id read back for the
+    duplicate check)."""
+    started = time.time()
+    plan = _plan(config, echo)
+    config, out_fs, out_root = plan.config, plan.out_fs, plan.out_root
+    owner = {"fingerprint": plan.identity["fingerprint"], "job": plan.identity, "metadata": plan.metadata}
     # one run at a time per output (OutputBusyError)
     lease = retry.call(Lease(out_fs, out_root).acquire, f"taking the lease on {config.output}")
     try:
-        datasink = sink.AtomicParquetDatasink(out_fs, out_root, owner, metadata, config.rows_per_file,
+        datasink = sink.AtomicParquetDatasink(out_fs, out_root, owner, plan.metadata, config.rows_per_file,
                                               overwrite=config.overwrite)
         done, files_before = datasink.claim()
-        rows_in = sum(u.rows for u in units)
+        rows_in = sum(u.rows for u in plan.units)
         if len(done):
             echo(f"resuming: {len(done)} of {rows_in} rows are already in {config.output}")
-
+        timings = {"planning": time.time() - started, "starting": 0.0}
         if rows_in > len(done):
-            connect()
-            plan = place_actors(config.actor_start_timeout_s, echo, actors=config.actors,
-                                gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
-                                decode_cpus=config.decode_cpus, gpu_memory_limit_mb=config.gpu_memory_limit_mb)
-            metadata["actors"] = plan.describe()
-            done_ref = ray.put(dataset.done_index(done))
-            ds = ray.data.from_items([dataclasses.asdict(u) for u in units], override_num_blocks=max(1, len(units)))
-            ds.context.raise_original_map_exception = True  # a read's StorageError, not Ray's UserCodeException
-            read_columns = config.needed_columns()
-            ds = ds.map_batches(read_with_retry, batch_size=1, batch_format="pyarrow", num_cpus=plan.decode_cpus_per_task,
-                                fn_kwargs={"fs": in_fs, "columns": read_columns, "id_column": config.id_column,
-                                           "done": done_ref})
-            ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.decode_cpus_per_task,
-                                fn_kwargs={"image_column": config.image_column, "label_column": config.label_column,
-                                           "needs_label": target_kind == "label",
-                                           "num_classes": num_classes,
-                                           "options": decode_options,
-                                           "mask_column": config.mask_column})
-            ds = ds.map_batches(ExplainBatch, batch_size=config.batch_size, batch_format="pyarrow",
-                                compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None,
-                                fn_constructor_kwargs={"config": config, "threads": plan.threads, "map_shape": map_shape})
-            # writes share the CPUs kept for read/decode: a default 1-CPU write task could wait forever
-            # behind actors holding the rest of a small node
-            failure = None
-            try:
-                with _storage_failures_in_one_line(), watch("explain", rows_in - len(done), "ExplainBatch",
-                                                           errors=_errors_since(out_fs, out_root, set(files_before))):
-                    ds.write_datasink(datasink, ray_remote_args={"num_cpus": plan.decode_cpus_per_task})
-            except Exception as exc:
-                failure = _task_error(exc)
-                if failure is exc:
-                    raise
-            if failure is not None:
-                # raised here, not in the except clause: Ray's exception (and through its traceback the executor
-                # and its actor handles) is then let go, so the failed run's actors end now and a re-run in this
-                # process does not wait for their CPUs
-                del ds
-                raise failure
-
+            timings["starting"] = _explain_remaining(plan, datasink, done, files_before, echo)
+        checking = time.time()
+        timings["explaining"] = checking - started - timings["planning"] - timings["starting"]
         # the files committed before this run were read by claim(); read only the ones new since (any a retried
         # write task committed included, so a duplicate across files is still seen)
         before = set(files_before)
         new_files = retry.call(lambda: [f for f in sink.committed_files(out_fs, out_root) if f not in before],
                                f"listing {config.output}")
         ids = np.concatenate([done, sink.read_ids(out_fs, new_files)])
+        duplicate_ids = dataset.duplicates(ids)
+        timings["checking"] = time.time() - checking
         elapsed = time.time() - started
         summary = {
             "output": config.output,
@@ -228,12 +275,13 @@ def run(config: JobConfig, *, echo=print) -> dict:
             "rows_resumed": int(len(done)),
             "rows_this_run": datasink.result["rows"],
             "errors_this_run": datasink.result["errors"],
-            "duplicate_ids": dataset.duplicates(ids),
+            "duplicate_ids": duplicate_ids,
             "files_this_run": len(datasink.result["files"]),
             "seconds": round(elapsed, 2),
+            "timings": {k: round(v, 2) for k, v in timings.items()},
             "rows_per_second": round(datasink.result["rows"] / elapsed, 2) if elapsed else None,
             "complete": int(len(ids)) == rows_in,
-            "model_fingerprint": identity["model_fingerprint"],
+            "model_fingerprint": plan.identity["model_fingerprint"],
         }
         datasink.finish(summary)
         echo(f"done: {summary['rows_this_run']} rows ({summary['errors_this_run']} with errors) in "
