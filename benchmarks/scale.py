@@ -19,7 +19,7 @@ The whole chain at several sizes (issue #24): at each size the job (with ``--lab
 ``python -m jobs.audit`` on its output (clusters; controls and interventions on their bounded samples), each in
 its own process with the same PSS sampling; at the largest size also the kill at about half, the resume and
 the no-op re-run.  The driver's and all processes' peak PSS are fitted against the rows (least squares), for
-the job and for the audit.  Writes benchmarks/results/scale_audit.{json,md}.
+the job and for the audit.  Writes benchmarks/results/scale_audit_<largest size>.{json,md}.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.interval = root, interval
         self.stop, self.driver_peak, self.total_peak = threading.Event(), 0.0, 0.0
+        self.timeline: list[tuple[float, float, float]] = []  # (seconds, driver PSS, all processes' PSS)
+        self.started = time.perf_counter()
         self.seen: set[int] = set()  # every process seen under the root: this run's own, to clean up after it
 
     def snapshot(self) -> list[int]:
@@ -79,8 +81,9 @@ class TreeSampler(threading.Thread):
         while not self.stop.is_set():
             pids = self.snapshot()
             driver = _pss_mb(self.root)
-            self.driver_peak = max(self.driver_peak, driver)
-            self.total_peak = max(self.total_peak, driver + sum(_pss_mb(p) for p in pids[1:]))
+            total = driver + sum(_pss_mb(p) for p in pids[1:])
+            self.driver_peak, self.total_peak = max(self.driver_peak, driver), max(self.total_peak, total)
+            self.timeline.append((time.perf_counter() - self.started, driver, total))
             self.stop.wait(self.interval)
 
 
@@ -147,10 +150,9 @@ def committed_rows(out: str) -> int:
     return total
 
 
-def run_job(data, model, out, batch, kill_at: int | None = None, labels: bool = False) -> dict:
-    cmd = [sys.executable, "-m", "jobs.explain", "--model", model, "--input", data, "--output", out,
-           "--batch-size", str(batch), "--rows-per-file", "8192", "--no-statistics"]
-    cmd += ["--label-column", "label"] if labels else []
+def sampled_run(cmd: list[str], kill_at: int | None = None, out: str | None = None) -> dict:
+    """Run ``cmd`` in its own process group (no ``RAY_ADDRESS``: Ray starts in it), its driver's and every
+    process's PSS sampled; with ``kill_at``, SIGKILL the group once ``out`` holds that many committed rows."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -172,70 +174,84 @@ def run_job(data, model, out, batch, kill_at: int | None = None, labels: bool = 
     sampler.stop.set()
     sampler.join()
     sampler.kill_seen()  # nothing of this run should be left; be sure (only its own processes)
+    timeline = np.array([t for t in sampler.timeline if t[1] > 0] or [(0.0, 0.0, 0.0)])  # while it ran
+    quarters = [float(timeline[min(len(timeline) - 1, int(q * len(timeline))), 1]) for q in (0.25, 0.5, 0.75)]
+    every = max(1, len(timeline) // 100)  # at most ~100 points of the timeline kept
     result = {"seconds": round(seconds, 1), "driver_peak_pss_mb": round(sampler.driver_peak, 1),
-              "all_processes_peak_pss_mb": round(sampler.total_peak, 1), "returncode": proc.returncode}
+              "all_processes_peak_pss_mb": round(sampler.total_peak, 1), "returncode": proc.returncode,
+              "driver_pss_mb_at_quarters": [round(q, 1) for q in quarters] + [round(float(timeline[-1, 1]), 1)],
+              "timeline_s_driver_all_mb": np.round(timeline[::every], 1).tolist(), "output": output}
     if killed_at is not None:
         result["killed_with_rows_committed"] = killed_at
+    return result
+
+
+def run_job(data, model, out, batch, kill_at: int | None = None, labels: bool = False) -> dict:
+    cmd = [sys.executable, "-m", "jobs.explain", "--model", model, "--input", data, "--output", out,
+           "--batch-size", str(batch), "--rows-per-file", "8192", "--no-statistics"]
+    cmd += ["--label-column", "label"] if labels else []
+    result = sampled_run(cmd, kill_at, out)
+    output = result.pop("output")
+    if "killed_with_rows_committed" in result:
         return result
     summary_path = os.path.join(out, "_summary.json")
-    if proc.returncode != 0 or not os.path.exists(summary_path):
-        raise RuntimeError(f"job failed ({proc.returncode}):\n{output[-3000:]}")
+    if result["returncode"] != 0 or not os.path.exists(summary_path):
+        raise RuntimeError(f"job failed ({result['returncode']}):\n{output[-3000:]}")
     with open(summary_path) as f:
         summary = json.load(f)
     return {**result, **{k: summary[k] for k in ("rows_in", "rows_out", "rows_resumed", "rows_this_run",
-                                                  "duplicate_ids", "complete", "rows_per_second")}}
+                                                  "duplicate_ids", "complete", "rows_per_second", "timings")}}
 
 
 def run_audit_process(out: str, report: str, controls: int, interventions: int) -> dict:
-    """``python -m jobs.audit`` on a job's output in its own process group, its driver's and every process's
-    peak PSS sampled as the job's are; the seconds its own line reports for the passes over the maps."""
+    """``python -m jobs.audit`` on a job's output, sampled as the job is; the seconds its own line reports for
+    the passes over the maps."""
     import re
 
-    cmd = [sys.executable, "-m", "jobs.audit", "--input", out, "--report", report,
-           "--controls", str(controls), "--interventions", str(interventions)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    sampler = TreeSampler(proc.pid)
-    sampler.start()
-    output, _ = proc.communicate()
-    seconds = time.perf_counter() - start
-    sampler.stop.set()
-    sampler.join()
-    sampler.kill_seen()
-    if proc.returncode != 0:
-        raise RuntimeError(f"audit failed ({proc.returncode}):\n{output[-3000:]}")
+    result = sampled_run([sys.executable, "-m", "jobs.audit", "--input", out, "--report", report,
+                          "--controls", str(controls), "--interventions", str(interventions)])
+    output = result.pop("output")
+    if result["returncode"] != 0:
+        raise RuntimeError(f"audit failed ({result['returncode']}):\n{output[-3000:]}")
     found = re.search(r"audit: (\d+) maps in (\d+) files aggregated and clustered in ([\d.]+) s", output)
-    return {"seconds": round(seconds, 1), "driver_peak_pss_mb": round(sampler.driver_peak, 1),
-            "all_processes_peak_pss_mb": round(sampler.total_peak, 1),
-            "rows": int(found.group(1)) if found else None,
+    return {**result, "rows": int(found.group(1)) if found else None,
             "aggregate_and_cluster_seconds": float(found.group(3)) if found else None,
             "last_lines": output.strip().splitlines()[-3:]}
 
 
+def files_for(args, rows: int) -> int:
+    """Input files at a size: ``--files``, or as many as ``--rows-per-input-file`` asks."""
+    return -(-rows // args.rows_per_input_file) if args.rows_per_input_file else args.files
+
+
 def chain(args) -> None:
-    """Job then audit at each of ``args.sizes``; kill, resume and no-op re-run at the largest."""
+    """Job then audit at each of ``args.sizes``; kill, resume and no-op re-run at the largest.  The tables are
+    written after every size, so a long rehearsal that stops keeps what it measured."""
     tmp = tempfile.mkdtemp(prefix="scale-chain-")
     sizes, rows_of = sorted(args.sizes), {}
     try:
         for n in sizes:
             here = os.path.join(tmp, str(n))
             os.makedirs(here)
-            data, model = make_data(here, n, args.files, args.size)
+            started = time.perf_counter()
+            data, model = make_data(here, n, files_for(args, n), args.size)
+            print(n, f"data in {time.perf_counter() - started:.1f} s", flush=True)
             job = run_job(data, model, os.path.join(here, "full"), args.batch_size, labels=True)
-            print(n, "job", job, flush=True)
+            print(n, "job", {k: v for k, v in job.items() if k != "timeline_s_driver_all_mb"}, flush=True)
             audit = run_audit_process(os.path.join(here, "full"), os.path.join(here, "report"),
                                       args.audit_controls, args.audit_interventions)
-            print(n, "audit", audit, flush=True)
+            print(n, "audit", {k: v for k, v in audit.items() if k != "timeline_s_driver_all_mb"}, flush=True)
             rows_of[n] = {"job": job, "audit": audit}
+            shutil.rmtree(os.path.join(here, "report"), ignore_errors=True)
             if n == sizes[-1] and not args.no_resume:
+                shutil.rmtree(os.path.join(here, "full"), ignore_errors=True)  # the disk for the second output
                 resumed = os.path.join(here, "resumed")
-                rows_of[n]["killed"] = run_job(data, model, resumed, args.batch_size, kill_at=n // 2, labels=True)
-                rows_of[n]["resume"] = run_job(data, model, resumed, args.batch_size, labels=True)
-                rows_of[n]["no-op re-run"] = run_job(data, model, resumed, args.batch_size, labels=True)
-                print(n, rows_of[n], flush=True)
+                for name, kill_at in (("killed", n // 2), ("resume", None), ("no-op re-run", None)):
+                    rows_of[n][name] = run_job(data, model, resumed, args.batch_size, kill_at=kill_at, labels=True)
+                    print(n, name, {k: v for k, v in rows_of[n][name].items() if k != "timeline_s_driver_all_mb"},
+                          flush=True)
             shutil.rmtree(here, ignore_errors=True)
+            chain_report(args, [m for m in sizes if m in rows_of], rows_of)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for n in sizes:
@@ -245,6 +261,10 @@ def chain(args) -> None:
                 assert r["complete"] and r["rows_out"] == n and r["duplicate_ids"] == 0, (n, name, r)
         assert rows_of[n]["audit"]["rows"] == n, rows_of[n]["audit"]
 
+
+def chain_report(args, sizes: list[int], rows_of: dict) -> None:
+    """benchmarks/results/scale_audit_<largest size>.{json,md} from the sizes measured so far."""
+
     def fit(what, key):
         if len(sizes) < 2:
             return {"mb_per_1000_rows": None, "intercept_mb": None}
@@ -253,23 +273,28 @@ def chain(args) -> None:
 
     fits = {f"{what} {key}": fit(what, key) for what in ("job", "audit")
             for key in ("driver_peak_pss_mb", "all_processes_peak_pss_mb")}
-    largest = rows_of[sizes[-1]]
+    files = {n: files_for(args, n) for n in sizes}
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "revision": git_revision(),
                "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:]), "sizes": sizes,
-               "files": args.files, "image_size": args.size, "batch_size": args.batch_size,
+               "files": files, "image_size": args.size, "batch_size": args.batch_size,
                "audit_controls": args.audit_controls, "audit_interventions": args.audit_interventions,
                "load_average": os.getloadavg(), "runs": {str(n): r for n, r in rows_of.items()}, "fits": fits}
+    stand_in = ("" if max(sizes) >= 10_000_000 else
+                " 10 million rows did not fit the session: these sizes and the fit stand in.")
     lines = [f"# The chain at {', '.join(f'{n:,}' for n in sizes)} rows: job, then audit ({results['date']})", "",
              *provenance(results),
-             f"PNG images of {args.size}x{args.size} (scikit-learn digits) in {args.files} files, a one-convolution "
+             f"PNG images of {args.size}x{args.size} (scikit-learn digits) in "
+             f"{', '.join(f'{f:,}' for f in files.values())} files, a one-convolution "
              f"model, batch {args.batch_size}: `python -m jobs.explain --label-column label`, then `python -m "
              f"jobs.audit` on its output with clusters, `--controls {args.audit_controls} --interventions "
-             f"{args.audit_interventions}`; each in its own process (Ray started in it), peak PSS of its driver and "
-             "of every process under it sampled every 0.5 s. One run of each: a rehearsal on a shared 2-core machine "
-             f"(load average at the end {', '.join(f'{x:.1f}' for x in results['load_average'])}), not a ratio "
-             "of interleaved rounds. 10 million rows did not fit the session: these sizes and the fit stand in.", "",
-             "| rows | run | seconds | rows/s | driver peak PSS (MB) | all processes peak PSS (MB) | note |",
-             "|---|---|---|---|---|---|---|"]
+             f"{args.audit_interventions}`; each in its own process (Ray started in it), PSS of its driver and "
+             "of every process under it sampled every 0.5 s (the driver's at a quarter, half and three quarters "
+             "of the run and at its end show whether it grows as the rows pass). One run of each: a rehearsal on a "
+             f"2-core machine (load average at the end {', '.join(f'{x:.1f}' for x in results['load_average'])}), "
+             f"not a ratio of interleaved rounds.{stand_in}", "",
+             "| rows | run | seconds | rows/s | driver peak PSS (MB) | driver PSS at ¼, ½, ¾, end (MB) | "
+             "all processes peak PSS (MB) | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for n in sizes:
         for name, r in rows_of[n].items():
             done = r.get("rows_this_run", n if name == "audit" else None)
@@ -281,24 +306,26 @@ def chain(args) -> None:
             elif "killed_with_rows_committed" in r:
                 note = f"killed with {r['killed_with_rows_committed']:,} rows committed"
             else:
-                note = f"rows out {r['rows_out']:,}, resumed {r['rows_resumed']:,}, duplicates {r['duplicate_ids']}"
-            lines.append(f"| {n:,} | {name} | {r['seconds']} | {rate} | {r['driver_peak_pss_mb']} | "
+                t = r["timings"]
+                note = (f"rows out {r['rows_out']:,}, resumed {r['rows_resumed']:,}, duplicates {r['duplicate_ids']}; "
+                        f"planning {t['planning']} s, starting {t['starting']} s, explaining {t['explaining']} s, "
+                        f"checking {t['checking']} s")
+            quarters = ", ".join(str(q) for q in r["driver_pss_mb_at_quarters"])
+            lines.append(f"| {n:,} | {name} | {r['seconds']} | {rate} | {r['driver_peak_pss_mb']} | {quarters} | "
                          f"{r['all_processes_peak_pss_mb']} | {note} |")
     lines += [""] if len(sizes) < 2 else ["", "Peak PSS against rows (least squares over the sizes, one run each): "
               + "; ".join(f"{k}: **{v['mb_per_1000_rows']} MB per 1 000 rows** (intercept {v['intercept_mb']} MB)"
-                          for k, v in fits.items())
-              + ". A slope at or below zero is flat within the noise of one run per size (the drivers); all processes "
-              "together grow with the object store's pages as blocks pass through it, bounded by the store (the "
-              "1 million-row job stayed at 2.6 GB, `scale.md`).", ""]
+                          for k, v in fits.items()) + ".", ""]
     md = "\n".join(lines)
-    write(results, "scale_audit" if len(sizes) > 1 else f"scale_audit_{sizes[0]}", md)
-    print(md)
+    write(results, f"scale_audit_{sizes[-1]}", md)
+    print(md, flush=True)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--files", type=int, default=4)
+    p.add_argument("--rows-per-input-file", type=int, help="with --sizes: input files of this many rows each")
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--engine-rows", type=int, default=50_000)
