@@ -138,3 +138,32 @@ def test_mask_and_box_metrics_in_the_job(ray_local, job_model, tmp_path):
     assert energy[1] == pytest.approx(top_half[:16].sum() / top_half.sum(), rel=1e-4)
     assert errors[2] == "mask: mask is missing (null)" and "not [y0, x0, y1, x1]" in errors[5]
     assert table["rank_accuracy"].null_count == 2
+
+
+def test_parts_commit_while_reading_is_the_slower_side(ray_local, job_model, tmp_path):
+    """When decoding is slower than explaining (large JPEGs, a small model), the read/decode tasks hold Ray Data's
+    CPU budget the whole run: writes must still run as blocks arrive, so a run killed half-way has committed
+    about half its rows (writes that asked for CPUs committed nothing until the last read was done)."""
+    import io
+    import os
+
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 1536).astype(np.uint8)
+    picture = np.stack([np.add.outer(ramp // 2, ramp // 2), np.tile(ramp, (1536, 1)), np.tile(ramp[:, None], (1, 1536))],
+                       -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="JPEG", quality=90)
+    rows = 24 * 32
+    pq.write_table(pa.table({"image": pa.array([buffer.getvalue()] * rows, pa.binary()),
+                             "label": pa.array(np.arange(rows) % 10)}), str(tmp_path / "big.parquet"), row_group_size=32)
+    out = tmp_path / "out"
+    summary = run(config(job_model, tmp_path / "big.parquet", out, target="label", label_column="label",
+                         rows_per_file=32, batch_size=32))
+    assert summary["complete"] and summary["errors_this_run"] == 0
+    actor_up = min(os.path.getmtime(p) for p in (out / "_workers").glob("*.json"))
+    commits = sorted(os.path.getmtime(p) for p in out.glob("part-*.parquet"))
+    assert len(commits) == rows // 32
+    # from the actor's start to the last commit, the first part lands early, not once every read is done
+    share = (commits[0] - actor_up) / (commits[-1] - actor_up)
+    assert share < 0.4, ([round(c - actor_up, 2) for c in commits], summary["timings"])
