@@ -263,7 +263,7 @@ def chain(args) -> None:
 
 
 def chain_report(args, sizes: list[int], rows_of: dict) -> None:
-    """benchmarks/results/scale_audit_<largest size>.{json,md} from the sizes measured so far."""
+    """benchmarks/results/scale_audit_<largest size asked>.{json,md} from the sizes measured so far."""
 
     def fit(what, key):
         if len(sizes) < 2:
@@ -317,7 +317,7 @@ def chain_report(args, sizes: list[int], rows_of: dict) -> None:
               + "; ".join(f"{k}: **{v['mb_per_1000_rows']} MB per 1 000 rows** (intercept {v['intercept_mb']} MB)"
                           for k, v in fits.items()) + ".", ""]
     md = "\n".join(lines)
-    write(results, f"scale_audit_{sizes[-1]}", md)
+    write(results, f"scale_audit_{max(args.sizes)}", md)  # the sizes so far, under the whole run's name
     print(md, flush=True)
 
 
