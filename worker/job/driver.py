@@ -241,8 +241,8 @@ def run(config: JobConfig, *, echo=print) -> dict:
 
     The summary's ``timings`` split the run's seconds: ``planning`` (input listed, probe engine built, output
     claimed and its done ids read: what a resume or a no-op re-run costs before any row), ``starting`` (Ray
-    and the actors), ``explaining`` (the rows streamed through) and ``checking`` (every id read back for the
-    duplicate check)."""
+    connected, room for the actors found), ``explaining`` (the actors' start-up and the rows streamed through)
+    and ``checking`` (every id read back for the duplicate check)."""
     started = time.time()
     plan = _plan(config, echo)
     config, out_fs, out_root = plan.config, plan.out_fs, plan.out_root
