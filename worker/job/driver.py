@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -230,8 +231,11 @@ def _explain_remaining(plan: _Plan, datasink, done: np.ndarray, files_before: li
     if failure is not None:
         # raised here, not in the except clause: Ray's exception (and through its traceback the executor
         # and its actor handles) is then let go, so the failed run's actors end now and a re-run in this
-        # process does not wait for their CPUs
+        # process does not wait for their CPUs. Ray's exception and its traceback's frames form reference cycles
+        # that refcounting alone never frees: collected now, not at the collector's next whim (a re-run after a
+        # full disk once waited the whole actor_start_timeout_s for the CPUs of a failed run's idle actor)
         del ds
+        gc.collect()
         raise failure
     return starting
 
