@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -139,15 +140,18 @@ def engine_alone(data: str, model: str, batch: int, rows: int) -> float:
     return done / (time.perf_counter() - start)
 
 
-def committed_rows(out: str) -> int:
-    total = 0
-    for name in os.listdir(out) if os.path.isdir(out) else []:
-        if name.startswith("part-") and name.endswith(".parquet"):
+def committed_rows(out: str, counted: dict[str, int]) -> int:
+    """Rows in the part files committed to ``out`` so far; ``counted`` keeps each part's rows (a committed part
+    never changes), so a poll every 0.5 s reads only the footers of parts new since the last."""
+    from worker.data.sink import committed_files
+
+    for path in committed_files(pafs.LocalFileSystem(), out):
+        if path not in counted:
             try:
-                total += pq.ParquetFile(os.path.join(out, name)).metadata.num_rows
-            except Exception:  # noqa: BLE001 - a file being renamed into place
+                counted[path] = pq.ParquetFile(path).metadata.num_rows
+            except OSError:  # removed again (a chain cleaning up) between the listing and the read
                 pass
-    return total
+    return sum(counted.values())
 
 
 def sampled_run(cmd: list[str], kill_at: int | None = None, out: str | None = None) -> dict:
@@ -161,8 +165,9 @@ def sampled_run(cmd: list[str], kill_at: int | None = None, out: str | None = No
     sampler.start()
     killed_at = None
     if kill_at is not None:
+        counted: dict[str, int] = {}
         while proc.poll() is None:
-            rows = committed_rows(out)
+            rows = committed_rows(out, counted)
             if rows >= kill_at:
                 sampler.snapshot()
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -224,6 +229,11 @@ def files_for(args, rows: int) -> int:
     return -(-rows // args.rows_per_input_file) if args.rows_per_input_file else args.files
 
 
+def _brief(run: dict) -> dict:
+    """A run's result without its PSS timeline, to print."""
+    return {k: v for k, v in run.items() if k != "timeline_s_driver_all_mb"}
+
+
 def chain(args) -> None:
     """Job then audit at each of ``args.sizes``; kill, resume and no-op re-run at the largest.  The tables are
     written after every size, so a long rehearsal that stops keeps what it measured."""
@@ -237,10 +247,10 @@ def chain(args) -> None:
             data, model = make_data(here, n, files_for(args, n), args.size)
             print(n, f"data in {time.perf_counter() - started:.1f} s", flush=True)
             job = run_job(data, model, os.path.join(here, "full"), args.batch_size, labels=True)
-            print(n, "job", {k: v for k, v in job.items() if k != "timeline_s_driver_all_mb"}, flush=True)
+            print(n, "job", _brief(job), flush=True)
             audit = run_audit_process(os.path.join(here, "full"), os.path.join(here, "report"),
                                       args.audit_controls, args.audit_interventions)
-            print(n, "audit", {k: v for k, v in audit.items() if k != "timeline_s_driver_all_mb"}, flush=True)
+            print(n, "audit", _brief(audit), flush=True)
             rows_of[n] = {"job": job, "audit": audit}
             shutil.rmtree(os.path.join(here, "report"), ignore_errors=True)
             if n == sizes[-1] and not args.no_resume:
@@ -248,8 +258,7 @@ def chain(args) -> None:
                 resumed = os.path.join(here, "resumed")
                 for name, kill_at in (("killed", n // 2), ("resume", None), ("no-op re-run", None)):
                     rows_of[n][name] = run_job(data, model, resumed, args.batch_size, kill_at=kill_at, labels=True)
-                    print(n, name, {k: v for k, v in rows_of[n][name].items() if k != "timeline_s_driver_all_mb"},
-                          flush=True)
+                    print(n, name, _brief(rows_of[n][name]), flush=True)
             shutil.rmtree(here, ignore_errors=True)
             chain_report(args, [m for m in sizes if m in rows_of], rows_of)
     finally:

@@ -153,6 +153,10 @@ class _Plan:
     identity: dict
     metadata: dict
 
+    @property
+    def rows_in(self) -> int:
+        return sum(u.rows for u in self.units)
+
 
 def _plan(config: JobConfig, echo) -> _Plan:
     """Check the configuration, list the input, build the probe engine, and write down the run record."""
@@ -189,14 +193,14 @@ def _explain_remaining(plan: _Plan, datasink, done: np.ndarray, files_before: li
     seconds spent starting Ray and placing the actors."""
     import ray
 
-    config, rows_in = plan.config, sum(u.rows for u in plan.units)
-    starting = time.time()
+    config = plan.config
+    started = time.time()
     connect()
     placed = place_actors(config.actor_start_timeout_s, echo, actors=config.actors,
                           gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
                           decode_cpus=config.decode_cpus, gpu_memory_limit_mb=config.gpu_memory_limit_mb)
     plan.metadata["actors"] = placed.describe()
-    starting = time.time() - starting
+    starting = time.time() - started
     done_ref = ray.put(dataset.done_index(done))
     ds = ray.data.from_items([dataclasses.asdict(u) for u in plan.units], override_num_blocks=max(1, len(plan.units)))
     ds.context.raise_original_map_exception = True  # a read's StorageError, not Ray's UserCodeException
@@ -220,7 +224,7 @@ def _explain_remaining(plan: _Plan, datasink, done: np.ndarray, files_before: li
     # (10 million rows: 303 blocks, 2.5 GiB, queued at 7 minutes, no part written). A part is tens of ms of CPU.
     failure = None
     try:
-        with _storage_failures_in_one_line(), watch("explain", rows_in - len(done), "ExplainBatch",
+        with _storage_failures_in_one_line(), watch("explain", plan.rows_in - len(done), "ExplainBatch",
                                                    errors=_errors_since(plan.out_fs, plan.out_root,
                                                                         set(files_before))):
             ds.write_datasink(datasink, ray_remote_args={"num_cpus": 0}, concurrency=max(2, 2 * placed.actors))
@@ -257,7 +261,7 @@ def run(config: JobConfig, *, echo=print) -> dict:
         datasink = sink.AtomicParquetDatasink(out_fs, out_root, owner, plan.metadata, config.rows_per_file,
                                               overwrite=config.overwrite)
         done, files_before = datasink.claim()
-        rows_in = sum(u.rows for u in plan.units)
+        rows_in = plan.rows_in
         if len(done):
             echo(f"resuming: {len(done)} of {rows_in} rows are already in {config.output}")
         timings = {"planning": time.time() - started, "starting": 0.0}
