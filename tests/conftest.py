@@ -6,6 +6,40 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import pytest
 
+from tests import rotation
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{rotation.MARK}(keep=1, per=()): a family of cases of which each run takes "
+                            "`keep` per group of `per`'s values, by the run's seed (tests/rotation.py)")
+    config.addinivalue_line("markers", f"{rotation.EXHAUSTIVE}: every test; `-m {rotation.EXHAUSTIVE}` runs them all "
+                            "with every case of every rotated family")
+    rotation.configure(config.option.markexpr)
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(rotation.summary())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(rotation.EXHAUSTIVE)
+    if config.option.keyword or any("::" in arg for arg in config.args):
+        return  # tests named by id or -k run whatever the rotation
+    kept, dropped = rotation.select(items)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("run it again", rotation.again(item.nodeid)))
+
 
 def start_ray(**kwargs):
     import ray
