@@ -105,6 +105,7 @@ def check_rule(name, method, engine_path):
 
 
 @pytest.mark.slow
+@pytest.mark.rotate(per=("name",))  # every activation, with one method on one path
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("method", ["guided", "deconvnet"])
 def test_every_activation_gets_the_rule(name, method, engine_path):

@@ -49,6 +49,7 @@ def test_vanilla_gradient_matches_reference(model, images):
     ref.assert_close(out.maps[:, 0], expected)
 
 
+@pytest.mark.rotate(per=("target",))  # each target on one path; the GPU's path runs in the test above too
 @pytest.mark.parametrize("target", ["label", "class:0", "top:2"])
 def test_targets_match_reference(model, images, target, engine_path):
     gbp = GuidedBackprop(model, batch_size=4, preprocessing="scale01", reduction="none", map_dtype="float32",

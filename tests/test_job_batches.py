@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests import jobdata
+from tests import jobdata, rotation
 from tests.images import bomb_png, encode
 from worker.data.schema import read_maps
 from worker.job import run
@@ -165,12 +165,15 @@ def test_a_batch_with_no_usable_label_is_row_errors(ray_local, job_model, digits
     check_case(case, job_model, tmp_path)
 
 
+# new compositions each commit (tests/rotation.py), every other one after a resume; -m exhaustive draws 6
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(6))
-def test_random_batch_compositions(ray_local, job_model, digits, layer_name, tmp_path, seed):
+@pytest.mark.parametrize("seed, resumed", [(seed, i % 2 == 1) for i, seed in
+                                           enumerate(rotation.draw("batch_compositions", range(2**20), 2,
+                                                                   exhaustive_k=6))])
+def test_random_batch_compositions(ray_local, job_model, digits, layer_name, tmp_path, seed, resumed):
     images, labels = digits
     check_case(make_case(seed, layer_name, images, labels), job_model, tmp_path,
-               resume_from=0.5 if seed % 3 == 2 else None)
+               resume_from=0.5 if resumed else None)
 
 
 @pytest.mark.slow

@@ -178,6 +178,7 @@ def test_keras2_file_gives_exact_maps(name, fmt, images, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.rotate(per=("fmt", "engine_path"))  # every format on each path, the model rotating
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_keras2_model_and_format_gives_exact_maps(name, fmt, images, tmp_path, engine_path):

@@ -9,7 +9,8 @@ the same layer objects node by node and takes each layer's own vector-Jacobian p
 ``GradientTape`` on that layer alone, except at activations, where it applies the rule with the activation's
 derivative written out in numpy: ``f'(z) * max(g, 0)`` (guided), ``max(g, 0)`` (Deconvnet), ``f'(z) * g``
 (plain).  Grad-CAM is taken at the last spatial activation, named.  Nothing of ``worker/`` is used but the
-engine under test.  ``python -m pytest tests/test_model_fuzz.py -m slow`` runs a few hundred cases.
+engine under test.  ``python -m pytest tests/test_model_fuzz.py -m slow`` runs three new architectures a commit
+(each method on each path), ``-m exhaustive`` 24.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import tensorflow as tf
 from keras import layers
 
+from tests import rotation
 from tests.reference import assert_close, gelu_derivative, grad_cam, swish_derivative
 from worker import Deconvnet, GradCAM, Gradient, GuidedBackprop, GuidedGradCAM, UnguidedReluError
 
@@ -269,8 +271,8 @@ def test_random_architectures(seed, method):
     check(seed, method, "cpu" if seed % 2 else "gpu")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", range(2, 26))
+@pytest.mark.slow  # new architectures each commit (tests/rotation.py); -m exhaustive draws 24
+@pytest.mark.parametrize("seed", rotation.draw("model_fuzz", range(2, 2**20), 3, exhaustive_k=24))
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_random_architectures_many(seed, method, path):

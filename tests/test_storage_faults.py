@@ -289,6 +289,7 @@ def test_read_only_output_fails_before_any_cluster_time(job_model, tmp_path, vol
 
 
 @pytest.mark.slow
+@pytest.mark.rotate()  # one kind of change a run
 @pytest.mark.parametrize("change", ["vanish", "truncate"])
 def test_input_changing_mid_run_fails_naming_the_file_then_resumes(cluster, job_model, tmp_path, change):
     data = _dataset(tmp_path, 160, files=4)
