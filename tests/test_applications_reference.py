@@ -53,7 +53,7 @@ SIZES = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 75}  # the smal
 
 @functools.lru_cache(maxsize=None)
 def application(name: str):
-    """A keras.applications model with BatchNorm statistics calibrated on the test images, layer by layer:
+    """A keras.applications model with BatchNorm statistics calibrated on the test images, each layer on its input:
     activations of a trained network's scale, not a random init's (MobileNetV2's logits are ~1e-12 there,
     below float16's range, which no user model would be)."""
     keras.utils.set_random_seed(0)
@@ -61,11 +61,14 @@ def application(name: str):
     model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=10,
                                               classifier_activation=None)
     x = tf.constant(preprocess(_images(size), NATIVE_PRESET[name]), tf.float32)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            a = keras.Model(model.inputs, layer.input)(x, training=False).numpy()
-            layer.moving_mean.assign(a.mean((0, 1, 2)))  # (Inception's have no gamma: scale=False)
-            layer.moving_variance.assign(a.var((0, 1, 2)) + 1e-3)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    # in training mode each BatchNorm normalises by the batch's own statistics, so one pass shows every one the
+    # input it has once those before it are calibrated
+    inputs = keras.Model(model.inputs, [layer.input for layer in norms])(x, training=True) if norms else []
+    for layer, a in zip(norms, inputs):
+        a = a.numpy()
+        layer.moving_mean.assign(a.mean((0, 1, 2)))  # (Inception's have no gamma: scale=False)
+        layer.moving_variance.assign(a.var((0, 1, 2)) + 1e-3)
     return model
 
 
@@ -130,7 +133,7 @@ def _check(name, preset, images, tolerance=5e-3, **options):
     return gbp
 
 
-pytestmark = pytest.mark.slow  # ~6 minutes on 2 cores: CI runs them after the default run
+pytestmark = pytest.mark.slow  # CI runs them after the default run
 
 
 @pytest.mark.parametrize("name, preset", [("ResNet50", "caffe"), ("MobileNetV2", "tf"), ("VGG16", "caffe")])
@@ -140,9 +143,12 @@ def test_default_path_matches_reference(name, preset, images):
     assert gbp.report["coverage"]["unguided"] == []
 
 
-@pytest.mark.parametrize("name", ["ResNet50V2", "MobileNet", "DenseNet121", "InceptionV3", "InceptionResNetV2",
-                                  "Xception", "NASNetMobile"])
-def test_every_relu_family_matches_reference(name, images):
+@pytest.mark.rotate(per=("structure",))  # one family of each structure a run; the test above holds a plain one
+@pytest.mark.parametrize("structure, name", [("residual", "ResNet50V2"), ("depthwise", "MobileNet"),
+                                             ("depthwise", "Xception"), ("concatenating", "DenseNet121"),
+                                             ("concatenating", "InceptionV3"), ("concatenating", "InceptionResNetV2"),
+                                             ("concatenating", "NASNetMobile")])
+def test_every_relu_family_matches_reference(structure, name, images):
     """Every keras.applications family whose activations are ReLUs, on the default path (the families with
     other activations: tests/test_activation_rules.py and the model fuzzer check each activation's rule)."""
     # InceptionV3: one image differs by 1 % of its peak on both convolution-gradient paths alike: a ReLU whose
@@ -154,6 +160,7 @@ def test_every_relu_family_matches_reference(name, images):
     keras.backend.clear_session()
 
 
+@pytest.mark.rotate(per=("variant",))  # each variant on one of the three models
 @pytest.mark.parametrize("name", ["ResNet50", "MobileNetV2", "VGG16"])
 @pytest.mark.parametrize("variant", ["torch", "tf", "gpu_defaults", "framework_conv", "xla_forward_conv",
                                      "bfloat16", "float16"])
