@@ -71,10 +71,14 @@ def assert_path(gbp, options) -> None:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray cluster: 2 CPUs, no GPU."""
-    ray = start_ray(num_cpus=2)
+    """A real local Ray cluster: 2 CPUs, no GPU.  Modules share it: it is started again only where a module
+    before shut it down or started a cluster of another shape (Ray shuts it down when the tests end)."""
+    import ray
+
+    if not (ray.is_initialized() and ray.cluster_resources().get("CPU") == 2
+            and not ray.cluster_resources().get("GPU")):
+        start_ray(num_cpus=2)
     yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

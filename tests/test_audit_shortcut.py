@@ -35,6 +35,7 @@ def shortcut_model(tmp_path_factory):
     return str(path), _mark(images[:400], labels[:400]), labels[:400]
 
 
+@pytest.mark.slow  # trains a model, then the job and the audit with controls
 def test_audit_flags_the_marked_class(ray_local, shortcut_model, tmp_path):
     from worker.job import JobConfig, run
 

@@ -140,6 +140,7 @@ def test_mask_and_box_metrics_in_the_job(ray_local, job_model, tmp_path):
     assert table["rank_accuracy"].null_count == 2
 
 
+@pytest.mark.slow  # 768 large JPEGs through the job
 def test_parts_commit_while_reading_is_the_slower_side(ray_local, job_model, tmp_path):
     """When decoding is slower than explaining (large JPEGs, a small model), the read/decode tasks hold Ray Data's
     CPU budget the whole run: writes must still run as blocks arrive, so a run killed half-way has committed
@@ -164,6 +165,7 @@ def test_parts_commit_while_reading_is_the_slower_side(ray_local, job_model, tmp
     actor_up = min(os.path.getmtime(p) for p in (out / "_workers").glob("*.json"))
     commits = sorted(os.path.getmtime(p) for p in out.glob("part-*.parquet"))
     assert len(commits) == rows // 32
-    # from the actor's start to the last commit, the first part lands early, not once every read is done
+    # from the actor's start to the last commit, the first part lands early, not once every read is done (writes
+    # that waited for every read came 0.81 of the way through; the margin holds on a loaded 2-core host)
     share = (commits[0] - actor_up) / (commits[-1] - actor_up)
-    assert share < 0.4, ([round(c - actor_up, 2) for c in commits], summary["timings"])
+    assert share < 0.6, ([round(c - actor_up, 2) for c in commits], summary["timings"])

@@ -4,11 +4,14 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from tests import jobdata
 from tests.conftest import start_ray
 from worker.data.schema import maps_to_numpy
 from worker.job import JobConfig, run
+
+pytestmark = pytest.mark.slow  # a Ray of its own with two logical GPUs, and a job on it
 
 
 def test_two_logical_gpus_two_actors(job_model, tmp_path):

@@ -15,6 +15,7 @@ from worker.data.schema import read_metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+pytestmark = pytest.mark.slow  # a Ray head with its dashboard, and two submitted jobs
 
 
 @pytest.fixture(scope="module")
