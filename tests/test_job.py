@@ -72,7 +72,7 @@ def test_hf_directory_end_to_end(ray_local, job_model, tmp_path):
     for timings in (summary["timings"], again["timings"]):
         assert set(timings) == {"planning", "starting", "explaining", "checking"} and min(timings.values()) >= 0
     assert summary["timings"]["starting"] > 0 and summary["timings"]["explaining"] > 0
-    assert again["timings"]["starting"] == 0 and again["timings"]["explaining"] < 0.05
+    assert again["timings"]["starting"] == 0 and again["timings"]["explaining"] < 0.5  # a batch takes seconds
     assert abs(sum(again["timings"].values()) - again["seconds"]) < 0.05
     with pytest.raises(OutputExistsError, match="another job"):
         run(config(job_model, data, out, target="predicted"))
