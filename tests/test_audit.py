@@ -287,8 +287,11 @@ def test_aggregation_leaves_no_consumed_block_in_the_store(ray_local, tmp_path):
         files.append(str(tmp_path / f"part-{f:03d}.parquet"))
         pq.write_table(table.set_column(0, "id", pa.array([f"{f}#{i}" for i in range(rows)])), files[-1])
 
+    address = ray_local.get_runtime_context().gcs_address
+
     def used() -> int:
-        return get_memory_info_reply(get_state_from_address()).store_stats.object_store_bytes_used
+        # this test's cluster by its address: another Ray on the host must not make the probe ambiguous
+        return get_memory_info_reply(get_state_from_address(address)).store_stats.object_store_bytes_used
 
     def peak_over(some: list[str]) -> int:
         baseline, peak, stop = used(), [0], threading.Event()
