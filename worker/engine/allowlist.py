@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from worker.engine.models import ModelLoadError
+
 SIDE_EFFECTS_OPT_IN = "allow_side_effects=True (CLI: --allow-side-effects)"
 
 #: structure of a graph: constants, inputs, identities, the reads of the model's own variables, function calls
@@ -99,7 +101,7 @@ ALLOWED = {"structure": STRUCTURE, "math": MATH, "nn": NN, "array": ARRAY, "imag
 _ALLOWED_TYPES = frozenset().union(*ALLOWED.values())
 
 
-class SideEffectError(ValueError):
+class SideEffectError(ModelLoadError):
     """A graph the engine would run holds op types outside the allowlist (or a loop inside the model)."""
 
 
