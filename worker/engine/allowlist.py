@@ -33,11 +33,11 @@ from worker.engine.models import ModelLoadError
 
 SIDE_EFFECTS_OPT_IN = "allow_side_effects=True (CLI: --allow-side-effects)"
 
-#: structure of a graph: constants, inputs, identities, the reads of the model's own variables, function calls
-#: and conditionals (whose functions are checked in turn)
+#: structure of a graph: constants, inputs, identities, checks that fail the batch (``Assert``), the reads of the
+#: model's own variables, function calls and conditionals (whose functions are checked in turn)
 STRUCTURE = {
     "Const", "Placeholder", "PlaceholderWithDefault", "Identity", "IdentityN", "NoOp", "Snapshot",
-    "StopGradient", "PreventGradient", "EnsureShape", "ReadVariableOp", "ResourceGather",
+    "StopGradient", "PreventGradient", "EnsureShape", "Assert", "ReadVariableOp", "ResourceGather",
     "PartitionedCall", "StatefulPartitionedCall", "If", "StatelessIf", "Case", "StatelessCase", "Switch", "Merge",
 }
 #: element-wise and reducing arithmetic, comparisons and logic
