@@ -23,7 +23,7 @@ from worker import GuidedBackprop, SideEffectError, UnsafeModelError
 from worker.engine.allowlist import check_graph
 
 SIZE = 16
-SIDE_EFFECTS = ("write", "read", "list", "print", "save")
+SIDE_EFFECTS = ("write", "read", "list", "print", "save", "init")
 
 
 def _cnn():
@@ -50,9 +50,26 @@ def _side_effect(kind: str, canary: str, listed: str):
     return lambda x, logits: logits
 
 
-def _export(path: str, cnn, extra) -> str:
+class _Initialised(tf.saved_model.experimental.TrackableResource):
+    """A resource whose initialiser writes ``canary``: TensorFlow's loader runs it when the SavedModel is loaded."""
+
+    def __init__(self, canary):
+        self.canary = canary
+        super().__init__()
+
+    def _create_resource(self):
+        return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="")
+
+    def _initialize(self):
+        tf.io.write_file(self.canary, "loaded")
+        return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=1.0)
+
+
+def _export(path: str, cnn, extra, canary: str | None = None) -> str:
     module = tf.Module()
     module.model = cnn
+    if canary is not None:
+        module.resource = _Initialised(canary)
 
     @tf.function(input_signature=[tf.TensorSpec((None, SIZE, SIZE, 3), tf.float32)])
     def serve(x):
@@ -74,7 +91,8 @@ def attacker(tmp_path_factory):
         listed = root / "listed"
         listed.mkdir(exist_ok=True)
         (listed / "secret.txt").write_text("x")
-        models[kind] = (_export(str(root / kind), cnn, _side_effect(kind, canary, str(listed / "*"))), canary)
+        models[kind] = (_export(str(root / kind), cnn, _side_effect(kind, canary, str(listed / "*")),
+                                canary if kind == "init" else None), canary)
     (root / "canary_read").write_text("1000")
     return models
 
@@ -92,7 +110,8 @@ def _one_line_refusal(text: str, *op_types: str) -> None:
     assert "--allow-side-effects" in text and all(t in text for t in op_types), text
 
 
-OP_TYPE = {"write": "WriteFile", "read": "ReadFile", "list": "MatchingFiles", "print": "PrintV2", "save": "Save"}
+OP_TYPE = {"write": "WriteFile", "read": "ReadFile", "list": "MatchingFiles", "print": "PrintV2", "save": "Save",
+           "init": "WriteFile at function __inference__initializer"}  # init: run by loading the SavedModel
 
 
 @pytest.mark.parametrize("kind", SIDE_EFFECTS)
@@ -101,8 +120,25 @@ def test_python_api_refuses_each_side_effect_before_any_image(attacker, kind):
     with pytest.raises(SideEffectError) as refused:
         GuidedBackprop(path, batch_size=2)
     _one_line_refusal(str(refused.value), OP_TYPE[kind])
-    assert "StatefulPartitionedCall" in str(refused.value)  # where it sits: the serving function's call
+    # where it sits: the serving function's call, or the resource's initialiser
+    assert ("StatefulPartitionedCall" if kind != "init" else "__inference__initializer") in str(refused.value)
     _untouched(kind, canary)
+
+
+def test_keras_layer_with_a_side_effect_is_refused_naming_the_layer(tmp_path):
+    canary = tmp_path / "canary"
+
+    class Tap(keras.layers.Layer):
+        def call(self, x):
+            written = tf.io.write_file(str(canary), tf.strings.as_string(tf.reduce_sum(x)))
+            return tf.tuple([x], control_inputs=[written])[0]
+
+    image = keras.Input((SIZE, SIZE, 3))
+    model = keras.Model(image, _cnn()(Tap(name="tap")(image)))
+    with pytest.raises(SideEffectError, match="WriteFile at [^ ]*tap") as refused:
+        GuidedBackprop(model, batch_size=1)
+    _one_line_refusal(str(refused.value), "WriteFile")
+    assert not canary.exists()
 
 
 def test_opted_in_side_effects_happen_and_are_reported(attacker):

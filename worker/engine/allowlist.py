@@ -3,7 +3,8 @@ first image.
 
 A model is a program.  A SavedModel (or any traced graph) can hold ops that touch the outside world with no
 Python behind them: write, read or list files, print to a file, save tensors, start a dataset, call back into
-Python.  :func:`check_graph` walks a traced graph -- its own ops, then every function they call, the branches
+Python.  :func:`check_saved_model` checks what loading a SavedModel would run, before it is loaded, and
+:func:`check_graph` walks a traced graph -- its own ops, then every function they call, the branches
 of every conditional and the bodies of every loop, to any depth -- and compares each op type with
 :data:`ALLOWED`, a list of pure computation grouped by what it is for.  Anything else is refused in one line
 naming the op types and where they sit, unless the caller passed ``allow_side_effects=True`` (CLI:
@@ -26,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -122,6 +124,63 @@ def check_graph(graph, model_ops=None, *, allow_side_effects: bool = False, what
     :class:`SideEffectError` in one line unless ``allow_side_effects``; returns the :class:`OpInventory`."""
     model_names = None if model_ops is None else {op.name for op in model_ops}
     library = {f.signature.name: f for f in graph.as_graph_def().library.function}
+    nodes = ((op.type, _scope(op.name), _called(op.node_def), model_names is None or op.name in model_names)
+             for op in graph.get_operations())
+    return _inspect(nodes, library, allow_side_effects, what)
+
+
+def check_saved_model(path: str, *, allow_side_effects: bool = False) -> OpInventory:
+    """Check what loading the SavedModel at ``path`` runs, before it is loaded: the functions that create and
+    initialise its resources (TF2: a resource's ``_create_resource``/``_initialize``) and its init ops (TF1:
+    ``main_op``/``legacy_init_op``/table initialisers), with every function they call.  The model's own
+    variables are restored by TensorFlow's loader, not by the file's graph; the serving function is checked
+    by :func:`check_graph` once traced."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    pb = os.path.join(path, "saved_model.pb")
+    if not os.path.exists(pb):  # a text SavedModel: read by TensorFlow's loader
+        from google.protobuf import text_format
+
+        text_format.Parse(open(os.path.join(path, "saved_model.pbtxt")).read(), saved)
+    else:
+        with open(pb, "rb") as f:
+            saved.ParseFromString(f.read())
+    nodes = []
+    library = {}
+    for meta in saved.meta_graphs:
+        library.update({f.signature.name: f for f in meta.graph_def.library.function})
+        objects = meta.object_graph_def.nodes
+        for obj in objects:
+            for child in obj.children:
+                if child.local_name in _LOAD_TIME_FUNCTIONS:
+                    target = objects[child.node_id]
+                    names = (list(target.function.concrete_functions) if target.HasField("function")
+                             else [target.bare_concrete_function.concrete_function_name])
+                    nodes.extend(("PartitionedCall", f"loading: {child.local_name}", [n], True) for n in names)
+        by_name = {n.name: n for n in meta.graph_def.node}
+        pending = [name.split(":")[0].lstrip("^") for key in _LOAD_TIME_COLLECTIONS
+                   for name in meta.collection_def[key].node_list.value if key in meta.collection_def]
+        seen: set[str] = set()
+        while pending:  # an init op and everything it depends on
+            name = pending.pop()
+            if name in seen or name not in by_name:
+                continue
+            seen.add(name)
+            node = by_name[name]
+            nodes.append((node.op, f"loading: {_scope(node.name)}", _called(node), True))
+            pending.extend(i.split(":")[0].lstrip("^") for i in node.input)
+    return _inspect(nodes, library, allow_side_effects, f"SavedModel {path} (when loaded)")
+
+
+#: what loading a SavedModel runs: TF2 resources' functions, TF1 init ops
+_LOAD_TIME_FUNCTIONS = ("_create_resource", "_initialize")
+_LOAD_TIME_COLLECTIONS = ("saved_model_main_op", "legacy_init_op", "table_initializer")
+
+
+def _inspect(nodes, library: dict, allow_side_effects: bool, what: str) -> OpInventory:
+    """Walk ``nodes`` ((op type, where, functions called, in the model?)) and every function of ``library``
+    they call, to any depth; raise or return as :func:`check_graph` says."""
     seen: Counter = Counter()
     outside: dict[str, list[str]] = {}
     # (function name, in the model?) still to walk; a function reached from the model counts as the model's
@@ -133,9 +192,8 @@ def check_graph(graph, model_ops=None, *, allow_side_effects: bool = False, what
             outside.setdefault(op_type, []).append(where)
         pending.extend((name, in_model) for name in functions)
 
-    for op in graph.get_operations():
-        in_model = model_names is None or op.name in model_names
-        visit(op.type, _scope(op.name), in_model, _called(op.node_def))
+    for op_type, where, functions, in_model in nodes:
+        visit(op_type, where, in_model, functions)
     walked: set[tuple[str, bool]] = set()
     while pending:
         name, in_model = pending.pop()

@@ -107,7 +107,7 @@ class Attribution:
         self.jit_compile = default_jit_compile() if jit_compile == "auto" else bool(jit_compile)
         self.conv_gradients = default_conv_gradients() if conv_gradients == "auto" else conv_gradients
         self.source = load_model(model, safe_mode=safe_mode, output=output, signature=signature,
-                                 input_size=input_size, precision=precision)
+                                 input_size=input_size, precision=precision, allow_side_effects=allow_side_effects)
         self.target.check_classes(self.source.num_classes)
         self.coverage: CoverageReport | None = None  # what the first trace found
         self._score_note = ""
@@ -205,7 +205,9 @@ class Attribution:
             concrete = function.get_concrete_function(*spec)
             inventory = check_graph(concrete.graph, found.pop("forward_ops"),
                                     allow_side_effects=self.allow_side_effects, what=self._what())
-            found["coverage"].ops, found["coverage"].opted_in = inventory.seen, inventory.opted_in
+            loading = getattr(self.source, "load_ops", None)  # what loading a SavedModel ran
+            found["coverage"].ops = inventory.seen
+            found["coverage"].opted_in = {**(loading.opted_in if loading else {}), **inventory.opted_in}
             if not self._concrete:
                 self.coverage, self._score_note = found["coverage"], found["score"]
                 self._cam_tensor = found.get("cam")
