@@ -323,3 +323,15 @@ def test_run_record_carries_the_ops_seen(received):
     coverage = metadata["coverage"]
     assert coverage["ops"]["Conv2D"] >= 1 and coverage["opted_in"] == {}
     assert metadata["config"]["allow_side_effects"] is False
+
+
+@pytest.mark.slow
+def test_families_without_relu_build_under_the_allowlist():
+    """The keras.applications families the reference tests do not build (they build every ReLU family), with
+    every activation's rule and SmoothGrad: nothing outside the allowlist."""
+    for name in ("MobileNetV3Small", "ConvNeXtTiny", "EfficientNetB0"):
+        model = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3), classes=3,
+                                                  classifier_activation=None)
+        engine = GuidedBackprop(model, batch_size=1, activations="all", smooth=1)
+        assert engine.coverage.opted_in == {} and engine.coverage.ops, name
+        keras.backend.clear_session()
