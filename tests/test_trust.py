@@ -125,6 +125,27 @@ def test_python_api_refuses_each_side_effect_before_any_image(attacker, kind):
     _untouched(kind, canary)
 
 
+def test_tf1_init_op_with_a_side_effect_is_refused_before_loading(tmp_path):
+    """A TF1 SavedModel's main op runs when TensorFlow loads it: it is checked first."""
+    canary, path = tmp_path / "canary", str(tmp_path / "tf1")
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        x = tf.compat.v1.placeholder(tf.float32, (None, SIZE, SIZE, 3), name="x")
+        kernel = tf.compat.v1.get_variable("kernel", (SIZE * SIZE * 3, 3))
+        logits = tf.matmul(tf.nn.relu(tf.reshape(x, (-1, SIZE * SIZE * 3))), kernel)
+        session.run(tf.compat.v1.global_variables_initializer())
+        builder = tf.compat.v1.saved_model.Builder(path)
+        signature = tf.compat.v1.saved_model.predict_signature_def({"x": x}, {"logits": logits})
+        builder.add_meta_graph_and_variables(session, ["serve"], {"serving_default": signature},
+                                             main_op=tf.io.write_file(str(canary), "loaded"))
+        builder.save()
+    with pytest.raises(SideEffectError, match="when loaded.*WriteFile") as refused:
+        GuidedBackprop(path, batch_size=1)
+    _one_line_refusal(str(refused.value), "WriteFile")
+    assert not canary.exists()
+    GuidedBackprop(path, batch_size=1, allow_side_effects=True)
+    assert canary.exists()  # the attack is real: loading ran it
+
+
 def test_keras_layer_with_a_side_effect_is_refused_naming_the_layer(tmp_path):
     canary = tmp_path / "canary"
 
@@ -157,6 +178,10 @@ def test_opted_in_side_effects_happen_and_are_reported(attacker):
     np.testing.assert_allclose(reader.predict(images), expected + 1000, rtol=1e-5)
     lister = GuidedBackprop(attacker["list"][0], batch_size=2, allow_side_effects=True)
     np.testing.assert_allclose(lister.predict(images), expected + 1, rtol=1e-5)
+    os.remove(canary)
+    path, canary = attacker["init"]
+    assert "WriteFile" in GuidedBackprop(path, batch_size=2, allow_side_effects=True).report["coverage"]["opted_in"]
+    assert os.path.exists(canary)  # loading ran the resource's initialiser
     os.remove(canary)
 
 
