@@ -280,7 +280,9 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
             raise ModelLoadError(keras2.missing_extra(path, version, cause)) from exc
         raise ModelLoadError(f"{path} could not be loaded as a Keras model: {describe_error(exc)}") from exc
     try:
-        return KerasSource(_with_inputs(loaded, path), output=output, input_size=input_size, precision=precision)
+        source = KerasSource(_with_inputs(loaded, path), output=output, input_size=input_size, precision=precision)
+        source.path = str(path)
+        return source
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - an unusual model must not end in a bare traceback
