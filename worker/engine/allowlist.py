@@ -98,7 +98,7 @@ METHODS = {
 #: loops: allowed where the engine adds them, refused inside the model (a classifier needs none)
 LOOPS = {"While", "StatelessWhile", "Enter", "Exit", "NextIteration", "LoopCond"}
 
-#: every op type allowed outside the model's loops, by category (the coverage report names them)
+#: every op type allowed anywhere, by category (loops: see LOOPS)
 ALLOWED = {"structure": STRUCTURE, "math": MATH, "nn": NN, "array": ARRAY, "image": IMAGE, "methods": METHODS}
 _ALLOWED_TYPES = frozenset().union(*ALLOWED.values())
 
@@ -132,9 +132,10 @@ def check_graph(graph, model_ops=None, *, allow_side_effects: bool = False, what
 def check_saved_model(path: str, *, allow_side_effects: bool = False) -> OpInventory:
     """Check what loading the SavedModel at ``path`` runs, before it is loaded: the functions that create and
     initialise its resources (TF2: a resource's ``_create_resource``/``_initialize``) and its init ops (TF1:
-    ``main_op``/``legacy_init_op``/table initialisers), with every function they call.  The model's own
-    variables are restored by TensorFlow's loader, not by the file's graph; the serving function is checked
-    by :func:`check_graph` once traced."""
+    ``main_op``/``legacy_init_op``/table initialisers), with every function they call.  A TF2 model's
+    variables are restored by TensorFlow's loader itself; a TF1 file's saver restore op, which the loader runs
+    to restore its variables, is not checked.  The serving function is checked by :func:`check_graph` once
+    traced."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     saved = saved_model_pb2.SavedModel()
