@@ -125,9 +125,7 @@ def test_python_api_refuses_each_side_effect_before_any_image(attacker, kind):
     _untouched(kind, canary)
 
 
-def test_tf1_init_op_with_a_side_effect_is_refused_before_loading(tmp_path):
-    """A TF1 SavedModel's main op runs when TensorFlow loads it: it is checked first."""
-    canary, path = tmp_path / "canary", str(tmp_path / "tf1")
+def _tf1_saved_model(path: str, main_op_writes: str | None = None) -> str:
     with tf.Graph().as_default(), tf.compat.v1.Session() as session:
         x = tf.compat.v1.placeholder(tf.float32, (None, SIZE, SIZE, 3), name="x")
         kernel = tf.compat.v1.get_variable("kernel", (SIZE * SIZE * 3, 3))
@@ -135,15 +133,44 @@ def test_tf1_init_op_with_a_side_effect_is_refused_before_loading(tmp_path):
         session.run(tf.compat.v1.global_variables_initializer())
         builder = tf.compat.v1.saved_model.Builder(path)
         signature = tf.compat.v1.saved_model.predict_signature_def({"x": x}, {"logits": logits})
-        builder.add_meta_graph_and_variables(session, ["serve"], {"serving_default": signature},
-                                             main_op=tf.io.write_file(str(canary), "loaded"))
+        main_op = tf.io.write_file(main_op_writes, "loaded") if main_op_writes else None
+        builder.add_meta_graph_and_variables(session, ["serve"], {"serving_default": signature}, main_op=main_op)
         builder.save()
-    with pytest.raises(SideEffectError, match="when loaded.*WriteFile") as refused:
-        GuidedBackprop(path, batch_size=1)
-    _one_line_refusal(str(refused.value), "WriteFile")
-    assert not canary.exists()
-    GuidedBackprop(path, batch_size=1, allow_side_effects=True)
-    assert canary.exists()  # the attack is real: loading ran it
+    return path
+
+
+def _with_restore_writing(path: str, canary: str) -> str:
+    """The TF1 SavedModel at ``path`` with its saver's restore op made to write ``canary`` first (the loader
+    runs that op to restore the variables)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    with tf.Graph().as_default() as graph, tf.name_scope("tamper"):
+        tf.io.write_file(tf.constant(canary), tf.constant("restored"))
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString(open(os.path.join(path, "saved_model.pb"), "rb").read())
+    meta = saved.meta_graphs[0]
+    meta.graph_def.node.extend(graph.as_graph_def().node)
+    restore = next(n for n in meta.graph_def.node if n.name == meta.saver_def.restore_op_name)
+    restore.input.append("^tamper/WriteFile")
+    open(os.path.join(path, "saved_model.pb"), "wb").write(saved.SerializeToString())
+    return path
+
+
+def test_tf1_load_time_side_effects_are_refused_before_loading(tmp_path):
+    """A TF1 SavedModel's main op, and its saver's restore op, run when TensorFlow loads it: both are checked
+    first.  The plain file builds; opted in, loading really runs each side effect."""
+    plain = GuidedBackprop(_tf1_saved_model(str(tmp_path / "plain")), batch_size=1)
+    assert plain.coverage.opted_in == {}
+    canary = tmp_path / "canary"
+    for path in (_tf1_saved_model(str(tmp_path / "main_op"), str(canary)),
+                 _with_restore_writing(_tf1_saved_model(str(tmp_path / "restore")), str(canary))):
+        with pytest.raises(SideEffectError, match="when loaded.*WriteFile at loading") as refused:
+            GuidedBackprop(path, batch_size=1)
+        _one_line_refusal(str(refused.value), "WriteFile")
+        assert not canary.exists()
+        GuidedBackprop(path, batch_size=1, allow_side_effects=True)
+        assert canary.exists()  # the attack is real: loading ran it
+        canary.unlink()
 
 
 def test_keras_layer_with_a_side_effect_is_refused_naming_the_layer(tmp_path):

@@ -124,7 +124,7 @@ def check_graph(graph, model_ops=None, *, allow_side_effects: bool = False, what
     :class:`SideEffectError` in one line unless ``allow_side_effects``; returns the :class:`OpInventory`."""
     model_names = None if model_ops is None else {op.name for op in model_ops}
     library = {f.signature.name: f for f in graph.as_graph_def().library.function}
-    nodes = ((op.type, _scope(op.name), _called(op.node_def), model_names is None or op.name in model_names)
+    nodes = ((op.type, _scope(op.name), _called(op.node_def), model_names is None or op.name in model_names, False)
              for op in graph.get_operations())
     return _inspect(nodes, library, allow_side_effects, what)
 
@@ -132,10 +132,10 @@ def check_graph(graph, model_ops=None, *, allow_side_effects: bool = False, what
 def check_saved_model(path: str, *, allow_side_effects: bool = False) -> OpInventory:
     """Check what loading the SavedModel at ``path`` runs, before it is loaded: the functions that create and
     initialise its resources (TF2: a resource's ``_create_resource``/``_initialize``) and its init ops (TF1:
-    ``main_op``/``legacy_init_op``/table initialisers), with every function they call.  A TF2 model's
-    variables are restored by TensorFlow's loader itself; a TF1 file's saver restore op, which the loader runs
-    to restore its variables, is not checked.  The serving function is checked by :func:`check_graph` once
-    traced."""
+    ``main_op``/``legacy_init_op``/table initialisers, and the saver's restore op, which may only read the
+    variables from the file the loader names and assign them), with every function they call.  A TF2 model's
+    variables are restored by TensorFlow's loader itself.  The serving function is checked by
+    :func:`check_graph` once traced."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     saved = saved_model_pb2.SavedModel()
@@ -158,43 +158,61 @@ def check_saved_model(path: str, *, allow_side_effects: bool = False) -> OpInven
                     target = objects[child.node_id]
                     names = (list(target.function.concrete_functions) if target.HasField("function")
                              else [target.bare_concrete_function.concrete_function_name])
-                    nodes.extend(("PartitionedCall", f"loading: {child.local_name}", [n], True) for n in names)
+                    nodes.extend(("PartitionedCall", f"loading: {child.local_name}", [n], True, False)
+                                 for n in names)
         by_name = {n.name: n for n in meta.graph_def.node}
-        pending = [name.split(":")[0].lstrip("^") for key in _LOAD_TIME_COLLECTIONS
-                   for name in meta.collection_def[key].node_list.value if key in meta.collection_def]
-        seen: set[str] = set()
-        while pending:  # an init op and everything it depends on
-            name = pending.pop()
-            if name in seen or name not in by_name:
-                continue
-            seen.add(name)
-            node = by_name[name]
-            nodes.append((node.op, f"loading: {_scope(node.name)}", _called(node), True))
-            pending.extend(i.split(":")[0].lstrip("^") for i in node.input)
+        init = [name for key in _LOAD_TIME_COLLECTIONS if key in meta.collection_def
+                for name in meta.collection_def[key].node_list.value]
+        nodes.extend((n.op, f"loading: {_scope(n.name)}", _called(n), True, False) for n in _closure(by_name, init))
+        if not objects and meta.saver_def.restore_op_name:  # a TF1 file: the loader runs its restore op
+            filename = _node_name(meta.saver_def.filename_tensor_name)
+            for n in _closure(by_name, [meta.saver_def.restore_op_name]):
+                # variables read from the file the loader names and assigned: nothing else
+                restores = n.op in _RESTORE and (n.op != "RestoreV2" or _node_name(n.input[0]) == filename)
+                nodes.append((n.op, f"loading: {_scope(n.name)}", _called(n), True, restores))
     return _inspect(nodes, library, allow_side_effects, f"SavedModel {path} (when loaded)")
+
+
+def _node_name(tensor: str) -> str:
+    return tensor.split(":")[0].lstrip("^")
+
+
+def _closure(by_name: dict, names: list[str]):
+    """The graph nodes ``names`` and every node they depend on."""
+    pending = [_node_name(n) for n in names]
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in by_name:
+            continue
+        seen.add(name)
+        yield by_name[name]
+        pending.extend(_node_name(i) for i in by_name[name].input)
 
 
 #: what loading a SavedModel runs: TF2 resources' functions, TF1 init ops
 _LOAD_TIME_FUNCTIONS = ("_create_resource", "_initialize")
 _LOAD_TIME_COLLECTIONS = ("saved_model_main_op", "legacy_init_op", "table_initializer")
+#: what a TF1 restore op may do: read the variables from the file the loader names, and assign them
+_RESTORE = {"RestoreV2", "Assign", "AssignVariableOp", "VariableV2", "VarHandleOp"}
 
 
 def _inspect(nodes, library: dict, allow_side_effects: bool, what: str) -> OpInventory:
-    """Walk ``nodes`` ((op type, where, functions called, in the model?)) and every function of ``library``
-    they call, to any depth; raise or return as :func:`check_graph` says."""
+    """Walk ``nodes`` ((op type, where, functions called, in the model?, vetted by the caller?)) and every
+    function of ``library`` they call, to any depth; raise or return as :func:`check_graph` says."""
     seen: Counter = Counter()
     outside: dict[str, list[str]] = {}
     # (function name, in the model?) still to walk; a function reached from the model counts as the model's
     pending: list[tuple[str, bool]] = []
 
-    def visit(op_type: str, where: str, in_model: bool, functions) -> None:
+    def visit(op_type: str, where: str, in_model: bool, functions, vetted: bool = False) -> None:
         seen[op_type] += 1
-        if op_type not in _ALLOWED_TYPES and not (op_type in LOOPS and not in_model):
+        if not vetted and op_type not in _ALLOWED_TYPES and not (op_type in LOOPS and not in_model):
             outside.setdefault(op_type, []).append(where)
         pending.extend((name, in_model) for name in functions)
 
-    for op_type, where, functions, in_model in nodes:
-        visit(op_type, where, in_model, functions)
+    for op_type, where, functions, in_model, vetted in nodes:
+        visit(op_type, where, in_model, functions, vetted)
     walked: set[tuple[str, bool]] = set()
     while pending:
         name, in_model = pending.pop()
