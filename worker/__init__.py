@@ -18,6 +18,7 @@ _EXPORTS = {
     "UnguidedReluError": "worker.engine.methods",
     "ModelLoadError": "worker.engine.models",
     "UnsafeModelError": "worker.engine.models",
+    "SideEffectError": "worker.engine.allowlist",
     "load_model": "worker.engine.models",
     "Preprocessing": "worker.engine.preprocessing",
     "Target": "worker.engine.targets",

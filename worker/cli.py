@@ -20,6 +20,15 @@ from worker.engine.options import (ACTIVATIONS, MAP_DTYPES, METHODS, PRECISIONS,
                                    RELU_POLICIES, SCORES)
 
 
+def add_opt_in_arguments(p) -> None:
+    """The opt-ins: given by the person running the command, never taken from a run record."""
+    p.add_argument("--allow-unsafe-deserialization", action="store_true",
+                   help="load models carrying Python code (Lambda layers); only for models you trust")
+    p.add_argument("--allow-side-effects", action="store_true",
+                   help="run a model whose graph holds ops outside the allowlist of pure computation (file or "
+                        "network I/O, save/restore, print, Python callbacks, loops); only for models you trust")
+
+
 def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("data")
     io.add_argument("--model", required=True, help=".keras, .h5 or SavedModel directory; local, s3:// or gs://")
@@ -59,8 +68,7 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="relu: the method's rule at ReLUs (capped, thresholded, leaky, PReLU); all: at every "
                         "activation (swish, GELU, hard-swish, ELU, SELU, sigmoid, ...): f'(x) * max(g, 0) for "
                         "guided backprop")
-    m.add_argument("--allow-unsafe-deserialization", action="store_true",
-                   help="load models carrying Python code (Lambda layers); only for models you trust")
+    add_opt_in_arguments(m)
     r = p.add_argument_group("resources")
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--actors", type=int, help="explain actors (default: one per GPU, else 1)")
@@ -106,6 +114,7 @@ def parser() -> argparse.ArgumentParser:
                        help="measure every method's faithfulness (deletion/insertion) and sanity (randomisation, "
                             "class and input sensitivity) on N images per class with the job's model")
     audit.add_argument("--model", help="model for the controls (default: the path the job recorded)")
+    add_opt_in_arguments(audit.add_argument_group("opt-ins (yours: the job's recorded ones are not used)"))
     demo = add_parser("demo", help="make real images and a model, run the job and the audit locally")
     demo.add_argument("--output", default="demo_output")
     demo.add_argument("--images", type=int, default=900, help="held-out images the job explains and the audit reads")
@@ -128,8 +137,11 @@ def main(argv=None) -> int:
 
             result = run_audit(args.input, args.report, args.label_column, args.controls, args.model,
                                interventions=args.interventions, echo=print,
-                               compare_methods=args.compare_methods)
-            summary = {"report": args.report, "groups": len(result["groups"]), "findings": result["findings"]}
+                               compare_methods=args.compare_methods,
+                               allow_unsafe_deserialization=args.allow_unsafe_deserialization,
+                               allow_side_effects=args.allow_side_effects)
+            summary = {"report": args.report, "groups": len(result["groups"]), "findings": result["findings"],
+                       **({"skipped": result["skipped"]} if result.get("skipped") else {})}
         elif args.command == "scheduled":
             from worker.job.schedule import load_config, scheduled_run
 

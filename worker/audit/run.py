@@ -37,6 +37,8 @@ from worker.data import sink, storage
 from worker.data.dataset import done_index, plan, read_unit, units_holding
 from worker.data.decode import DecodeError, DecodeOptions, image_cells
 from worker.data.schema import read_metadata
+from worker.engine.allowlist import SideEffectError
+from worker.engine.models import UnsafeModelError
 from worker.job.config import JobConfig, build_engine
 from worker.job.progress import watch
 from worker.job.resources import connect
@@ -218,7 +220,8 @@ MEAN_IMAGE_ROWS = 20_000  # read at most this many rows to find them
 
 def run_audit(output: str, report_dir: str | None = None, label_column: str | None = None,
               controls: int = 0, model: str | None = None, interventions: int = 0, echo=None,
-              compare_methods: int = 0) -> dict:
+              compare_methods: int = 0, allow_unsafe_deserialization: bool = False,
+              allow_side_effects: bool = False) -> dict:
     """Aggregate a job's output with Ray Data; write audit.json and report.html to ``report_dir``.
 
     ``label_column`` defaults to the job's. ``controls=N`` adds the sanity controls of :mod:`worker.audit.controls`
@@ -226,7 +229,10 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     defaults to the job's model; a remote one is fetched). ``interventions=N`` localises each labelled class's
     regions and confirms or refutes each by intervening on N images of the class
     (:mod:`worker.audit.intervene`). ``compare_methods=N`` measures every method's faithfulness and sanity on N
-    images per class with the job's model (:mod:`worker.audit.compare`). ``echo`` (e.g. ``print``) gets a line
+    images per class with the job's model (:mod:`worker.audit.compare`). The model is loaded and run with the
+    opt-ins passed here (``allow_unsafe_deserialization``, ``allow_side_effects``: the auditor's own), never
+    with those in the job's run record; a model that needs one not passed is not run: the steps that need it
+    are skipped, saying so in one line (``result["skipped"]``). ``echo`` (e.g. ``print``) gets a line
     per step and a summary; the passes over the maps show one progress line on stderr (:mod:`worker.job.progress`)."""
     echo = echo or (lambda *_: None)
     began = time.perf_counter()
@@ -237,6 +243,12 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
         raise ValueError(f"{output} holds no committed output files")
     metadata = read_metadata(pq.read_schema(files[0], filesystem=fs)) or {}
     config = run_record(metadata)
+    if config is not None:  # the job owner's opt-ins are reported, never used: the auditor's own are
+        chose = [f for f in ("allow_unsafe_deserialization", "allow_side_effects") if getattr(config, f)]
+        if chose:
+            echo(f"audit: the job was run with {', '.join('--' + f.replace('_', '-') for f in chose)}; this audit "
+                 "uses only the opt-ins on its own command line")
+        config = config.with_opt_ins(allow_unsafe_deserialization, allow_side_effects)
     if label_column is None:
         label_column = config.label_column if config is not None else "label"
     connect(logging_level="ERROR")
@@ -266,6 +278,13 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
             model)."""
             run = config if method is None else dataclasses.replace(config, method=method)
             return build_engine(run, model_path if source is None else source, **{"batch_size": 32, **overrides})
+
+        try:  # the model is checked before any step runs it
+            make_engine(batch_size=1)
+        except (UnsafeModelError, SideEffectError) as exc:
+            result["skipped"] = f"controls, interventions and method comparison skipped: {exc}"
+            echo(f"audit: {result['skipped']}")
+            controls = interventions = compare_methods = 0
 
     if config is not None:  # the worst cases' own images, beside their maps (when the input is still there)
         worst = [w for g, v in merged.items() if g.startswith("worst:") for w in v["worst"]]

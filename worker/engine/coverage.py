@@ -9,7 +9,9 @@ from a custom layer, say) is listed as unguided.  Activations made of several op
 got the method's rule and under ``vanilla`` when they kept the plain gradient;
 a nonlinear op that belongs to no unit is listed as ``unresolved``.  Other
 nonlinear op types are counted as ``other_nonlinearities`` so a user knows what
-the map passes through.
+the map passes through.  ``ops`` counts every op type the compiled function runs (checked against
+:mod:`worker.engine.allowlist`), and ``opted_in`` names those outside the allowlist that ran only because
+the caller passed ``allow_side_effects``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class CoverageReport:
     vanilla: dict[str, int] = field(default_factory=dict)  # activation units that kept the plain gradient
     unresolved: list[str] = field(default_factory=list)  # nonlinear ops in no unit (products of two branches too)
     activations: str = "relu"
+    ops: dict[str, int] = field(default_factory=dict)  # op type -> count in the traced graph and its functions
+    opted_in: dict[str, list[str]] = field(default_factory=dict)  # outside the allowlist, run by the opt-in
 
     @property
     def guided_total(self) -> int:

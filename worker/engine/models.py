@@ -8,6 +8,9 @@ A SavedModel is frozen (variables become constants) and its function calls are
 inlined, so its graph can be imported op by op where the guided override reaches
 every ReLU.
 
+What loading a SavedModel runs (its resources' initialisers, TF1 init ops) is checked against
+:mod:`worker.engine.allowlist` before it is loaded.
+
 Keras safe mode stays on: a model that carries Python code (``Lambda`` layers,
 pickled functions) is refused unless ``safe_mode=False`` (CLI:
 ``--allow-unsafe-deserialization``) is passed for a model you trust.  Keras
@@ -161,10 +164,14 @@ class SavedModelSource(ModelSource):
 
     kind = "saved_model"
 
-    def __init__(self, path: str, *, signature: str | None = None, output: int | None = None, input_size=None):
+    def __init__(self, path: str, *, signature: str | None = None, output: int | None = None, input_size=None,
+                 allow_side_effects: bool = False):
         from tensorflow.python.framework import convert_to_constants
 
+        from worker.engine.allowlist import check_saved_model
+
         self.path = str(path)
+        self.load_ops = check_saved_model(self.path, allow_side_effects=allow_side_effects)
         try:
             loaded = tf.saved_model.load(self.path)
         except Exception as exc:  # noqa: BLE001 - TF raises many types here
@@ -229,7 +236,7 @@ def _placeholder_as_constant(graph_def, name: str):
 
 
 def load_model(model, *, safe_mode: bool = True, output: int | None = None, signature: str | None = None,
-               input_size=None, precision: str = "float32") -> ModelSource:
+               input_size=None, precision: str = "float32", allow_side_effects: bool = False) -> ModelSource:
     """Open ``model`` (a keras.Model or tf-keras model, a .keras/.h5 file or a SavedModel directory)."""
     import keras
 
@@ -247,7 +254,8 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
             raise ModelLoadError(f"{path} is a directory without saved_model.pb: not a SavedModel")
         if precision != "float32":
             raise ValueError("precision other than float32 needs a Keras model (.keras, .h5 or in-memory)")
-        return SavedModelSource(str(path), signature=signature, output=output, input_size=input_size)
+        return SavedModelSource(str(path), signature=signature, output=output, input_size=input_size,
+                                allow_side_effects=allow_side_effects)
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise ModelLoadError(f"{path} is not a model file: expected .keras, .h5 or a SavedModel directory")
     version = keras2.writer_version(path)
@@ -272,7 +280,9 @@ def load_model(model, *, safe_mode: bool = True, output: int | None = None, sign
             raise ModelLoadError(keras2.missing_extra(path, version, cause)) from exc
         raise ModelLoadError(f"{path} could not be loaded as a Keras model: {describe_error(exc)}") from exc
     try:
-        return KerasSource(_with_inputs(loaded, path), output=output, input_size=input_size, precision=precision)
+        source = KerasSource(_with_inputs(loaded, path), output=output, input_size=input_size, precision=precision)
+        source.path = str(path)
+        return source
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - an unusual model must not end in a bare traceback

@@ -69,6 +69,7 @@ class EngineOptions(MapOptions):
     """The keyword arguments of every method's constructor: the map options and how the model is loaded."""
 
     safe_mode: bool = True
+    allow_side_effects: bool = False  # run op types outside worker.engine.allowlist (a model you trust)
 
     def check(self) -> "EngineOptions":
         """Every value is one the engine accepts (the model-dependent checks come when it is loaded)."""

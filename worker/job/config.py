@@ -2,7 +2,9 @@
 
 The run record: :meth:`JobConfig.to_dict` is stored in every output file's metadata
 (key ``config``) and :meth:`JobConfig.from_dict` rebuilds it, so the audit and its
-controls use exactly the engine the job used.
+controls use exactly the engine the job used.  The opt-ins (``allow_unsafe_deserialization``,
+``allow_side_effects``) are recorded as the job's owner chose them, but whoever rebuilds the engine from a
+record replaces them with their own (:meth:`JobConfig.with_opt_ins`).
 
 Example:
     >>> cfg = JobConfig(model="model.keras", input="images/", output="maps/", target="label",
@@ -36,7 +38,8 @@ class JobConfig(MapOptions):
     label_column: str | None = None
     columns: tuple[str, ...] = ()
     method: str = "guided_backprop"
-    allow_unsafe_deserialization: bool = False
+    allow_unsafe_deserialization: bool = False  # an opt-in of whoever runs this job: never taken from a record
+    allow_side_effects: bool = False  # likewise (worker.engine.allowlist)
     resize: str = "stretch"
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_draft: bool = False  # decode JPEGs at reduced scale where that still covers the model input
@@ -67,13 +70,20 @@ class JobConfig(MapOptions):
         known["columns"] = tuple(known.get("columns") or ())
         return cls(**known)
 
+    def with_opt_ins(self, allow_unsafe_deserialization: bool = False,
+                     allow_side_effects: bool = False) -> "JobConfig":
+        """This run with the opt-ins of the person now running a command, not the ones it was recorded with."""
+        return dataclasses.replace(self, allow_unsafe_deserialization=allow_unsafe_deserialization,
+                                   allow_side_effects=allow_side_effects)
+
     def needed_columns(self) -> list[str]:
         cols = [self.image_column, self.id_column, self.label_column, self.mask_column, *self.columns]
         return list(dict.fromkeys(c for c in cols if c))
 
     def engine_options(self) -> EngineOptions:
         """The engine this run explains with (its method aside)."""
-        return EngineOptions(**self.map_options(), safe_mode=not self.allow_unsafe_deserialization)
+        return EngineOptions(**self.map_options(), safe_mode=not self.allow_unsafe_deserialization,
+                             allow_side_effects=self.allow_side_effects)
 
     def decode_options(self, size: tuple[int, int]) -> DecodeOptions:
         return DecodeOptions(size, self.resize, self.max_pixels, self.jpeg_draft)

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from worker.engine import reduction as reduction_ops
 from worker.engine.activations import apply_rule, find_units
+from worker.engine.allowlist import check_graph
 from worker.engine.coverage import CoverageReport, inspect_ops
 from worker.engine.explanation import Explanation
 from worker.engine.models import load_model
@@ -64,6 +65,10 @@ class Attribution:
             (default: ReLUs, capped, thresholded, leaky or PReLU; any other activation keeps its plain gradient
             and is reported) or ``all`` (swish, GELU, hard-swish, ELU, SELU, sigmoid, ... too).
         safe_mode: Keras safe mode when loading (default on).
+        allow_side_effects: run a model whose graph holds op types outside the allowlist of pure computation
+            (file or network I/O, save/restore, print, Python callbacks) or a loop
+            (:mod:`worker.engine.allowlist`); only for a model you trust.  Off: such a model is refused when
+            built, before any image.
         output, signature, input_size: pick an output / SavedModel signature / size of a resizable model.
         threads: TensorFlow intra-op threads (match the CPUs the scheduler gave this process).
         warmup: run the compiled function once on a batch of zeros when built, so that the first ``explain``
@@ -79,8 +84,9 @@ class Attribution:
                  reduction: str = "max_abs", map_dtype: str = "float16", score: str = "logits",
                  relu_policy: str = "error", precision: str = "float32", jit_compile="auto",
                  conv_gradients: str = "auto", smooth: int = 0, noise: float = 0.15, cam_layer: str | None = None,
-                 activations: str = "relu", safe_mode: bool = True, output: int | None = None,
-                 signature: str | None = None, input_size=None, threads: int | None = None, warmup: bool = False):
+                 activations: str = "relu", safe_mode: bool = True, allow_side_effects: bool = False,
+                 output: int | None = None, signature: str | None = None, input_size=None,
+                 threads: int | None = None, warmup: bool = False):
         configure_tensorflow(threads)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -94,13 +100,14 @@ class Attribution:
         self.batch_size = int(batch_size)
         self.reduction, self.map_dtype, self.score, self.relu_policy = reduction, map_dtype, score, relu_policy
         self.precision = precision
+        self.allow_side_effects = bool(allow_side_effects)
         if precision == "bfloat16" and native_bfloat16() is False:
             warnings.warn("precision='bfloat16' on a CPU without avx512_bf16/amx_bf16: TensorFlow emulates it, "
                           "so it is slower than float32 here (measured 0.73x on ResNet50)", stacklevel=2)
         self.jit_compile = default_jit_compile() if jit_compile == "auto" else bool(jit_compile)
         self.conv_gradients = default_conv_gradients() if conv_gradients == "auto" else conv_gradients
         self.source = load_model(model, safe_mode=safe_mode, output=output, signature=signature,
-                                 input_size=input_size, precision=precision)
+                                 input_size=input_size, precision=precision, allow_side_effects=allow_side_effects)
         self.target.check_classes(self.source.num_classes)
         self.coverage: CoverageReport | None = None  # what the first trace found
         self._score_note = ""
@@ -138,6 +145,7 @@ class Attribution:
         with gradient_scope(overrides):
             output, activation = self.source.forward(x, self.target.layer)
         forward_ops = graph.get_operations()[first_op:]
+        found["forward_ops"] = forward_ops
         output, activation, ruled = self._rule_activations(forward_ops, x, output, activation, found)
         found["coverage"] = inspect_ops(forward_ops, graph, self.gradient_overrides, ruled, self.activations)
 
@@ -195,12 +203,20 @@ class Attribution:
             function = tf.function(lambda images, labels: self._compute(images, labels, found),
                                    jit_compile=self.jit_compile, autograph=False)
             concrete = function.get_concrete_function(*spec)
+            inventory = check_graph(concrete.graph, found.pop("forward_ops"),
+                                    allow_side_effects=self.allow_side_effects, what=self._what())
+            loading = getattr(self.source, "load_ops", None)  # what loading a SavedModel ran
+            found["coverage"].ops = inventory.seen
+            found["coverage"].opted_in = {**(loading.opted_in if loading else {}), **inventory.opted_in}
             if not self._concrete:
                 self.coverage, self._score_note = found["coverage"], found["score"]
                 self._cam_tensor = found.get("cam")
                 self._check_coverage()
             self._concrete[size] = concrete
         return self._concrete[size]
+
+    def _what(self) -> str:
+        return f"model {getattr(self.source, 'path', None) or self.source.kind} ({self.method})"
 
     def _check_coverage(self):
         if not self.requires_relu:
@@ -255,6 +271,13 @@ class Attribution:
                 x = self.preprocessing.apply(batch, self.source.input_size, self.source.channels)
                 return class_scores(self.source.forward(x)[0], "logits")[0]
             self._predict = tf.function(forward, jit_compile=self.jit_compile, autograph=False)
+            self._predict_checked: set = set()
+        size = tuple(images.shape[1:3])
+        if size not in self._predict_checked:  # each trace is checked before it runs
+            spec = tf.TensorSpec((self.batch_size, *size, 3), tf.uint8)
+            check_graph(self._predict.get_concrete_function(spec).graph,
+                        allow_side_effects=self.allow_side_effects, what=self._what())
+            self._predict_checked.add(size)
         out = [self._predict(tf.constant(chunk)).numpy()[:n] for n, chunk in self._padded(images)]
         return np.concatenate(out) if out else np.zeros((0, self.source.num_classes), np.float32)
 
