@@ -1,11 +1,11 @@
 """Partial aggregates of a job's output, merged exactly: what the audit computes per block, out of core.
 
 Each block of the output is reduced to one row per group (true class, predicted class, correct or wrong):
-the count, mean and M2 of the L1-normalised maps downsampled to 16 x 16, count / sum / sum of squares of
-every statistic column, and a uniform sample of the maps for clustering; plus, per statistic, the worst
+the count, mean and M2 of the L1-normalised maps downsampled to 16 x 16, and of every statistic column (its
+finite values), and a uniform sample of the maps for clustering; plus, per statistic, the worst
 rows.  Rows are Arrow (:data:`PARTIAL_SCHEMA`, list columns, no JSON) and merge exactly (Chan et al.'s
 parallel variance), so any number of rows fits in memory: the driver's state is bounded by the groups (moments,
-stat sums, :data:`SAMPLE_SIZE` sampled maps and :data:`WORST_K` worst cases each), and the samples' caps
+statistics' moments, :data:`SAMPLE_SIZE` sampled maps and :data:`WORST_K` worst cases each), and the samples' caps
 (:func:`sample_caps`), handed to the tasks as they tighten, keep what each block sends small too.  numpy and
 pyarrow only: testable without Ray.
 
@@ -36,8 +36,8 @@ _F64, _F32 = pa.list_(pa.float64()), pa.list_(pa.float32())
 #: one row per (block, group); a ``worst:<statistic>`` row carries only the worst_* columns and direction
 PARTIAL_SCHEMA = pa.schema([
     ("group", pa.string()), ("count", pa.int64()), ("mean", _F64), ("m2", _F64),
-    ("stat_name", pa.list_(pa.string())), ("stat_n", pa.list_(pa.int64())), ("stat_sum", _F64),
-    ("stat_sumsq", _F64),
+    ("stat_name", pa.list_(pa.string())), ("stat_n", pa.list_(pa.int64())), ("stat_mean", _F64),
+    ("stat_m2", _F64),
     ("sample_key", _F64), ("sample_grid", _F32),  # grids flattened, GRID * GRID values each
     ("worst_value", _F64), ("worst_id", pa.list_(pa.string())), ("worst_grid", _F32), ("direction", pa.string()),
 ])
@@ -47,33 +47,52 @@ ASSIGNMENT_SCHEMA = pa.schema([("group", pa.string()), ("cluster", pa.int64()), 
 
 @dataclass
 class Moments:
-    """Count, mean and M2 of arrays; ``merge`` combines two partial results exactly."""
+    """Count, mean and M2 (the sum of squared deviations from the mean) of arrays, per element; ``merge``
+    combines two partial results exactly and stably (Chan, Golub and LeVeque's pairwise update).  ``count`` is an
+    int, or an array of per-element counts where values may be missing (:meth:`of_finite`).  The audit's one
+    variance merge: the maps' moments and the statistics' both merge here."""
 
-    count: int
+    count: int | np.ndarray
     mean: np.ndarray
     m2: np.ndarray
 
     @classmethod
     def of(cls, values: np.ndarray) -> "Moments":
+        """Of ``values`` (n, ...) along the first axis, two-pass."""
         values = np.asarray(values, np.float64)
         if not len(values):
             return cls(0, np.zeros(values.shape[1:]), np.zeros(values.shape[1:]))
         mean = values.mean(0)
         return cls(len(values), mean, ((values - mean) ** 2).sum(0))
 
+    @classmethod
+    def of_finite(cls, values: np.ndarray) -> "Moments":
+        """Of the finite ``values`` (n, ...) of each element along the first axis (NaN and inf left out)."""
+        values = np.asarray(values, np.float64)
+        finite = np.isfinite(values)
+        count = finite.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(count > 0, np.where(finite, values, 0.0).sum(0) / np.maximum(count, 1), 0.0)
+        m2 = np.where(finite, (np.where(finite, values, 0.0) - mean) ** 2, 0.0).sum(0)
+        return cls(count, mean, m2)
+
     def merge(self, other: "Moments") -> "Moments":
-        if not other.count:
-            return self
-        if not self.count:
-            return other
-        n = self.count + other.count
+        if np.ndim(self.count) == 0 and np.ndim(other.count) == 0:
+            if not other.count:
+                return self
+            if not self.count:
+                return other
+        n = np.add(self.count, other.count)
+        n = int(n) if np.ndim(n) == 0 else n
+        share = np.divide(other.count, n, out=np.zeros(np.shape(n)), where=np.asarray(n) > 0)
         delta = other.mean - self.mean
-        mean = self.mean + delta * other.count / n
-        return Moments(n, mean, self.m2 + other.m2 + delta ** 2 * self.count * other.count / n)
+        return Moments(n, self.mean + delta * share, self.m2 + other.m2 + delta ** 2 * self.count * share)
 
     @property
     def variance(self) -> np.ndarray:
-        return self.m2 / self.count if self.count else self.m2 * np.nan
+        """Population variance (M2 / count); NaN where the count is 0."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(np.asarray(self.count) > 0, self.m2 / np.maximum(self.count, 1), np.nan)
 
 
 CHUNK_VALUES = 1 << 22  # pixels downsampled at a time (32 MB of float64), whatever the block's size
@@ -219,10 +238,10 @@ def partial_aggregates(table: pa.Table, label_column: str | None = None, caps: d
     for (kind, cls), chosen in members.items():
         group = f"{kind}:{cls}"
         moments = Moments.of(grids[chosen])
-        ok, values = finite[chosen], np.where(finite[chosen], stats[chosen], 0.0)
+        stat_moments = Moments.of_finite(stats[chosen])
         row = {"group": group, "count": moments.count, "mean": moments.mean, "m2": moments.m2,
-               "stat_name": np.array(stat_names, object), "stat_n": ok.sum(0),
-               "stat_sum": values.sum(0), "stat_sumsq": (values ** 2).sum(0)}
+               "stat_name": np.array(stat_names, object), "stat_n": stat_moments.count,
+               "stat_mean": stat_moments.mean, "stat_m2": stat_moments.m2}
         if kind == cluster_kind:
             if caps and group in caps:
                 chosen = chosen[keys[chosen] <= caps[group]]
@@ -265,7 +284,7 @@ def merge_partials(partials, on_caps=None) -> dict:
         groups, counts, directions = (table[c].to_pylist() for c in ("group", "count", "direction"))
         means, m2s = _lists(table, "mean", (GRID, GRID)), _lists(table, "m2", (GRID, GRID))
         names, ns = table["stat_name"].to_pylist(), table["stat_n"].to_pylist()
-        sums, squares = table["stat_sum"].to_pylist(), table["stat_sumsq"].to_pylist()
+        stat_means, stat_m2s = table["stat_mean"].to_pylist(), table["stat_m2"].to_pylist()
         keys, samples = _lists(table, "sample_key"), _lists(table, "sample_grid", (-1, GRID, GRID))
         worst_values, worst_ids = table["worst_value"].to_pylist(), table["worst_id"].to_pylist()
         worst_grids = _lists(table, "worst_grid", (-1, GRID, GRID))
@@ -285,9 +304,9 @@ def merge_partials(partials, on_caps=None) -> dict:
                 all_keys, all_grids = np.concatenate([old_keys, keys[i]]), np.concatenate([old_grids, samples[i]])
                 order = np.argsort(all_keys)[:SAMPLE_SIZE]
                 entry["sample"] = (all_keys[order], all_grids[order])
-            for name, n, total, square in zip(names[i], ns[i], sums[i], squares[i]):
-                acc = entry["stats"].setdefault(name, [0, 0.0, 0.0])
-                acc[0], acc[1], acc[2] = acc[0] + n, acc[1] + total, acc[2] + square
+            for name, n, mean, m2 in zip(names[i], ns[i], stat_means[i], stat_m2s[i]):
+                part = Moments(n, np.float64(mean), np.float64(m2))
+                entry["stats"][name] = entry["stats"][name].merge(part) if name in entry["stats"] else part
         del table, means, m2s, keys, samples, worst_grids
         if on_caps is not None and sample_caps(merged) != caps:
             caps = sample_caps(merged)
@@ -299,10 +318,10 @@ def merge_partials(partials, on_caps=None) -> dict:
             continue
         m = entry["moments"]
         stats = {}
-        for name, (n, total, squares) in entry["stats"].items():
-            mean = total / n if n else float("nan")
-            stats[name] = {"mean": mean, "std": float(np.sqrt(max(squares / n - mean ** 2, 0))) if n else float("nan"),
-                           "n": n}
+        for name, moments in entry["stats"].items():
+            n = int(moments.count)
+            stats[name] = {"mean": float(moments.mean) if n else float("nan"),
+                           "std": float(np.sqrt(moments.variance)), "n": n}
         result[group] = {"count": m.count, "mean_map": m.mean, "var_map": m.variance, "stats": stats}
         if "sample" in entry:
             result[group]["sample"] = entry["sample"][1]

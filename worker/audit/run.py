@@ -82,6 +82,18 @@ def class_samples(config, options, classes, n: int, most: int | None = None) -> 
     return {c: np.stack(v) for c, v in found.items() if v}
 
 
+LIBRARIES = {"scipy": "scipy", "sklearn": "scikit-learn", "skimage": "scikit-image"}  # module: distribution
+
+
+def require_libraries() -> None:
+    """Raise one line naming the install when a library the audit's statistics come from is missing."""
+    import importlib.util
+
+    missing = [name for module, name in LIBRARIES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(f"the audit needs {', '.join(missing)}: pip install 'guided-saliency[audit]'")
+
+
 def run_record(metadata: dict):
     """The job's :class:`~worker.job.config.JobConfig` from an output's metadata (None if it has none)."""
     return JobConfig.from_dict(metadata["config"]) if "config" in metadata else None
@@ -228,6 +240,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     (:mod:`worker.audit.intervene`). ``compare_methods=N`` measures every method's faithfulness and sanity on N
     images per class with the job's model (:mod:`worker.audit.compare`). ``echo`` (e.g. ``print``) gets a line
     per step and a summary; the passes over the maps show one progress line on stderr (:mod:`worker.job.progress`)."""
+    require_libraries()
     echo = echo or (lambda *_: None)
     began = time.perf_counter()
 
