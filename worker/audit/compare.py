@@ -19,9 +19,12 @@ measured the same way:
 * **localisation**, where the job had masks: the energy pointing game and relevance mass accuracy
   (:func:`~worker.data.stats.mask_statistics`).
 
-A method's maps are *trusted* when they beat the random order on both curves with both baselines (the lower ends
-of the four gains' intervals above 0) and they change with the class and with the weights (Spearman below
-``SAME`` to a random class's map, and to the map of the fully randomised model). Cost (:func:`cost_plan`): per
+A method's maps are *trusted* when they beat the random order on both curves with both baselines by a margin that
+counts next to the logits' own range (the lower end of each of the four gains' intervals above ``MIN_GAIN`` times
+the *logit range*: the mean over the sample of the spread of the model's logits over the classes, max minus min,
+on the unmodified images; an untrained model's logits move by a few 1e-4 whatever is deleted, a fraction of a
+percent of that range) and they change with the class and with the weights (Spearman below ``SAME`` to a random
+class's map, and to the map of the fully randomised model). Cost (:func:`cost_plan`): per
 image and method ``2 x baselines x (steps + 1)`` forward passes and ``3 + cascade depths`` explain passes
 (x ``1 + SMOOTH`` copies with SmoothGrad), plus ``2 x baselines x (steps + 1)`` forward passes per image for the
 floor; one engine build per method.
@@ -48,6 +51,7 @@ SMOOTH = 8  # SmoothGrad copies for the smoothed variants
 SMOOTHED = ("guided_backprop", "guided_gradcam")
 CASCADE_POINTS = 6  # cascading randomisation: at most this many depths, evenly spread over the weighted layers
 NOISE_LEVELS = 4.0  # input sensitivity: Gaussian noise of this standard deviation, in pixel levels of 255
+MIN_GAIN = 0.05  # a gain counts when its interval's lower end is above this share of the logit range
 SAME = 0.8  # Spearman at or above this to a random class's (or randomised model's) map: the map hardly depends on it
 CHUNK = 8  # images whose curves go through the model together
 
@@ -242,6 +246,7 @@ def compare_methods(make_engine, images: np.ndarray, ids=None, classes=None, mas
     methods: dict[str, dict] = {}
     fixed = {"map_dtype": "float32", "reduction": "max_abs", "target": "label"}
     shared = floor = predicted = None
+    logit_range = float("nan")
     random_model = None
     depths = CASCADE_POINTS
     began = time.perf_counter()
@@ -256,6 +261,7 @@ def compare_methods(make_engine, images: np.ndarray, ids=None, classes=None, mas
             shared = getattr(engine.source, "model", None)
             logits = engine.predict(images)
             predicted = logits.argmax(1)
+            logit_range = float(np.mean(logits.max(1) - logits.min(1))) if logits.size else float("nan")
             n_classes = logits.shape[1]
             rng = np.random.default_rng(seed)
             other = (predicted + rng.integers(1, max(n_classes, 2), len(images))) % max(n_classes, 2)
@@ -314,7 +320,8 @@ def compare_methods(make_engine, images: np.ndarray, ids=None, classes=None, mas
             result["localisation"] = {k: summary(found[k], seed) for k in ("energy_in_mask", "mass_accuracy")}
             for k in ("energy_in_mask", "mass_accuracy"):
                 rows += _rows(name, ids, classes, k, found[k])
-        result["faithful"] = bool(gains) and all(g["interval"][0] > 0 for g in gains)
+        result["gain_floor"] = MIN_GAIN * logit_range
+        result["faithful"] = bool(gains) and all(g["interval"][0] > result["gain_floor"] for g in gains)
         result["class_sensitive"] = result["class_spearman"]["mean"] < SAME
         result["model_sensitive"] = bool(result["cascade"]) and result["cascade"][-1]["mean"] < SAME
         result["trusted"] = result["faithful"] and result["class_sensitive"] and result["model_sensitive"]
@@ -322,7 +329,8 @@ def compare_methods(make_engine, images: np.ndarray, ids=None, classes=None, mas
         methods[name] = result
         echo(f"audit: compared {name} in {result['seconds']} s")
     section = {"images": int(len(images)), "steps": steps, "baselines": list(BASELINES), "blur_sigma": BLUR_SIGMA,
-               "noise_levels": NOISE_LEVELS, "methods": methods, "rows": rows,
+               "noise_levels": NOISE_LEVELS, "logit_range": logit_range, "min_gain": MIN_GAIN, "methods": methods,
+               "rows": rows,
                "cost": cost_plan(len(images), len(chosen), sum(1 for _, _, s in chosen if s), steps, len(BASELINES),
                                  depths),
                "seconds": round(time.perf_counter() - began, 1)}
@@ -339,8 +347,9 @@ def _rows(method, ids, classes, metric, values, curves_=None) -> list[dict]:
 def _why_not(r: dict) -> str:
     reasons = []
     if not r["faithful"]:
-        weak = [k for k, v in r["faithfulness"].items() if v["gain"]["interval"][0] <= 0]
-        reasons.append("does not beat a random order on " + ", ".join(weak))
+        weak = [k for k, v in r["faithfulness"].items() if not v["gain"]["interval"][0] > r["gain_floor"]]
+        reasons.append(f"does not beat a random order by {MIN_GAIN:.0%} of the logit range ({r['gain_floor']:.2g}) "
+                       "on " + ", ".join(weak))
     if not r["class_sensitive"]:
         reasons.append(f"hardly changes with the class (Spearman {r['class_spearman']['mean']:.2f} to a random "
                        "class's map)")
@@ -365,7 +374,7 @@ def trust_sentence(section: dict) -> str:
         r = done[best]
         each = "each beats" if len(trusted) > 1 else "it beats"
         out = (f"Trust {', '.join(trusted)} on this model: {each} a random pixel order on deletion and insertion "
-               f"with both baselines and changes with the class and the weights (best: {best}, Spearman "
+               f"with both baselines by more than {MIN_GAIN:.0%} of the logit range and changes with the class and the weights (best: {best}, Spearman "
                f"{r['class_spearman']['mean']:.2f} to a random class's map, {r['cascade'][-1]['mean']:.2f} with every "
                "layer re-initialised).")
     else:
