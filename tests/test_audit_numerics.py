@@ -9,7 +9,7 @@ import scipy.stats
 from skimage.measure import label as skimage_label
 from skimage.metrics import structural_similarity
 
-from worker.audit.aggregate import Moments, merge_partials, partial_aggregates
+from worker.audit.aggregate import Group, Moments, merge_partials, partial_aggregates
 from worker.audit.clusters import affinity, spectral_clusters
 from worker.audit.controls import sobel_edges, spearman, ssim
 from worker.audit.intervene import bootstrap_interval
@@ -111,7 +111,7 @@ def test_statistics_std_survives_a_large_mean():
                       "entropy": np.where(np.arange(n) % 5 == 0, np.nan, rng.random(n))})
     merged = merge_partials(pa.concat_tables([partial_aggregates(table.slice(a, 16), "label")
                                               for a in range(0, n, 16)]))
-    stats = merged["true:0"]["stats"]
+    stats = merged[Group("true", 0)]["stats"]
     assert stats["mass"]["std"] == pytest.approx(mass.std(), rel=1e-6)
     assert stats["entropy"]["n"] == n - 13
     assert stats["entropy"]["std"] == pytest.approx(np.nanstd(table["entropy"].to_numpy(zero_copy_only=False)),

@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from worker.audit.aggregate import Group
+
 PEAK_FRACTION = 0.5  # a cell belongs to a region at this fraction of the contrast's peak or above
 MAX_REGIONS = 2  # per class, the strongest
 MARGIN_CELLS = 1  # a region's box grows by this many cells on every side
 
 
-def contrast(groups: dict, key: str, mean_map: np.ndarray | None = None) -> np.ndarray:
+def contrast(groups: dict, key: Group, mean_map: np.ndarray | None = None) -> np.ndarray:
     """A group's mean map (or ``mean_map``, e.g. one of its SpRAy clusters') minus the count-weighted mean map
     of the other groups of its kind."""
-    kind = key.split(":", 1)[0] + ":"
     own = groups[key]["mean_map"] if mean_map is None else mean_map
     others = [(v["count"], v["mean_map"]) for g, v in groups.items()
-              if g.startswith(kind) and g != key and v.get("count")]
+              if isinstance(g, Group) and g.kind == key.kind and g != key and v.get("count")]
     if not others:
         return np.zeros_like(own)
     total = sum(n for n, _ in others)
@@ -67,7 +68,7 @@ def overlap(a: tuple, b: tuple) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def candidates(groups: dict, key: str, clusters: list[dict] | None = None, min_share: float = 0.1,
+def candidates(groups: dict, key: Group, clusters: list[dict] | None = None, min_share: float = 0.1,
                same: float = 0.5) -> list[tuple[int | None, dict]]:
     """The regions to probe for a group: ``(None, region)`` for the group's own, then ``(cluster, region)`` for
     each SpRAy cluster holding at least ``min_share`` of the group, for its regions that overlap none found

@@ -19,17 +19,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from worker.audit.aggregate import (
+    Group,
+    Worst,
     assignment_partials,
     downsample,
     merge_assignments,
     merge_partials,
     partial_aggregates,
+    resolve,
 )
 from worker.audit.clusters import add_cluster_examples, assign, cluster_groups
 from worker.audit.compare import compare_methods as compare_methods_on
 from worker.audit.compare import stratified_sample
 from worker.audit.controls import run_controls
 from worker.audit.findings import findings, intervention_findings
+from worker.audit.findings import order as finding_order
 from worker.audit.intervene import FILLS, PLACEMENTS, fill, probe_region
 from worker.audit.localise import candidates
 from worker.audit.report import write_report
@@ -70,11 +74,14 @@ def images_by_id(config, options, ids) -> dict[str, np.ndarray]:
     return {row_id: image for row_id, image, _ in decoded_rows(config, options, ids=ids)}
 
 
-def class_samples(config, options, classes, n: int, most: int | None = None) -> dict[int, np.ndarray]:
-    """Up to ``n`` images of each class in ``classes`` (by the job's label column), read until each has them
-    (or ``most`` rows have been read)."""
-    found: dict[int, list] = {c: [] for c in classes}
+def class_samples(config, options, classes, n: int, most: int | None = None,
+                  names=None) -> dict[int | str, np.ndarray]:
+    """Up to ``n`` images of each class in ``classes`` (by the job's label column, each label resolved as the
+    aggregates resolve it: :func:`~worker.audit.aggregate.resolve` with the job's class ``names``), read until each
+    has them (or ``most`` rows have been read)."""
+    found: dict = {c: [] for c in classes}
     for _, image, label in itertools.islice(decoded_rows(config, options, with_labels=True), most):
+        label = resolve(label, names)
         if label in found and len(found[label]) < n:
             found[label].append(image)
             if all(len(v) == n for v in found.values()):
@@ -127,13 +134,13 @@ class SampleCaps:
         return self.caps
 
 
-def _capped_partials(table: pa.Table, *, label_column, caps) -> pa.Table:
+def _capped_partials(table: pa.Table, *, label_column, caps, names) -> pa.Table:
     import ray
 
-    return partial_aggregates(table, label_column, caps=ray.get(caps.get.remote()))
+    return partial_aggregates(table, label_column, caps=ray.get(caps.get.remote()), names=names)
 
 
-def _aggregate(fs, files, label_column) -> dict:
+def _aggregate(fs, files, label_column, names=None) -> dict:
     """The first pass: every output file reduced to partial aggregates in a task (a whole file at a time) and
     merged in the driver as they arrive.  The driver holds only the merged state, and tells the tasks the
     samples' caps as they tighten, so each block sends about ``SAMPLE_SIZE x its rows / rows merged`` sampled
@@ -142,7 +149,8 @@ def _aggregate(fs, files, label_column) -> dict:
 
     caps = ray.remote(num_cpus=0)(SampleCaps).remote()
     partials = _read_outputs(fs, files).map_batches(_capped_partials, batch_format="pyarrow", batch_size=None,
-                                                    fn_kwargs={"label_column": label_column, "caps": caps})
+                                                    fn_kwargs={"label_column": label_column, "caps": caps,
+                                                               "names": names})
     try:
         with watch("audit: aggregating", len(files), "_read_files", unit="files"):
             return merge_partials(partials.iter_batches(batch_format="pyarrow", batch_size=None),
@@ -151,20 +159,25 @@ def _aggregate(fs, files, label_column) -> dict:
         ray.kill(caps)
 
 
+def _classes_of(merged: dict, kind: str) -> list:
+    """The classes of the groups of ``kind`` that hold rows, in the groups' order."""
+    return [g.cls for g, v in merged.items() if isinstance(g, Group) and g.kind == kind and v["count"]]
+
+
 MIN_IMAGES = 5  # a region is probed on at least this many of its class's (or cluster's) images
 
 
-def _interventions(merged: dict, clusters: dict, fitted: dict, engine, samples: dict[int, np.ndarray],
+def _interventions(merged: dict, clusters: dict, fitted: dict, engine, samples: dict,
                    seed: int = 0) -> list[dict]:
     """Localise each labelled class's regions, and its SpRAy clusters' (:func:`~worker.audit.localise.candidates`),
     and probe them (:mod:`~worker.audit.intervene`): a cluster's region on the sampled images whose maps fall in
     that cluster."""
     results = []
-    for cls, images in sorted(samples.items()):
-        key = f"true:{cls}"
-        if key not in merged or len(images) < MIN_IMAGES:
+    for cls, images in samples.items():
+        key = Group("true", cls)
+        if key not in merged or len(images) < MIN_IMAGES or isinstance(cls, str):  # a logit needs a class index
             continue
-        others = np.concatenate([v for c, v in sorted(samples.items()) if c != cls])
+        others = np.concatenate([v for c, v in samples.items() if c != cls])
         others = others[np.random.default_rng(seed).permutation(len(others))[:max(len(images), 8)]]
         members = None
         for cluster, region in candidates(merged, key, clusters.get(key)):
@@ -184,15 +197,14 @@ def _interventions(merged: dict, clusters: dict, fitted: dict, engine, samples: 
     return results
 
 
-def _cluster_members(engine, samples: dict[int, np.ndarray], fitted: dict, clusters: dict, n: int = 3) -> None:
+def _cluster_members(engine, samples: dict, fitted: dict, clusters: dict, n: int = 3) -> None:
     """Attach to each SpRAy cluster of a labelled class its most typical sampled images with their full maps
     (``members``: the class's sampled images assigned as the audit assigned every map, nearest the centroid
     first), so the report shows a cluster's members as images, not only maps."""
     for key, found in clusters.items():
-        kind, _, cls = key.partition(":")
-        if kind != "true" or len(found) < 2 or key not in fitted or int(cls) not in samples:
+        if key.kind != "true" or len(found) < 2 or key not in fitted or key.cls not in samples:
             continue
-        images = samples[int(cls)]
+        images = samples[key.cls]
         maps = engine.explain(images).as_float32()[:, 0]
         grids = downsample(maps).reshape(len(images), -1)
         centroids = fitted[key].centroids
@@ -252,8 +264,9 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     config = run_record(metadata)
     if label_column is None:
         label_column = config.label_column if config is not None else "label"
+    names = metadata.get("class_names") if isinstance(metadata.get("class_names"), list) else None
     connect(logging_level="ERROR")
-    merged = _aggregate(fs, files, label_column)
+    merged = _aggregate(fs, files, label_column, names)
     fitted = cluster_groups(merged)
     centroids = {g: c.centroids.tolist() for g, c in fitted.items() if c.k > 1}
     clusters = {g: [{"cluster": 0, "count": merged[g]["count"], "share": 1.0, "mean_map": merged[g]["mean_map"]}]
@@ -261,11 +274,11 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     if centroids:
         assigned = _read_outputs(fs, files).map_batches(
             assignment_partials, batch_format="pyarrow", batch_size=None,
-            fn_kwargs={"centroids": centroids, "label_column": label_column})
+            fn_kwargs={"centroids": centroids, "label_column": label_column, "names": names})
         with watch("audit: assigning clusters", len(files), "_read_files", unit="files"):
             clusters.update(merge_assignments(assigned.iter_batches(batch_format="pyarrow", batch_size=None)))
     add_cluster_examples(merged, fitted, clusters)
-    result = {"output": output, "groups": merged, "clusters": clusters, "findings": findings(merged, clusters),
+    result = {"output": output, "groups": merged, "clusters": clusters, "findings": findings(merged, clusters, names),
               "metadata": metadata}
     if (controls or interventions or compare_methods) and config is None:
         raise ValueError(f"{output} was written without a run record (an older version): the controls and "
@@ -281,7 +294,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
             return build_engine(run, model_path if source is None else source, **{"batch_size": 32, **overrides})
 
     if config is not None:  # the worst cases' own images, beside their maps (when the input is still there)
-        worst = [w for g, v in merged.items() if g.startswith("worst:") for w in v["worst"]]
+        worst = [w for g, v in merged.items() if isinstance(g, Worst) for w in v["worst"]]
         try:
             found = images_by_id(config, options, {w["id"] for w in worst})
         except (OSError, ValueError) as exc:  # InputError is a ValueError
@@ -289,7 +302,8 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
         for w in worst:
             if w["id"] in found:
                 w["image"] = found[w["id"]]
-    rows = sum(v["count"] for g, v in merged.items() if g.startswith("predicted:"))
+    rows = sum(v["count"] for g, v in merged.items() if isinstance(g, Group) and g.kind == "predicted")
+    labelled = _classes_of(merged, "true")
     echo(f"audit: {rows} maps in {len(files)} files aggregated and clustered in {time.perf_counter() - began:.1f} s")
     if controls:
         tick = time.perf_counter()
@@ -299,36 +313,35 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     if interventions:
         if not label_column:
             raise ValueError("interventions need the true class of each image: the job had no label column")
-        classes = sorted(int(g.split(":", 1)[1]) for g, v in merged.items() if g.startswith("true:") and v["count"])
+        if labelled and all(isinstance(c, str) for c in labelled):
+            raise ValueError("interventions need class indices, and the labels name classes the job did not record: "
+                             "run the job with extra_metadata={'class_names': [...]} in the model's class order")
         started = time.perf_counter()
         engine = make_engine(map_dtype="float32", reduction="max_abs", target="predicted")
-        samples = class_samples(dataclasses.replace(config, label_column=label_column), options, classes,
-                                interventions)
+        samples = class_samples(dataclasses.replace(config, label_column=label_column), options, labelled,
+                                interventions, names=names)
         probed = _interventions(merged, clusters, fitted, engine, samples)
         _cluster_members(engine, samples, fitted, clusters)
         result["interventions"] = {"images_per_class": interventions, "regions": probed,
                                    "seconds": round(time.perf_counter() - started, 1),
                                    "cost": f"per region {interventions} x (1 + {PLACEMENTS}) x {len(FILLS)} + "
                                            f"about {3 * interventions} forward passes"}
-        result["findings"] = sorted(result["findings"] + intervention_findings(probed),
-                                    key=lambda f: (f["severity"] != "high", f["group"]))
+        result["findings"] = sorted(result["findings"] + intervention_findings(probed, names), key=finding_order)
         result["class_images"] = {c: v[:MEAN_IMAGES].mean(0).astype(np.uint8) for c, v in samples.items()}
         verdicts = [p["verdict"] for p in probed]
         echo(f"audit: interventions on {len(probed)} regions in {result['interventions']['seconds']} s: "
              + (", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)) or "no region to probe"))
     elif config is not None and label_column:  # the report's mean image of each class, beside its maps
-        classes = sorted(int(g.split(":", 1)[1]) for g, v in merged.items() if g.startswith("true:") and v["count"])
         try:
-            samples = class_samples(dataclasses.replace(config, label_column=label_column), options, classes,
-                                    MEAN_IMAGES, most=MEAN_IMAGE_ROWS)
+            samples = class_samples(dataclasses.replace(config, label_column=label_column), options, labelled,
+                                    MEAN_IMAGES, most=MEAN_IMAGE_ROWS, names=names)
             result["class_images"] = {c: v.mean(0).astype(np.uint8) for c, v in samples.items()}
         except (OSError, ValueError):  # the input is gone: the report shows the maps alone
             pass
     if compare_methods:
         sample = stratified_sample(dataclasses.replace(config, label_column=label_column), options,
-                                   sorted(int(g.split(":", 1)[1]) for g, v in merged.items()
-                                          if g.startswith("true:" if label_column else "predicted:") and v["count"]),
-                                   compare_methods)
+                                   labelled if label_column else _classes_of(merged, "predicted"), compare_methods,
+                                   names=names)
         result["method_comparison"] = compare_methods_on(
             make_engine, sample["images"], sample["ids"], sample["classes"], sample["masks"],
             safe_mode=not config.allow_unsafe_deserialization, echo=echo)
@@ -338,6 +351,6 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
         write_report(result, report_dir)
     high = [f for f in result["findings"] if f["severity"] == "high"]
     echo(f"audit: done in {time.perf_counter() - began:.1f} s: {len(result['findings'])} findings ({len(high)} high)"
-         + "".join(f"; {f['group']}: {f['finding']}" for f in high[:5])
+         + "".join(f"; {Group.of(f).title(names)}: {f['finding']}" for f in high[:5])
          + (f"; report in {report_dir}/report.html" if report_dir else ""))
     return result
