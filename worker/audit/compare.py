@@ -22,9 +22,8 @@ measured the same way:
 A method's maps are *trusted* when they beat the random order on both curves with both baselines by a margin that
 counts next to the logits' own range (each of the four gains' intervals above 0, and its mean at least ``MIN_GAIN``
 of the *logit range*: the mean over the sample of the spread of the model's logits over the classes, max minus min,
-on the unmodified images; the tests' untrained CNN gains 1-5 % of its range, three of four under 2.5 %, the
-same CNN trained 4-15 %) and they
-change with the class and with the weights (Spearman below ``SAME`` to a random
+on the unmodified images; the tests' untrained CNN gains 1-5 % of its range, three of four under 2.5 %, the same
+CNN trained 4-15 %) and they change with the class and with the weights (Spearman below ``SAME`` to a random
 class's map, and to the map of the fully randomised model). Cost (:func:`cost_plan`): per
 image and method ``2 x baselines x (steps + 1)`` forward passes and ``3 + cascade depths`` explain passes
 (x ``1 + SMOOTH`` copies with SmoothGrad), plus ``2 x baselines x (steps + 1)`` forward passes per image for the
