@@ -109,14 +109,16 @@ def controls_sentence(controls: dict) -> str:
     """What the controls say about this model's maps, in a sentence or two."""
     similar = controls["similarity_to_real"]
     out = []
-    if "random_class" in similar:
+    if not all(np.isfinite(v["spearman"]) for v in similar.values()):
+        out.append("Constant maps have no rank order: a control with only such pairs has no Spearman.")
+    if "random_class" in similar and np.isfinite(similar["random_class"]["spearman"]):
         v = similar["random_class"]["spearman"]
         out.append(f"The maps change little with the class asked about (Spearman {v:.2f} to a random class's map): "
                    "read them as where the model sees edges and objects, not as evidence for one class."
                    if v >= SAME_CLASS else
                    f"The maps depend on the class asked about (Spearman {v:.2f} to a random class's map): "
                    "they carry some class evidence.")
-    if "randomized_model" in similar:
+    if "randomized_model" in similar and np.isfinite(similar["randomized_model"]["spearman"]):
         v = similar["randomized_model"]["spearman"]
         out.append(f"A model with randomised weights gives much the same maps (Spearman {v:.2f}): they show the "
                    "image's structure more than what this model learnt."
@@ -227,7 +229,9 @@ def _comparison_html(section: dict | None, report_dir: str) -> str:
             f"replaced by a baseline in the map's order, most relevant first, in {section['steps']} steps; baselines: "
             f"blur (Gaussian, sigma {section['blur_sigma']:.0%} of the side) and the sample's mean image. Deletion: a "
             "low area is good; insertion: a high one; the gain is the paired difference to the same curves along a "
-            "random order (positive is better), with its 95 % bootstrap interval. Sanity (Adebayo et al. 2018): "
+            "random order (positive is better), with its 95 % bootstrap interval; a gain counts when its interval "
+            f"is above 0 and it is at least {section['min_gain']:.1%} of the logit range ({section['logit_range']:.3g}: "
+            "the spread of the model's logits over the classes, mean over the sample). Sanity (Adebayo et al. 2018): "
             "Spearman of the map to the map of a random other class and of the model with its layers "
             "re-initialised from the top (low is good: the map depends on the class and on the weights), and "
             f"under Gaussian noise of {section['noise_levels']:g} levels (high is good). Cost: "
