@@ -148,50 +148,6 @@ def cost_plan(images: int, methods: int, smoothed: int, steps: int = STEPS, base
 
 
 # -- the comparison, with the job's engines -------------------------------------------------------
-def stratified_sample(config, options, classes, n: int, most: int | None = None, names=None) -> dict:
-    """Up to ``n`` decodable images of each class in ``classes`` (by the job's label column; without one, the first
-    ``n x len(classes)`` images), with their ids and, where the job had a mask column, their masks: read and
-    decoded as the job did (``options``, :class:`~worker.data.decode.DecodeOptions`; masks by
-    :func:`~worker.data.decode.decode_mask`; labels resolved as the aggregates resolve them,
-    :func:`~worker.audit.aggregate.resolve` with the job's class ``names``), stopping when each class has them or
-    ``most`` rows were read. Returns {"ids", "images", "classes", "masks" (None without masks)}, in the order of
-    ``classes``."""
-    from worker.audit.aggregate import resolve
-    from worker.data.dataset import plan, read_unit
-    from worker.data.decode import DecodeError, decode_mask, image_cells
-
-    label, mask = config.label_column, config.mask_column
-    columns = [c for c in (config.image_column, label, mask) if c]
-    fs, units, _ = plan(config.input, columns)
-    found: dict = {c: [] for c in classes} if label else {None: []}
-    want = n if label else n * max(len(classes), 1)
-    read = 0
-    for unit in units:
-        table = read_unit(fs, unit, columns, config.id_column)
-        cells = {c: image_cells(table[c]) if c != label else table[c].to_pylist() for c in columns}
-        for i, row_id in enumerate(table["id"].to_pylist()):
-            read += 1
-            cls = resolve(cells[label][i], names) if label else None
-            if cls in found and len(found[cls]) < want:
-                try:
-                    image = options.decode(cells[config.image_column][i])
-                    region = decode_mask(cells[mask][i], options.size, options.max_pixels) if mask else None
-                except DecodeError:
-                    continue
-                found[cls].append((row_id, image, cls, region))
-            if all(len(v) == want for v in found.values()) or (most is not None and read >= most):
-                break
-        else:
-            continue
-        break
-    picked = [row for v in found.values() for row in v]
-    size = (*options.size, 3)
-    return {"ids": [r[0] for r in picked],
-            "images": np.stack([r[1] for r in picked]) if picked else np.zeros((0, *size), np.uint8),
-            "classes": None if not label else [r[2] for r in picked],
-            "masks": np.stack([r[3] for r in picked]) if mask and picked else None}
-
-
 def variants(only=None) -> list[tuple[str, str, int]]:
     """(name, method, smooth) of every method and SmoothGrad over the guided ones (``only``: those names)."""
     from worker.engine.options import METHODS

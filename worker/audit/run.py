@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +31,6 @@ from worker.audit.aggregate import (
 )
 from worker.audit.clusters import add_cluster_examples, assign, cluster_groups
 from worker.audit.compare import compare_methods as compare_methods_on
-from worker.audit.compare import stratified_sample
 from worker.audit.controls import run_controls
 from worker.audit.findings import findings, intervention_findings
 from worker.audit.findings import order as finding_order
@@ -39,54 +39,82 @@ from worker.audit.localise import candidates
 from worker.audit.report import write_report
 from worker.data import sink, storage
 from worker.data.dataset import done_index, plan, read_unit, units_holding
-from worker.data.decode import DecodeError, DecodeOptions, image_cells
+from worker.data.decode import DecodeError, DecodeOptions, decode_mask, image_cells
 from worker.data.schema import read_metadata
 from worker.job.config import JobConfig, build_engine
 from worker.job.progress import watch
 from worker.job.resources import connect
 
 
-def decoded_rows(config, options, with_labels: bool = False, ids=None):
-    """Yield (id, image, label or None) for every decodable row of the job's input (``config``, its run record),
-    decoded with the job's ``options`` (:class:`~worker.data.decode.DecodeOptions`) at the model's input size;
+def decoded_rows(config, options, with_labels: bool = False, ids=None, with_masks: bool = False):
+    """Yield (id, image, label or None, mask or None) for every decodable row of the job's input (``config``, its
+    run record), decoded with the job's ``options`` (:class:`~worker.data.decode.DecodeOptions`) at the model's
+    input size, masks by :func:`~worker.data.decode.decode_mask` (``with_masks``, where the job had a mask column);
     with ``ids``, only those rows (derived ids open only the row groups they name)."""
-    columns = [config.image_column] + ([config.label_column] if with_labels else [])
+    label, mask = config.label_column if with_labels else None, config.mask_column if with_masks else None
+    columns = [c for c in (config.image_column, label, mask) if c]
     fs, units, _ = plan(config.input, columns)
     only = None if ids is None else done_index(list(ids))
     for unit in units if ids is None else units_holding(units, ids, config.id_column):
         table = read_unit(fs, unit, columns, config.id_column, only=only)
-        labels = table[config.label_column].to_pylist() if with_labels else [None] * table.num_rows
-        for row_id, cell, label in zip(table["id"].to_pylist(), image_cells(table[config.image_column]), labels):
+        empty = [None] * table.num_rows
+        labels = table[label].to_pylist() if label else empty
+        masks = image_cells(table[mask]) if mask else empty
+        for row_id, cell, value, region in zip(table["id"].to_pylist(), image_cells(table[config.image_column]),
+                                               labels, masks):
             try:
-                yield row_id, options.decode(cell), label
+                yield (row_id, options.decode(cell), value,
+                       None if region is None else decode_mask(region, options.size, options.max_pixels))
             except DecodeError:
                 continue
 
 
-def sample_images(config, options, n: int) -> np.ndarray:
-    """The first ``n`` decodable images of the job's input."""
-    images = [image for _, image, _ in itertools.islice(decoded_rows(config, options), n)]
-    return np.stack(images) if images else np.zeros((0, *options.size, 3), np.uint8)
+@dataclass
+class InputSample:
+    """Rows of the job's input read and decoded as the job did (:func:`sample_input`): their ``ids``, ``images``
+    (N, H, W, 3) uint8 at the model's input size, ``classes`` (each label resolved as the aggregates resolve it;
+    None without a label column) and ``masks`` ((N, H, W) bool; None without a mask column)."""
+
+    ids: list[str]
+    images: np.ndarray
+    classes: list | None
+    masks: np.ndarray | None
+
+    def by_class(self) -> dict:
+        """{class: its images}, in the sample's order."""
+        found: dict = {}
+        for cls, image in zip(self.classes or [], self.images):
+            found.setdefault(cls, []).append(image)
+        return {cls: np.stack(images) for cls, images in found.items()}
+
+
+def sample_input(config, options, n: int, classes=None, most: int | None = None, names=None,
+                 masks: bool = False) -> InputSample:
+    """The audit's one sampler of the job's input (controls, interventions, the classes' mean images, the method
+    comparison): up to ``n`` decodable rows of each class in ``classes``, by the job's label column with each label
+    resolved by :func:`~worker.audit.aggregate.resolve` with the job's class ``names``, in the order of ``classes``;
+    or, with ``classes`` None, the first ``n`` rows. Read until each class has them or ``most`` rows were read;
+    ``masks`` decodes the job's mask column too."""
+    labelled = classes is not None and bool(config.label_column)
+    found: dict = {c: [] for c in classes} if labelled else {None: []}
+    with_masks = masks and bool(config.mask_column)
+    for row_id, image, label, mask in itertools.islice(
+            decoded_rows(config, options, with_labels=labelled, with_masks=with_masks), most):
+        cls = resolve(label, names) if labelled else None
+        if cls in found and len(found[cls]) < n:
+            found[cls].append((row_id, image, cls, mask))
+            if all(len(v) == n for v in found.values()):
+                break
+    rows = [row for v in found.values() for row in v]
+    return InputSample(ids=[r[0] for r in rows],
+                       images=np.stack([r[1] for r in rows]) if rows else np.zeros((0, *options.size, 3), np.uint8),
+                       classes=[r[2] for r in rows] if labelled else None,
+                       masks=np.stack([r[3] for r in rows]) if with_masks and rows else None)
 
 
 def images_by_id(config, options, ids) -> dict[str, np.ndarray]:
     """The decoded input images of a few rows (the worst cases), read as the job read them."""
-    return {row_id: image for row_id, image, _ in decoded_rows(config, options, ids=ids)}
-
-
-def class_samples(config, options, classes, n: int, most: int | None = None,
-                  names=None) -> dict[int | str, np.ndarray]:
-    """Up to ``n`` images of each class in ``classes`` (by the job's label column, each label resolved as the
-    aggregates resolve it: :func:`~worker.audit.aggregate.resolve` with the job's class ``names``), read until each
-    has them (or ``most`` rows have been read)."""
-    found: dict = {c: [] for c in classes}
-    for _, image, label in itertools.islice(decoded_rows(config, options, with_labels=True), most):
-        label = resolve(label, names)
-        if label in found and len(found[label]) < n:
-            found[label].append(image)
-            if all(len(v) == n for v in found.values()):
-                break
-    return {c: np.stack(v) for c, v in found.items() if v}
+    return {row_id: image for row_id, image, _, _ in decoded_rows(config, options, ids=ids)}
 
 
 LIBRARIES = {"scipy": "scipy", "sklearn": "scikit-learn", "skimage": "scikit-image"}  # module: distribution
@@ -284,6 +312,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
         raise ValueError(f"{output} was written without a run record (an older version): the controls and "
                          "interventions cannot rebuild its engine; run the job again into a new output")
     options = DecodeOptions.from_dict(metadata["decode"]) if config is not None else None
+    labelled_config = config and dataclasses.replace(config, label_column=label_column)
     if controls or interventions or compare_methods:
         model_path = storage.fetch_model(model or config.model)
 
@@ -307,7 +336,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     echo(f"audit: {rows} maps in {len(files)} files aggregated and clustered in {time.perf_counter() - began:.1f} s")
     if controls:
         tick = time.perf_counter()
-        images = sample_images(config, options, controls)
+        images = sample_input(config, options, controls).images
         result["controls"] = run_controls(make_engine, images, safe_mode=not config.allow_unsafe_deserialization)
         echo(f"audit: controls on {len(images)} images in {time.perf_counter() - tick:.1f} s")
     if interventions:
@@ -318,8 +347,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
                              "run the job with extra_metadata={'class_names': [...]} in the model's class order")
         started = time.perf_counter()
         engine = make_engine(map_dtype="float32", reduction="max_abs", target="predicted")
-        samples = class_samples(dataclasses.replace(config, label_column=label_column), options, labelled,
-                                interventions, names=names)
+        samples = sample_input(labelled_config, options, interventions, labelled, names=names).by_class()
         probed = _interventions(merged, clusters, fitted, engine, samples)
         _cluster_members(engine, samples, fitted, clusters)
         result["interventions"] = {"images_per_class": interventions, "regions": probed,
@@ -333,19 +361,19 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
              + (", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)) or "no region to probe"))
     elif config is not None and label_column:  # the report's mean image of each class, beside its maps
         try:
-            samples = class_samples(dataclasses.replace(config, label_column=label_column), options, labelled,
-                                    MEAN_IMAGES, most=MEAN_IMAGE_ROWS, names=names)
+            samples = sample_input(labelled_config, options, MEAN_IMAGES, labelled, most=MEAN_IMAGE_ROWS,
+                                   names=names).by_class()
             result["class_images"] = {c: v.mean(0).astype(np.uint8) for c, v in samples.items()}
         except (OSError, ValueError):  # the input is gone: the report shows the maps alone
             pass
     if compare_methods:
-        sample = stratified_sample(dataclasses.replace(config, label_column=label_column), options,
-                                   labelled if label_column else _classes_of(merged, "predicted"), compare_methods,
-                                   names=names)
+        per_class = compare_methods if label_column else compare_methods * len(_classes_of(merged, "predicted"))
+        sample = sample_input(labelled_config, options, per_class, labelled if label_column else None, names=names,
+                              masks=True)
         result["method_comparison"] = compare_methods_on(
-            make_engine, sample["images"], sample["ids"], sample["classes"], sample["masks"],
+            make_engine, sample.images, sample.ids, sample.classes, sample.masks,
             safe_mode=not config.allow_unsafe_deserialization, echo=echo)
-        echo(f"audit: methods compared on {len(sample['ids'])} images in "
+        echo(f"audit: methods compared on {len(sample.ids)} images in "
              f"{result['method_comparison']['seconds']} s: {result['method_comparison']['sentence']}")
     if report_dir:
         write_report(result, report_dir)
