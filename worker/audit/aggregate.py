@@ -107,13 +107,19 @@ def _order(key) -> tuple:
 
 def resolve(label, names=None):
     """A label as a class: a whole number as its index, a string as its index in ``names`` (the job's recorded
-    class names) when it is one of them, else the string itself; None when missing."""
+    class names) when it is one of them, else the string itself; None when missing.
+
+        >>> resolve(3), resolve(3.0), resolve("cat", ["dog", "cat"]), resolve("cow", ["dog", "cat"])
+        (3, 3, 1, 'cow')
+    """
     if label is None or isinstance(label, bool):
         return None if label is None else int(label)
     if isinstance(label, str):
         return names.index(label) if names and label in names else label
-    if isinstance(label, float):
-        return int(label) if np.isfinite(label) and label == int(label) else str(label)
+    if isinstance(label, float):  # 3.0 is class 3 (a column with gaps read as floats); NaN is missing
+        if not np.isfinite(label):
+            return None
+        return int(label) if label == int(label) else str(label)
     return int(label)
 
 
