@@ -57,6 +57,14 @@ def test_merged_partials_equal_one_pass():
     assert Moments.of(np.arange(6.0).reshape(6, 1)).merge(Moments.of(np.zeros((0, 1)) + 1)).count == 6
 
 
+def test_a_missing_library_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+    from worker.audit import run
+
+    monkeypatch.setitem(run.LIBRARIES, "a_module_no_one_installed", "a-distribution")
+    with pytest.raises(RuntimeError, match=r"^the audit needs a-distribution: pip install 'guided-saliency\[audit\]'$"):
+        run_audit(str(tmp_path / "maps"))
+
+
 def test_findings_flag_the_planted_class_only():
     rng = np.random.default_rng(1)
     maps = rng.random((40, 32, 32)) * 0.1

@@ -126,7 +126,7 @@ def require_libraries() -> None:
 
     missing = [name for module, name in LIBRARIES.items() if importlib.util.find_spec(module) is None]
     if missing:
-        raise ImportError(f"the audit needs {', '.join(missing)}: pip install 'guided-saliency[audit]'")
+        raise RuntimeError(f"the audit needs {', '.join(missing)}: pip install 'guided-saliency[audit]'")
 
 
 def run_record(metadata: dict):
