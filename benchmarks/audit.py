@@ -98,6 +98,7 @@ def one(output: str, report: str, interventions: int) -> None:
     """The child: one audit, its seconds and this process's peak RSS before and after, as a JSON line."""
     from benchmarks.common import local_ray
     from worker.audit import run_audit
+    from worker.audit.aggregate import Group
 
     local_ray()
     before = memory_mb()
@@ -108,7 +109,8 @@ def one(output: str, report: str, interventions: int) -> None:
     section = result.get("interventions") or {}
     print(json.dumps({"seconds": seconds, "baseline_mb": before["rss"], "peak_mb": sampler.peak["rss"],
                       "before": before, "peak": sampler.peak, "after": memory_mb(),
-                      "rows": sum(v["count"] for g, v in result["groups"].items() if g.startswith("predicted:")),
+                      "rows": sum(v["count"] for g, v in result["groups"].items()
+                                  if isinstance(g, Group) and g.kind == "predicted"),
                       "regions": len(section.get("regions", [])),
                       "confirmed": sum(r["confirmed"] for r in section.get("regions", [])),
                       "intervention_seconds": section.get("seconds")}))

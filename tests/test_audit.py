@@ -8,10 +8,14 @@ import pytest
 
 from tests import jobdata
 from worker.audit import run_audit
-from worker.audit.aggregate import GRID, Moments, downsample, merge_partials, partial_aggregates
+from worker.audit.aggregate import GRID, Group, Moments, Worst, downsample, merge_partials, partial_aggregates
 from worker.audit.findings import findings
 from worker.data.schema import map_column
 from worker.data.stats import map_statistics
+
+
+def _true(group) -> bool:
+    return isinstance(group, Group) and group.kind == "true"
 
 
 def _output_table(maps, labels, predicted):
@@ -38,7 +42,7 @@ def test_merged_partials_equal_one_pass():
     merged = merge_partials(pieces)
     assert whole.keys() == merged.keys()
     for g in whole:
-        if g.startswith("worst:"):  # the worst cases merge to the same rows
+        if isinstance(g, Worst):  # the worst cases merge to the same rows
             assert [w["id"] for w in whole[g]["worst"]] == [w["id"] for w in merged[g]["worst"]]
             continue
         assert whole[g]["count"] == merged[g]["count"]
@@ -48,9 +52,17 @@ def test_merged_partials_equal_one_pass():
             assert merged[g]["stats"][name]["mean"] == pytest.approx(s["mean"])
     # and the merged mean map is the plain mean of the downsampled maps of that class
     rows = table["label"].to_numpy() == 1
-    np.testing.assert_allclose(whole["true:1"]["mean_map"], downsample(maps[rows].astype(np.float16)).mean(0),
+    np.testing.assert_allclose(whole[Group("true", 1)]["mean_map"], downsample(maps[rows].astype(np.float16)).mean(0),
                                rtol=1e-6)
     assert Moments.of(np.arange(6.0).reshape(6, 1)).merge(Moments.of(np.zeros((0, 1)) + 1)).count == 6
+
+
+def test_a_missing_library_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+    from worker.audit import run
+
+    monkeypatch.setitem(run.LIBRARIES, "a_module_no_one_installed", "a-distribution")
+    with pytest.raises(RuntimeError, match=r"^the audit needs a-distribution: pip install 'guided-saliency\[audit\]'$"):
+        run_audit(str(tmp_path / "maps"))
 
 
 def test_findings_flag_the_planted_class_only():
@@ -59,9 +71,9 @@ def test_findings_flag_the_planted_class_only():
     labels = np.repeat([0, 1], 20)
     maps[labels == 1, :3, :3] += 5.0  # class 1 looks at a corner mark
     result = merge_partials(partial_aggregates(_output_table(maps, labels, labels), "label"))
-    flagged = {(f["group"], f["finding"]) for f in findings(result)}
-    assert ("true:1", "border-heavy") in flagged and ("true:1", "off-centre") in flagged
-    assert not any(group.endswith(":0") for group, _ in flagged)
+    flagged = {(Group.of(f), f["finding"]) for f in findings(result)}
+    assert (Group("true", 1), "border-heavy") in flagged and (Group("true", 1), "off-centre") in flagged
+    assert not any(group.cls == 0 for group, _ in flagged)
 
 
 def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
@@ -72,10 +84,10 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
     run(JobConfig(model=job_model, input=str(tmp_path / "d.parquet"), output=str(tmp_path / "out"),
                   preprocessing="scale01", label_column="label", batch_size=8), echo=lambda *_: None)
     result = run_audit(str(tmp_path / "out"), str(tmp_path / "report"))
-    assert sum(v["count"] for g, v in result["groups"].items() if g.startswith("true:")) == 40
+    assert sum(v["count"] for g, v in result["groups"].items() if _true(g)) == 40
     page = (tmp_path / "report" / "report.html").read_text()
-    classes = [g for g in result["groups"] if g.startswith("true:")]
-    worst = result["groups"]["worst:border_enrichment"]["worst"]
+    classes = [g for g in result["groups"] if _true(g)]
+    worst = result["groups"][Worst("border_enrichment")]["worst"]
     assert len(worst) == 6 and [w["value"] for w in worst] == sorted((w["value"] for w in worst), reverse=True)
     # per class its mean image, mean map, contrast and mean map on the image; 6 worst cases of 2 statistics, each
     # as its image and its map on it
@@ -86,7 +98,7 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
     (tmp_path / "d.parquet").unlink()  # an output outlives its input: the audit still runs, without the images
     again = run_audit(str(tmp_path / "out"), str(tmp_path / "report-2"))
     assert "cannot be read" in again["worst_images"]
-    assert not any("image" in w for w in again["groups"]["worst:border_enrichment"]["worst"])
+    assert not any("image" in w for w in again["groups"][Worst("border_enrichment")]["worst"])
     assert result["metadata"]["model"]["fingerprint"] in page
     assert (tmp_path / "report" / "audit.json").exists()
     import pyarrow.parquet as pq
@@ -115,18 +127,18 @@ def test_clusters_find_the_planted_subgroup_out_of_core():
     table = _output_table(maps, labels, labels)
     blocks = [table.slice(i, 64) for i in range(0, n, 64)]
     merged = merge_partials(pa.concat_tables([partial_aggregates(b, "label") for b in blocks]))
-    assert len(merged["true:0"]["sample"]) == n  # below the sample size: everything sampled
-    fitted = cluster_groups(merged)["true:0"]
+    assert len(merged[Group("true", 0)]["sample"]) == n  # below the sample size: everything sampled
+    fitted = cluster_groups(merged)[Group("true", 0)]
     assert fitted.k == 2
-    centroids = {"true:0": fitted.centroids.tolist()}
+    centroids = {Group("true", 0): fitted.centroids.tolist()}
     assigned = merge_assignments(pa.concat_tables([assignment_partials(b, centroids, "label") for b in blocks]))
-    sizes = sorted(c["count"] for c in assigned["true:0"])
+    sizes = sorted(c["count"] for c in assigned[Group("true", 0)])
     assert sizes == sorted([int(shortcut.sum()), int(n - shortcut.sum())])
-    add_cluster_examples(merged, {"true:0": fitted}, assigned)
-    small = min(assigned["true:0"], key=lambda c: c["count"])
+    add_cluster_examples(merged, {Group("true", 0): fitted}, assigned)
+    small = min(assigned[Group("true", 0)], key=lambda c: c["count"])
     assert len(small["examples"]) == 3 and all(e[:3, -3:].sum() > 0.5 for e in small["examples"])
     flagged = [f for f in findings(merged, assigned) if f["finding"] == "small cluster looks elsewhere"]
-    assert len(flagged) == 1 and flagged[0]["group"] == "true:0"
+    assert len(flagged) == 1 and Group.of(flagged[0]) == Group("true", 0)
 
 
 def test_report_renders_in_headless_chromium(tmp_path):
@@ -215,15 +227,15 @@ def test_merged_results_equal_numpy_on_the_raw_maps(shape, monkeypatch):
     ids = [str(i) for i in np.flatnonzero(ok)]
     label_list, pred = label_column.to_pylist(), predicted[ok]
     lab = [label_list[i] for i in np.flatnonzero(ok)]
-    groups: dict[str, list[int]] = {}
+    groups: dict[Group, list[int]] = {}
     for i, (p, c) in enumerate(zip(pred, lab)):
-        groups.setdefault(f"predicted:{p}", []).append(i)
+        groups.setdefault(Group("predicted", int(p)), []).append(i)
         if c is not None:
-            groups.setdefault(f"true:{c}", []).append(i)
-            groups.setdefault(f"{'correct' if c == p else 'wrong'}:{c}", []).append(i)
+            groups.setdefault(Group("true", c), []).append(i)
+            groups.setdefault(Group("correct" if c == p else "wrong", c), []).append(i)
     keys = np.array([int.from_bytes(hashlib.sha1(i.encode()).digest()[:8], "big") / 2 ** 64 for i in ids])
     stats = {name: table[name].to_numpy(zero_copy_only=False)[ok] for name in map_statistics(maps[:1])}  # as written
-    assert set(merged) == set(groups) | {f"worst:{name}" for name in aggregate.WORST if name in stats}
+    assert set(merged) == set(groups) | {Worst(name) for name in aggregate.WORST if name in stats}
     for g, rows in groups.items():
         rows = np.asarray(rows)
         assert merged[g]["count"] == len(rows)
@@ -234,8 +246,8 @@ def test_merged_results_equal_numpy_on_the_raw_maps(shape, monkeypatch):
             values = values[np.isfinite(values)]
             assert s["n"] == len(values)
             assert s["mean"] == pytest.approx(values.mean(), rel=1e-12)
-            assert s["std"] == pytest.approx(np.sqrt(max((values ** 2).mean() - values.mean() ** 2, 0)), rel=1e-9)
-        if g.startswith("true:"):
+            assert s["std"] == pytest.approx(values.std(), rel=1e-9)
+        if g.kind == "true":
             chosen = rows[np.argsort(keys[rows])[:40]]
             np.testing.assert_allclose(merged[g]["sample"], grids[chosen].astype(np.float32), rtol=1e-6)
         else:
@@ -244,23 +256,33 @@ def test_merged_results_equal_numpy_on_the_raw_maps(shape, monkeypatch):
         values = np.asarray(stats[name], np.float64)
         finite = np.flatnonzero(np.isfinite(values))
         order = finite[np.argsort(-values[finite] if direction == "high" else values[finite], kind="stable")][:6]
-        assert [w["id"] for w in merged[f"worst:{name}"]["worst"]] == [ids[i] for i in order]
+        assert [w["id"] for w in merged[Worst(name)]["worst"]] == [ids[i] for i in order]
 
 
 def test_vectorised_keys_and_members_equal_the_per_row_ones():
-    from worker.audit.aggregate import _sample_key, group_keys, group_members, sample_keys
+    """Sample keys, and each row's groups read row by row: integer labels, labels with gaps, names of the job's
+    classes (resolved to their index) and names of no recorded class (kept as names: no correct / wrong)."""
+    from worker.audit.aggregate import _sample_key, group_members, sample_keys
 
     ids = [f"part-{i % 7}#{i}" for i in range(3000)] + ["", "é", "x" * 300]
     np.testing.assert_array_equal(sample_keys(ids), [_sample_key(i) for i in ids])
     rng = np.random.default_rng(0)
-    for labels in (pa.array(rng.integers(0, 5, 200), mask=rng.random(200) < 0.2),
-                   pa.array([str(v) for v in rng.integers(0, 5, 200)])):
-        table = pa.table({"predicted_class": pa.array(rng.integers(0, 5, 200)), "label": labels})
+    names = ["zero", "one", "two", "three", "four"]
+    for labels, known in ((pa.array(rng.integers(0, 5, 200), mask=rng.random(200) < 0.2), None),
+                          (pa.array([names[v] for v in rng.integers(0, 5, 200)]), names),
+                          (pa.array([names[v] for v in rng.integers(0, 5, 200)], mask=rng.random(200) < 0.1), None)):
+        predicted = rng.integers(0, 5, 200)
+        table = pa.table({"predicted_class": pa.array(predicted), "label": labels})
         expected: dict = {}
-        for i, keys in enumerate(group_keys(table, "label")):
-            for key in keys:
-                expected.setdefault(key, []).append(i)
-        found = group_members(table, "label")
+        for i, (p, label) in enumerate(zip(predicted, labels.to_pylist())):
+            expected.setdefault(Group("predicted", int(p)), []).append(i)
+            if label is None:
+                continue
+            cls = names.index(label) if known and label in known else label
+            expected.setdefault(Group("true", cls), []).append(i)
+            if isinstance(cls, int):
+                expected.setdefault(Group("correct" if cls == p else "wrong", cls), []).append(i)
+        found = group_members(table, "label", known)
         assert set(found) == set(expected)
         for key, rows in expected.items():
             np.testing.assert_array_equal(found[key], rows)
@@ -308,7 +330,7 @@ def test_aggregation_leaves_no_consumed_block_in_the_store(ray_local, tmp_path):
         finally:
             stop.set()
             sampler.join()
-        assert sum(v["count"] for g, v in merged.items() if g.startswith("true:")) == len(some) * rows
+        assert sum(v["count"] for g, v in merged.items() if _true(g)) == len(some) * rows
         del merged
         gc.collect()
         deadline = time.time() + 10  # the store frees an object once its last reference is gone: a moment later
@@ -320,3 +342,42 @@ def test_aggregation_leaves_no_consumed_block_in_the_store(ray_local, tmp_path):
     few, many = peak_over(files[:16]), peak_over(files)
     passed = sum(partial_aggregates(pq.read_table(f), "label").nbytes for f in files)  # uncapped: more than sent
     assert 0 < many < 3 * few and many < passed / 2, (few, many, passed)
+
+
+@pytest.mark.slow
+def test_audit_of_a_job_with_string_labels(ray_local, job_model, tmp_path):
+    """A label column of class names, through the real job and the audit: names the job recorded as class names
+    become their class index (with correct / wrong groups), a name it did not record stays a name; the report
+    and the tables name the classes."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from tests.jobdata import encode
+    from worker.job import JobConfig, run
+
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    images, digits = jobdata.digits(30)
+    labels = [names[d] if d != 7 else "unsure" for d in digits]  # "unsure" is no class of the model
+    cells = [{"bytes": encode(image), "path": f"{i}.png"} for i, image in enumerate(images)]
+    pq.write_table(pa.table({"image": pa.array(cells, jobdata.HF_IMAGE), "label": labels}),
+                   str(tmp_path / "d.parquet"), row_group_size=10)
+    run(JobConfig(model=job_model, input=str(tmp_path / "d.parquet"), output=str(tmp_path / "out"),
+                  preprocessing="scale01", label_column="label", batch_size=8,
+                  extra_metadata={"class_names": names}), echo=lambda *_: None)
+    result = run_audit(str(tmp_path / "out"), str(tmp_path / "report"))
+    true = {g.cls: v["count"] for g, v in result["groups"].items() if _true(g)}
+    expected = {names.index(n) if n in names else n: labels.count(n) for n in set(labels)}
+    assert true == expected and "unsure" in true
+    kinds = {g.kind for g in result["groups"] if isinstance(g, Group) and g.cls == "unsure"}
+    assert kinds == {"true"}  # a name of no class: neither correct nor wrong
+    correct = sum(v["count"] for g, v in result["groups"].items() if isinstance(g, Group) and g.kind == "correct")
+    wrong = sum(v["count"] for g, v in result["groups"].items() if isinstance(g, Group) and g.kind == "wrong")
+    assert correct + wrong == 30 - labels.count("unsure")
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "true: 3 (three)" in page and "true: unsure" in page
+    classes = pq.read_table(str(tmp_path / "report" / "classes.parquet")).to_pylist()
+    assert {(r["class_index"], r["class_name"]) for r in classes if r["kind"] == "true"} == \
+        {(names.index(n), n) if n in names else (None, n) for n in set(labels)}
+    saved = json.loads((tmp_path / "report" / "audit.json").read_text())
+    assert {g["class_name"] for g in saved["groups"] if g["kind"] == "true"} == set(labels)

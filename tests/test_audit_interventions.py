@@ -118,7 +118,7 @@ def test_planted_shortcuts_are_confirmed_and_the_report_shows_them(ray_local, tm
 
     found = pq.read_table(str(tmp_path / "marked-report" / "findings.parquet")).to_pylist()
     rows = [f for f in found if f["verdict"] == "confirmed"]
-    assert sorted(int(f["group"].split(":")[1]) for f in rows) == sorted(confirmed)
+    assert sorted(f["class_index"] for f in rows) == sorted(confirmed) and {f["kind"] for f in rows} == {"true"}
     assert all(len(f["box"]) == 4 and f["interval"][0] <= f["effect"] for f in rows)
     saved = json.loads((tmp_path / "marked-report" / "audit.json").read_text())
     assert len(saved["interventions"]["regions"]) == len(probed)
@@ -199,7 +199,7 @@ def test_marks_needed_with_the_object_are_shortcuts(ray_local, tmp_path_factory)
 
     found = pq.read_table(str(tmp_path / "with-object-report" / "findings.parquet")).to_pylist()
     rows = [f for f in found if f["verdict"] == "shortcut with the object"]
-    assert needed <= {int(f["group"].split(":")[1]) for f in rows}
+    assert needed <= {f["class_index"] for f in rows} and {f["kind"] for f in rows} == {"true"}
     assert all(f["shortcut"] and f["severity"] == "high" and f["stamped_share"] >= STAMPED_SHARE for f in rows)
     saved = json.loads((tmp_path / "with-object-report" / "audit.json").read_text())["interventions"]["regions"]
     assert sorted(r["class"] for r in saved if r["shortcut"]) == sorted(shortcuts)

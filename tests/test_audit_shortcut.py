@@ -5,6 +5,7 @@ import pytest
 
 from tests import jobdata
 from worker.audit import run_audit
+from worker.audit.aggregate import Group
 from worker.demo import digits_images, train_question_model
 
 MARKED = 3
@@ -44,14 +45,31 @@ def test_audit_flags_the_marked_class(ray_local, shortcut_model, tmp_path):
     run(JobConfig(model=model, input=str(tmp_path / "test.parquet"), output=str(tmp_path / "maps"),
                   preprocessing="scale01", label_column="label", batch_size=16), echo=lambda *_: None)
     result = run_audit(str(tmp_path / "maps"), str(tmp_path / "report"), controls=24)
-    flagged = {f["group"] for f in result["findings"] if f["group"].startswith("true:")}
+    flagged = {Group.of(f) for f in result["findings"] if f["kind"] == "true"}
     details = {g: (round(v["stats"]["border_enrichment"]["mean"], 2), round(v["stats"]["com_y"]["mean"], 2),
-                   round(v["stats"]["com_x"]["mean"], 2)) for g, v in result["groups"].items() if g.startswith("true:")}
-    assert f"true:{MARKED}" in flagged, details
-    assert flagged == {f"true:{MARKED}"}, (result["findings"], details)
+                   round(v["stats"]["com_x"]["mean"], 2)) for g, v in result["groups"].items()
+               if isinstance(g, Group) and g.kind == "true"}
+    assert Group("true", MARKED) in flagged, details
+    assert flagged == {Group("true", MARKED)}, (result["findings"], details)
     controls = result["controls"]
     assert controls["images"] == 24
     assert set(controls["similarity_to_real"]) == {"random_class", "randomized_model", "edges"}
     for value in controls["similarity_to_real"].values():
         assert -1 <= value["spearman"] <= 1 and -1 <= value["ssim"] <= 1
     assert "Controls" in (tmp_path / "report" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_trained_models_gains_clear_the_floor(shortcut_model):
+    """On the trained CNN guided backprop's gains clear MIN_GAIN of the logit range (the untrained model's do not:
+    tests/test_compare_methods.py)."""
+    from tests.test_compare_methods import _engines
+    from worker.audit import compare
+
+    model, images, _ = shortcut_model
+    section = compare.compare_methods(_engines(model), images[:20], only=("guided_backprop",), steps=8)
+    r = section["methods"]["guided_backprop"]
+    gains = {k: (v["gain"]["mean"], v["gain"]["interval"][0]) for k, v in r["faithfulness"].items()}
+    assert section["logit_range"] > 1 and r["gain_floor"] == compare.MIN_GAIN * section["logit_range"]
+    assert all(mean >= r["gain_floor"] and low > 0 for mean, low in gains.values()), (gains, r["gain_floor"])
+    assert r["faithful"]

@@ -44,7 +44,7 @@ def test_explain_audit_with_controls_then_rerun(ray_local, tmp_path, capsys):
     audit = json.loads((tmp_path / "report" / "audit.json").read_text())
     assert audit["controls"]["images"] == 6
     assert set(audit["controls"]["similarity_to_real"]) == {"random_class", "randomized_model", "edges"}
-    assert any(g.startswith("true:") for g in audit["groups"])  # the job's label column, not asked again
+    assert any(g["kind"] == "true" for g in audit["groups"])  # the job's label column, not asked again
 
     assert main(explain) == 0
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())

@@ -168,3 +168,40 @@ def test_comparison_on_a_keras_applications_model(tmp_path):
         assert len(r["cascade"]) == compare.CASCADE_POINTS and r["cascade"][-1]["of"] == layers
         assert all(np.isfinite(v["gain"]["mean"]) for v in r["faithfulness"].values())
     assert section["cost"]["forward_per_image_per_method"] == 2 * 2 * 9 and section["sentence"]
+
+
+def _engines(path, preprocessing="scale01"):
+    """``make_engine`` for :func:`compare.compare_methods` on the model at ``path``, as run_audit builds it."""
+    import dataclasses
+
+    from worker.job.config import JobConfig, build_engine
+
+    config = JobConfig(model=path, input="unused", output="unused", preprocessing=preprocessing)
+
+    def make_engine(source=None, method=None, **overrides):
+        return build_engine(dataclasses.replace(config, method=method or config.method),
+                            path if source is None else source, **{"batch_size": 32, **overrides})
+
+    return make_engine
+
+
+def test_an_untrained_models_tiny_gains_are_not_trusted(job_model):
+    """On the untrained CNN guided backprop beats the random order with every interval above 0, by a few 1e-4 of
+    logit: gains under MIN_GAIN of the logit range, so not faithful."""
+    import keras
+
+    from tests import jobdata
+
+    images = jobdata.digits(20)[0]
+    section = compare.compare_methods(_engines(job_model), images, only=("guided_backprop",), steps=8)
+    model = keras.saving.load_model(job_model)  # the logits: the last Dense layer without its softmax
+    weights, bias = model.layers[-1].get_weights()
+    logits = np.asarray(keras.Model(model.input, model.layers[-2].output)(images.astype(np.float32) / 255.0)) @ weights
+    logits += bias
+    assert section["logit_range"] == pytest.approx(np.mean(logits.max(1) - logits.min(1)), rel=1e-4)
+    r = section["methods"]["guided_backprop"]
+    gains = [v["gain"] for v in r["faithfulness"].values()]
+    assert min(g["interval"][0] for g in gains) > 0 and r["gain_floor"] == compare.MIN_GAIN * section["logit_range"]
+    assert sum(g["mean"] < r["gain_floor"] for g in gains) >= 2 and max(g["mean"] for g in gains) < 1e-2
+    assert not r["faithful"] and not r["trusted"]
+    assert f"by {compare.MIN_GAIN:.1%} of the logit range" in section["sentence"]

@@ -2,9 +2,11 @@
 
 import numpy as np
 
+from worker.audit.aggregate import Group
 from worker.audit.localise import candidates, overlap, regions
 
 GRID = 16
+TRUE_0 = Group("true", 0)
 
 
 def _grid(**cells):
@@ -19,9 +21,9 @@ def _groups():
     """Class 0: most images look at the centre; a fifth (cluster 1) at a mark in the top-right corner, which
     the class's mean shows at a fifth of the centre's strength -- under the regions' half-peak threshold."""
     centre, mark = _grid(c=(8, 8, 1.0)), _grid(m=(1, 14, 1.0))
-    groups = {"true:0": {"count": 100, "mean_map": 0.8 * centre + 0.2 * mark}}
+    groups = {TRUE_0: {"count": 100, "mean_map": 0.8 * centre + 0.2 * mark}}
     for cls in (1, 2):
-        groups[f"true:{cls}"] = {"count": 100, "mean_map": _grid(o=(12, 3 + cls, 1.0))}
+        groups[Group("true", cls)] = {"count": 100, "mean_map": _grid(o=(12, 3 + cls, 1.0))}
     clusters = [{"cluster": 0, "count": 80, "share": 0.8, "mean_map": centre},
                 {"cluster": 1, "count": 20, "share": 0.2, "mean_map": mark}]
     return groups, clusters
@@ -35,9 +37,9 @@ def test_a_mark_on_part_of_a_class_is_found_through_its_cluster():
     groups, clusters = _groups()
     from worker.audit.localise import contrast
 
-    own = regions(contrast(groups, "true:0"))
+    own = regions(contrast(groups, TRUE_0))
     assert own and not any(_holds(r["box"], 1, 14) for r in own)  # the class's mean alone misses the mark
-    found = candidates(groups, "true:0", clusters)
+    found = candidates(groups, TRUE_0, clusters)
     by_cluster = [(c, r["box"]) for c, r in found if c is not None]
     assert [c for c, _ in by_cluster] == [1]  # the centre cluster repeats the class's region: not again
     assert _holds(by_cluster[0][1], 1, 14)
@@ -47,9 +49,9 @@ def test_a_mark_on_part_of_a_class_is_found_through_its_cluster():
 def test_small_clusters_and_single_clusters_add_nothing():
     groups, clusters = _groups()
     small = [{**c, "share": 0.05} if c["cluster"] == 1 else c for c in clusters]
-    assert all(c is None for c, _ in candidates(groups, "true:0", small))
-    assert all(c is None for c, _ in candidates(groups, "true:0", clusters[:1]))
-    assert all(c is None for c, _ in candidates(groups, "true:0", None))
+    assert all(c is None for c, _ in candidates(groups, TRUE_0, small))
+    assert all(c is None for c, _ in candidates(groups, TRUE_0, clusters[:1]))
+    assert all(c is None for c, _ in candidates(groups, TRUE_0, None))
 
 
 def test_overlap_is_intersection_over_union():
@@ -77,8 +79,8 @@ def test_a_cluster_region_is_probed_on_the_images_whose_maps_fall_in_it():
     far = np.full(GRID * GRID, 10.0)
     for members_of, expected in ((1, len(samples[0])), (0, None)):
         centroids = np.stack([near, far] if members_of == 0 else [far, near])
-        fitted = {"true:0": Clustering(np.zeros(0, int), 2, np.zeros(0), centroids)}
-        probed = _interventions(groups, {"true:0": clusters}, fitted, engine, samples)
+        fitted = {TRUE_0: Clustering(np.zeros(0, int), 2, np.zeros(0), centroids)}
+        probed = _interventions(groups, {TRUE_0: clusters}, fitted, engine, samples)
         from_cluster = [p for p in probed if p["cluster"] is not None]
         if expected is None:  # every map in cluster 0: cluster 1's region has no images, so it is not probed
             assert not from_cluster and len(samples[0]) >= MIN_IMAGES

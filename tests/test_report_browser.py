@@ -7,7 +7,7 @@ rule-based classifier that reads a planted mark: class 1 whenever the 4 x 4 top-
 import numpy as np
 
 from tests.browser import render
-from worker.audit.aggregate import merge_partials, partial_aggregates
+from worker.audit.aggregate import Group, merge_partials, partial_aggregates
 from worker.audit.findings import findings, intervention_findings
 from worker.audit.intervene import FILLS, fill, probe_region
 from worker.audit.report import write_report
@@ -49,7 +49,7 @@ def _result():
     versions = {"original": ones[:1], **{how: fill(ones[:1], box, how, ones.mean(0).astype(np.uint8), others,
                                                    np.random.default_rng(1)) for how in FILLS}}
     probed.update(cluster=None, share=1.0, mean_image=ones.mean(0).astype(np.uint8),
-                  mean_map=merged["true:1"]["mean_map"],
+                  mean_map=merged[Group("true", 1)]["mean_map"],
                   examples=[{"map": maps[labels == 1][0], "versions": {
                       name: {"image": v[0], "predicted": int(predict(v).argmax()), "logit": float(predict(v)[0, 1])}
                       for name, v in versions.items()}}])

@@ -1,11 +1,11 @@
 """Partial aggregates of a job's output, merged exactly: what the audit computes per block, out of core.
 
 Each block of the output is reduced to one row per group (true class, predicted class, correct or wrong):
-the count, mean and M2 of the L1-normalised maps downsampled to 16 x 16, count / sum / sum of squares of
-every statistic column, and a uniform sample of the maps for clustering; plus, per statistic, the worst
+the count, mean and M2 of the L1-normalised maps downsampled to 16 x 16, and of every statistic column (its
+finite values), and a uniform sample of the maps for clustering; plus, per statistic, the worst
 rows.  Rows are Arrow (:data:`PARTIAL_SCHEMA`, list columns, no JSON) and merge exactly (Chan et al.'s
 parallel variance), so any number of rows fits in memory: the driver's state is bounded by the groups (moments,
-stat sums, :data:`SAMPLE_SIZE` sampled maps and :data:`WORST_K` worst cases each), and the samples' caps
+statistics' moments, :data:`SAMPLE_SIZE` sampled maps and :data:`WORST_K` worst cases each), and the samples' caps
 (:func:`sample_caps`), handed to the tasks as they tighten, keep what each block sends small too.  numpy and
 pyarrow only: testable without Ray.
 
@@ -33,47 +33,144 @@ WORST = {"border_enrichment": "high", "energy_in_mask": "low", "entropy_norm": "
 WORST_K = 6
 
 _F64, _F32 = pa.list_(pa.float64()), pa.list_(pa.float32())
-#: one row per (block, group); a ``worst:<statistic>`` row carries only the worst_* columns and direction
+#: a group's columns: its kind, and its class as an index or, for a label that names no class, as that name
+GROUP_FIELDS = [("kind", pa.string()), ("class_index", pa.int64()), ("class_name", pa.string())]
+#: one row per (block, group); a ``worst`` row (kind "worst") carries only its statistic, the worst_* columns and
+#: direction
 PARTIAL_SCHEMA = pa.schema([
-    ("group", pa.string()), ("count", pa.int64()), ("mean", _F64), ("m2", _F64),
-    ("stat_name", pa.list_(pa.string())), ("stat_n", pa.list_(pa.int64())), ("stat_sum", _F64),
-    ("stat_sumsq", _F64),
+    *GROUP_FIELDS, ("statistic", pa.string()), ("count", pa.int64()), ("mean", _F64), ("m2", _F64),
+    ("stat_name", pa.list_(pa.string())), ("stat_n", pa.list_(pa.int64())), ("stat_mean", _F64),
+    ("stat_m2", _F64),
     ("sample_key", _F64), ("sample_grid", _F32),  # grids flattened, GRID * GRID values each
     ("worst_value", _F64), ("worst_id", pa.list_(pa.string())), ("worst_grid", _F32), ("direction", pa.string()),
 ])
-ASSIGNMENT_SCHEMA = pa.schema([("group", pa.string()), ("cluster", pa.int64()), ("count", pa.int64()),
-                               ("grid_sum", _F64)])
+ASSIGNMENT_SCHEMA = pa.schema([*GROUP_FIELDS, ("cluster", pa.int64()), ("count", pa.int64()), ("grid_sum", _F64)])
+KINDS = ("predicted", "true", "correct", "wrong")
+
+
+@dataclass(frozen=True)
+class Group:
+    """A group of rows: its ``kind`` (one of :data:`KINDS`: by predicted class, true class, and the true class of
+    the rows predicted right or wrong) and its class: a class index, or the label itself where the label names no
+    class the model has (a string label and no recorded class names)."""
+
+    kind: str
+    cls: int | str
+
+    def __lt__(self, other: "Group") -> bool:
+        return self._order() < other._order()
+
+    def _order(self) -> tuple:
+        return KINDS.index(self.kind), isinstance(self.cls, str), str(self.cls).zfill(12)
+
+    def name(self, names=None) -> str:
+        """The class as the report names it: the index with its recorded name (``names``, the job's class names)
+        when there is one, ``2 (triangle)``; else the index or the label."""
+        if isinstance(self.cls, str):
+            return self.cls
+        return f"{self.cls} ({names[self.cls]})" if names and 0 <= self.cls < len(names) else str(self.cls)
+
+    def title(self, names=None) -> str:
+        """Kind and class, for a heading or a table cell: ``true: 2 (triangle)``."""
+        return f"{self.kind}: {self.name(names)}"
+
+    @classmethod
+    def of(cls, columns: dict) -> "Group":
+        """The group whose :meth:`columns` are in ``columns`` (a finding, a row of a table)."""
+        index = columns["class_index"]
+        return cls(columns["kind"], int(index) if index is not None else columns["class_name"])
+
+    def columns(self, names=None) -> dict:
+        """The :data:`GROUP_FIELDS` of this group, plain values (a finding or a table row carries them): the class
+        index, and the class's name (the label itself, or the index's recorded name in ``names``; else None)."""
+        if isinstance(self.cls, str):
+            return {"kind": self.kind, "class_index": None, "class_name": self.cls}
+        index = int(self.cls)
+        return {"kind": self.kind, "class_index": index,
+                "class_name": names[index] if names and 0 <= index < len(names) else None}
+
+
+@dataclass(frozen=True)
+class Worst:
+    """The rows worst on one statistic (its merged worst cases are keyed by this)."""
+
+    statistic: str
+
+
+def _group_of(kind: str, index, name):
+    return Worst(name) if kind == "worst" else Group(kind, int(index) if index is not None else name)
+
+
+def _order(key) -> tuple:
+    return key._order() if isinstance(key, Group) else (key.statistic,)
+
+
+def resolve(label, names=None):
+    """A label as a class: a whole number as its index, a string as its index in ``names`` (the job's recorded
+    class names) when it is one of them, else the string itself; None when missing.
+
+        >>> resolve(3), resolve(3.0), resolve("cat", ["dog", "cat"]), resolve("cow", ["dog", "cat"])
+        (3, 3, 1, 'cow')
+    """
+    if label is None or isinstance(label, bool):
+        return None if label is None else int(label)
+    if isinstance(label, str):
+        return names.index(label) if names and label in names else label
+    if isinstance(label, float):  # 3.0 is class 3 (a column with gaps read as floats); NaN is missing
+        if not np.isfinite(label):
+            return None
+        return int(label) if label == int(label) else str(label)
+    return int(label)
 
 
 @dataclass
 class Moments:
-    """Count, mean and M2 of arrays; ``merge`` combines two partial results exactly."""
+    """Count, mean and M2 (the sum of squared deviations from the mean) of arrays, per element; ``merge``
+    combines two partial results exactly and stably (Chan, Golub and LeVeque's pairwise update).  ``count`` is an
+    int, or an array of per-element counts where values may be missing (:meth:`of_finite`).  The audit's one
+    variance merge: the maps' moments and the statistics' both merge here."""
 
-    count: int
+    count: int | np.ndarray
     mean: np.ndarray
     m2: np.ndarray
 
     @classmethod
     def of(cls, values: np.ndarray) -> "Moments":
+        """Of ``values`` (n, ...) along the first axis, two-pass."""
         values = np.asarray(values, np.float64)
         if not len(values):
             return cls(0, np.zeros(values.shape[1:]), np.zeros(values.shape[1:]))
         mean = values.mean(0)
         return cls(len(values), mean, ((values - mean) ** 2).sum(0))
 
+    @classmethod
+    def of_finite(cls, values: np.ndarray) -> "Moments":
+        """Of the finite ``values`` (n, ...) of each element along the first axis (NaN and inf left out)."""
+        values = np.asarray(values, np.float64)
+        finite = np.isfinite(values)
+        count = finite.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(count > 0, np.where(finite, values, 0.0).sum(0) / np.maximum(count, 1), 0.0)
+        m2 = np.where(finite, (np.where(finite, values, 0.0) - mean) ** 2, 0.0).sum(0)
+        return cls(count, mean, m2)
+
     def merge(self, other: "Moments") -> "Moments":
-        if not other.count:
-            return self
-        if not self.count:
-            return other
-        n = self.count + other.count
+        if np.ndim(self.count) == 0 and np.ndim(other.count) == 0:
+            if not other.count:
+                return self
+            if not self.count:
+                return other
+        n = np.add(self.count, other.count)
+        n = int(n) if np.ndim(n) == 0 else n
+        share = np.divide(other.count, n, out=np.zeros(np.shape(n)), where=np.asarray(n) > 0)
         delta = other.mean - self.mean
-        mean = self.mean + delta * other.count / n
-        return Moments(n, mean, self.m2 + other.m2 + delta ** 2 * self.count * other.count / n)
+        return Moments(n, self.mean + delta * share, self.m2 + other.m2 + delta ** 2 * self.count * share)
 
     @property
     def variance(self) -> np.ndarray:
-        return self.m2 / self.count if self.count else self.m2 * np.nan
+        """Population variance (M2 / count); NaN where the count is 0."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(np.asarray(self.count) > 0, self.m2 / np.maximum(self.count, 1), np.nan)
 
 
 CHUNK_VALUES = 1 << 22  # pixels downsampled at a time (32 MB of float64), whatever the block's size
@@ -123,47 +220,43 @@ def _explained_grids(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
     return table, downsample(maps)
 
 
-def group_keys(table: pa.Table, label_column: str | None) -> list[tuple[str, int]]:
-    """Which groups each row belongs to: ('predicted', c), and with labels ('true', c), ('correct'|'wrong', c)."""
-    predicted = table["predicted_class"].to_pylist()
-    labels = table[label_column].to_pylist() if label_column and label_column in table.column_names else None
-    keys = []
-    for i, p in enumerate(predicted):
-        row = [("predicted", p)]
-        if labels is not None and labels[i] is not None:
-            row += [("true", labels[i]), ("correct" if labels[i] == p else "wrong", labels[i])]
-        keys.append(row)
-    return keys
+def _classes(column: pa.ChunkedArray, names) -> tuple[np.ndarray, list]:
+    """(codes, classes): each row's code (-1 where null) into the column's distinct values resolved as classes
+    (:func:`resolve`), by Arrow's dictionary encoding (no loop over the rows)."""
+    encoded = pa.compute.dictionary_encode(column.combine_chunks())
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return codes, [resolve(v, names) for v in encoded.dictionary.to_pylist()]
 
 
-def group_members(table: pa.Table, label_column: str | None) -> dict[tuple, np.ndarray]:
-    """{(kind, class): the rows of the group, ascending}: :func:`group_keys` inverted, in numpy when the classes
-    are integers without nulls (one ``argsort`` per kind instead of a dict append per row and group)."""
-    labelled = bool(label_column and label_column in table.column_names)
-    columns = [table["predicted_class"]] + ([table[label_column]] if labelled else [])
-    if not all(pa.types.is_integer(c.type) for c in columns) or table["predicted_class"].null_count:
-        members: dict[tuple, list[int]] = {}
-        for i, keys in enumerate(group_keys(table, label_column)):
-            for key in keys:
-                members.setdefault(key, []).append(i)
-        return {key: np.asarray(rows, np.int64) for key, rows in members.items()}
-    predicted = table["predicted_class"].to_numpy()
+def group_members(table: pa.Table, label_column: str | None, names=None) -> dict[Group, np.ndarray]:
+    """{group: its rows, ascending}: every row in ``Group("predicted", its class)``, and with a label ``Group("true",
+    the label as a class)`` (:func:`resolve` with the job's class ``names``) and, when the label is a class index,
+    ``Group("correct" | "wrong", it)``. Rows with a missing class are in no group of that kind."""
+    members: dict[Group, np.ndarray] = {}
 
-    def split(kind, values, rows):
-        order = np.argsort(values, kind="stable")
-        classes, starts = np.unique(values[order], return_index=True)
-        return {(kind, int(c)): rows[part] for c, part in zip(classes, np.split(order, starts[1:]))}
+    def split(kind, codes, classes, rows):
+        order = np.argsort(codes, kind="stable")
+        found, starts = np.unique(codes[order], return_index=True)
+        for code, part in zip(found, np.split(order, starts[1:])):
+            if code >= 0 and classes[code] is not None:
+                group = Group(kind, classes[code])
+                members[group] = np.sort(np.concatenate([members[group], rows[part]])) if group in members \
+                    else rows[part]
 
-    everything = np.arange(len(predicted))
-    members = split("predicted", predicted, everything)
-    if labelled:
-        label = table[label_column].combine_chunks()
-        valid = np.flatnonzero(label.is_valid().to_numpy(zero_copy_only=False))
-        values = label.fill_null(0).to_numpy()[valid]
-        members.update(split("true", values, valid))
-        right = values == predicted[valid]
-        members.update(split("correct", values[right], valid[right]))
-        members.update(split("wrong", values[~right], valid[~right]))
+    everything = np.arange(table.num_rows)
+    predicted, predicted_classes = _classes(table["predicted_class"], None)
+    split("predicted", predicted, predicted_classes, everything)
+    if label_column and label_column in table.column_names:
+        codes, classes = _classes(table[label_column], names)
+        split("true", codes, classes, everything)
+        label_index = np.array([c if isinstance(c, int) else -1 for c in classes] + [-1], np.int64)[codes]
+        predicted_index = np.array([c if isinstance(c, int) else -2 for c in predicted_classes] + [-2],
+                                   np.int64)[predicted]
+        indexed = label_index >= 0
+        right = indexed & (label_index == predicted_index)
+        wrong = indexed & ~right
+        split("correct", np.where(right, codes, -1), classes, everything)
+        split("wrong", np.where(wrong, codes, -1), classes, everything)
     return members
 
 
@@ -198,8 +291,10 @@ def _lists(table: pa.Table, name: str, shape: tuple = (-1,)) -> list:
     return [values[offsets[i]:offsets[i + 1]].reshape(shape) if valid[i] else None for i in range(len(column))]
 
 
-def partial_aggregates(table: pa.Table, label_column: str | None = None, caps: dict | None = None) -> pa.Table:
-    """One output block -> one row of :data:`PARTIAL_SCHEMA` per group (a Ray Data map_batches function).
+def partial_aggregates(table: pa.Table, label_column: str | None = None, caps: dict | None = None,
+                       names=None) -> pa.Table:
+    """One output block -> one row of :data:`PARTIAL_SCHEMA` per group (:func:`group_members`, labels resolved with
+    the job's class ``names``; a Ray Data map_batches function).
 
     ``caps`` ({group: key}, from :func:`sample_caps` of what is merged so far) leaves out of a group's sample the
     rows whose key is above its cap: they cannot be among the group's :data:`SAMPLE_SIZE` smallest keys, so the
@@ -211,19 +306,18 @@ def partial_aggregates(table: pa.Table, label_column: str | None = None, caps: d
     stats = np.stack([table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in stat_names], 1) \
         if stat_names else np.zeros((table.num_rows, 0))
     finite = np.isfinite(stats)
-    members = group_members(table, label_column)
+    members = group_members(table, label_column, names)
     ids = table["id"].to_pylist()
     keys = sample_keys(ids)
-    cluster_kind = "true" if any(kind == "true" for kind, _ in members) else "predicted"
+    cluster_kind = "true" if any(group.kind == "true" for group in members) else "predicted"
     rows = []
-    for (kind, cls), chosen in members.items():
-        group = f"{kind}:{cls}"
+    for group, chosen in members.items():
         moments = Moments.of(grids[chosen])
-        ok, values = finite[chosen], np.where(finite[chosen], stats[chosen], 0.0)
-        row = {"group": group, "count": moments.count, "mean": moments.mean, "m2": moments.m2,
-               "stat_name": np.array(stat_names, object), "stat_n": ok.sum(0),
-               "stat_sum": values.sum(0), "stat_sumsq": (values ** 2).sum(0)}
-        if kind == cluster_kind:
+        stat_moments = Moments.of_finite(stats[chosen])
+        row = {**group.columns(), "count": moments.count, "mean": moments.mean, "m2": moments.m2,
+               "stat_name": np.array(stat_names, object), "stat_n": stat_moments.count,
+               "stat_mean": stat_moments.mean, "stat_m2": stat_moments.m2}
+        if group.kind == cluster_kind:
             if caps and group in caps:
                 chosen = chosen[keys[chosen] <= caps[group]]
             keep = chosen[np.argsort(keys[chosen])[:SAMPLE_SIZE]]
@@ -235,13 +329,13 @@ def partial_aggregates(table: pa.Table, label_column: str | None = None, caps: d
             order = np.flatnonzero(finite[:, j])
             order = order[np.argsort(-values[order] if direction == "high" else values[order], kind="stable")]
             order = order[:WORST_K]
-            rows.append({"group": f"worst:{name}", "worst_value": values[order],
+            rows.append({"kind": "worst", "statistic": name, "worst_value": values[order],
                          "worst_id": np.array([ids[i] for i in order], object), "worst_grid": grids[order].astype(np.float32),
                          "direction": direction})
     return _table(rows, PARTIAL_SCHEMA)
 
 
-def sample_caps(merged: dict) -> dict[str, float]:
+def sample_caps(merged: dict) -> dict[Group, float]:
     """{group: the largest key of its sample} for the groups whose merged sample (``merge_partials``'s state,
     ``state=True``) is full: a later row with a larger key cannot enter it."""
     return {g: float(e["sample"][0][-1]) for g, e in merged.items()
@@ -250,27 +344,29 @@ def sample_caps(merged: dict) -> dict[str, float]:
 
 def merge_partials(partials, on_caps=None) -> dict:
     """Partial rows (a table, or an iterable of tables streamed one at a time, so the driver holds only the
-    merged state) -> {group: {"count", "mean_map", "var_map", "stats": {name: {mean, std, n}}, "sample"}},
-    and {"worst:<statistic>": {"worst": [{value, id, grid}], "direction"}}.
+    merged state) -> {:class:`Group`: {"count", "mean_map", "var_map", "stats": {name: {mean, std, n}}, "sample"}},
+    and {:class:`Worst`: {"worst": [{value, id, grid}], "direction"}}; groups in order, then the worst cases.
 
     What is kept is copied out of each table (no view pins a block's buffers) and is bounded by the groups:
-    moments, stat sums, :data:`SAMPLE_SIZE` sampled maps and :data:`WORST_K` worst cases each. ``on_caps``, if
+    moments, :data:`SAMPLE_SIZE` sampled maps and :data:`WORST_K` worst cases each. ``on_caps``, if
     given, is called with :func:`sample_caps` whenever a group's cap changes (the audit hands them to the tasks
     still to run, so that they send fewer sampled maps)."""
-    merged: dict[str, dict] = {}
-    caps: dict[str, float] = {}
+    merged: dict = {}
+    caps: dict[Group, float] = {}
     for table in ([partials] if isinstance(partials, pa.Table) else partials):
         if not table.num_rows:
             continue
-        groups, counts, directions = (table[c].to_pylist() for c in ("group", "count", "direction"))
+        groups = [_group_of(kind, index, name or statistic) for kind, index, name, statistic in zip(
+            *(table[c].to_pylist() for c in ("kind", "class_index", "class_name", "statistic")))]
+        counts, directions = table["count"].to_pylist(), table["direction"].to_pylist()
         means, m2s = _lists(table, "mean", (GRID, GRID)), _lists(table, "m2", (GRID, GRID))
         names, ns = table["stat_name"].to_pylist(), table["stat_n"].to_pylist()
-        sums, squares = table["stat_sum"].to_pylist(), table["stat_sumsq"].to_pylist()
+        stat_means, stat_m2s = table["stat_mean"].to_pylist(), table["stat_m2"].to_pylist()
         keys, samples = _lists(table, "sample_key"), _lists(table, "sample_grid", (-1, GRID, GRID))
         worst_values, worst_ids = table["worst_value"].to_pylist(), table["worst_id"].to_pylist()
         worst_grids = _lists(table, "worst_grid", (-1, GRID, GRID))
         for i, group in enumerate(groups):
-            if group.startswith("worst:"):
+            if isinstance(group, Worst):
                 entry = merged.setdefault(group, {"worst": [], "direction": directions[i]})
                 entry["worst"] += [{"value": v, "id": r, "grid": np.array(g)}
                                    for v, r, g in zip(worst_values[i], worst_ids[i], worst_grids[i])]
@@ -285,63 +381,64 @@ def merge_partials(partials, on_caps=None) -> dict:
                 all_keys, all_grids = np.concatenate([old_keys, keys[i]]), np.concatenate([old_grids, samples[i]])
                 order = np.argsort(all_keys)[:SAMPLE_SIZE]
                 entry["sample"] = (all_keys[order], all_grids[order])
-            for name, n, total, square in zip(names[i], ns[i], sums[i], squares[i]):
-                acc = entry["stats"].setdefault(name, [0, 0.0, 0.0])
-                acc[0], acc[1], acc[2] = acc[0] + n, acc[1] + total, acc[2] + square
+            for name, n, mean, m2 in zip(names[i], ns[i], stat_means[i], stat_m2s[i]):
+                part = Moments(n, np.float64(mean), np.float64(m2))
+                entry["stats"][name] = entry["stats"][name].merge(part) if name in entry["stats"] else part
         del table, means, m2s, keys, samples, worst_grids
         if on_caps is not None and sample_caps(merged) != caps:
             caps = sample_caps(merged)
             on_caps(caps)
     result = {}
-    for group, entry in sorted(merged.items()):
+    for group, entry in sorted(merged.items(), key=lambda kv: (isinstance(kv[0], Worst), _order(kv[0]))):
         if "worst" in entry:
             result[group] = entry
             continue
         m = entry["moments"]
         stats = {}
-        for name, (n, total, squares) in entry["stats"].items():
-            mean = total / n if n else float("nan")
-            stats[name] = {"mean": mean, "std": float(np.sqrt(max(squares / n - mean ** 2, 0))) if n else float("nan"),
-                           "n": n}
+        for name, moments in entry["stats"].items():
+            n = int(moments.count)
+            stats[name] = {"mean": float(moments.mean) if n else float("nan"),
+                           "std": float(np.sqrt(moments.variance)), "n": n}
         result[group] = {"count": m.count, "mean_map": m.mean, "var_map": m.variance, "stats": stats}
         if "sample" in entry:
             result[group]["sample"] = entry["sample"][1]
     return result
 
 
-def assignment_partials(table: pa.Table, centroids: dict, label_column: str | None = None) -> pa.Table:
-    """Assign every map of a block to its class's nearest cluster; per (group, cluster) counts and sums."""
+def assignment_partials(table: pa.Table, centroids: dict, label_column: str | None = None, names=None) -> pa.Table:
+    """Assign every map of a block to its group's nearest cluster (``centroids``: {group: (k, cells)}); per (group,
+    cluster) counts and sums."""
     from worker.audit.clusters import assign
 
     table, grids = _explained_grids(table)
-    rows_out = {"group": [], "cluster": [], "count": [], "grid_sum": []}
+    rows_out = []
     if table.num_rows:
-        members = {f"{kind}:{cls}": rows for (kind, cls), rows in group_members(table, label_column).items()
-                   if f"{kind}:{cls}" in centroids}
-        for group, rows in members.items():
+        for group, rows in group_members(table, label_column, names).items():
+            if group not in centroids:
+                continue
             labels = assign(grids[rows].reshape(len(rows), -1), np.asarray(centroids[group]))
             for c in np.unique(labels):
                 chosen = rows[labels == c]
-                rows_out["group"].append(group)
-                rows_out["cluster"].append(int(c))
-                rows_out["count"].append(len(chosen))
-                rows_out["grid_sum"].append(grids[chosen].sum(0).reshape(-1).tolist())
-    return pa.table(rows_out, schema=ASSIGNMENT_SCHEMA)
+                rows_out.append({**group.columns(), "cluster": int(c), "count": len(chosen),
+                                 "grid_sum": grids[chosen].sum(0)})
+    return _table(rows_out, ASSIGNMENT_SCHEMA)
 
 
 def merge_assignments(partials) -> dict:
-    """{group: [{"cluster", "count", "share", "mean_map"}]} over all rows (a table or an iterable of tables)."""
+    """{:class:`Group`: [{"cluster", "count", "share", "mean_map"}]} over all rows (a table or an iterable of
+    tables)."""
     totals: dict[tuple, list] = {}
     for table in ([partials] if isinstance(partials, pa.Table) else partials):
         if not table.num_rows:
             continue
         grids = _lists(table, "grid_sum")
-        for g, c, n, grid in zip(*(table[k].to_pylist() for k in ("group", "cluster", "count")), grids):
-            acc = totals.setdefault((g, c), [0, np.zeros(CELLS)])
+        columns = (table[k].to_pylist() for k in ("kind", "class_index", "class_name", "cluster", "count"))
+        for kind, index, name, c, n, grid in zip(*columns, grids):
+            acc = totals.setdefault((_group_of(kind, index, name), c), [0, np.zeros(CELLS)])
             acc[0] += n
             acc[1] += grid
-    out: dict[str, list] = {}
-    for (g, c), (n, grid) in sorted(totals.items()):
+    out: dict[Group, list] = {}
+    for (g, c), (n, grid) in sorted(totals.items(), key=lambda kv: (kv[0][0]._order(), kv[0][1])):
         out.setdefault(g, []).append({"cluster": c, "count": n, "mean_map": (grid / n).reshape(GRID, GRID)})
     for clusters in out.values():
         total = sum(c["count"] for c in clusters)

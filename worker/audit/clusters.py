@@ -31,61 +31,54 @@ class Clustering:
     centroids: np.ndarray  # (k, d) in the input space, for assigning every other map
 
 
-def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 100) -> np.ndarray:
-    centres = [x[rng.integers(len(x))]]
-    for _ in range(1, k):  # k-means++
-        d = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
-        centres.append(x[rng.choice(len(x), p=d / d.sum()) if d.sum() > 0 else rng.integers(len(x))])
-    centres = np.array(centres)
-    labels = np.zeros(len(x), int)
-    for _ in range(iterations):
-        new = ((x[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
-        if (new == labels).all() and _ > 0:
-            break
-        labels = new
-        for j in range(k):
-            if (labels == j).any():
-                centres[j] = x[labels == j].mean(0)
-    return labels
+def affinity(x: np.ndarray, neighbours: int = 10):
+    """The symmetric kNN graph of the rows of ``x`` (sparse n x n): each row's ``neighbours`` nearest
+    (:func:`sklearn.neighbors.kneighbors_graph`, itself left out, duplicates kept at distance 0) weighted
+    ``exp(-d^2 / sigma^2)``, sigma^2 the median squared neighbour distance; an edge kept if either end chose it."""
+    from sklearn.neighbors import kneighbors_graph
+
+    graph = kneighbors_graph(x, min(neighbours, len(x) - 1), mode="distance", include_self=False)
+    d2 = graph.data ** 2
+    apart = d2[d2 > 0]  # duplicates (empty maps, say) would make the scale 0 and cut every other edge
+    sigma2 = float(np.median(apart)) if len(apart) else 1.0
+    graph.data = np.exp(-d2 / sigma2)
+    return graph.maximum(graph.T).tocsr()
 
 
 def spectral_clusters(x: np.ndarray, max_k: int = 8, neighbours: int = 10, seed: int = 0) -> Clustering:
-    """Cluster the rows of ``x`` (n, d), n up to a few thousand."""
+    """Cluster the rows of ``x`` (n, d), n up to a few thousand: the eigenvalues of the :func:`affinity` graph's
+    normalised Laplacian (:func:`scipy.sparse.csgraph.laplacian`, ``normed=True``) choose k by their largest gap
+    after the first; :class:`sklearn.cluster.SpectralClustering` on the same graph (its spectral embedding, then
+    k-means++ with 10 starts, ``seed``) gives the labels."""
+    import warnings
+
+    from scipy.sparse.csgraph import laplacian
+    from sklearn.cluster import SpectralClustering
+
     x = np.asarray(x, np.float64)
     n = len(x)
     if n < 3:
         return Clustering(np.zeros(n, int), 1, np.zeros(0), x.mean(0, keepdims=True) if n else x)
-    squares = (x ** 2).sum(1)
-    d2 = np.maximum(squares[:, None] + squares[None] - 2 * x @ x.T, 0)
-    np.fill_diagonal(d2, np.inf)
-    m = min(neighbours, n - 1)
-    nearest = np.argpartition(d2, m - 1, axis=1)[:, :m]
-    knn_d2 = np.take_along_axis(d2, nearest, 1)
-    sigma2 = np.median(knn_d2) or 1e-12
-    w = np.zeros((n, n))
-    np.put_along_axis(w, nearest, np.exp(-knn_d2 / sigma2), 1)
-    w = np.maximum(w, w.T)
-    degree = w.sum(1)
-    inv = np.where(degree > 0, 1 / np.sqrt(np.where(degree > 0, degree, 1)), 0)
-    laplacian = np.eye(n) - inv[:, None] * w * inv[None]
-    values, vectors = np.linalg.eigh(laplacian)
+    graph = affinity(x, neighbours)
+    values = np.linalg.eigvalsh(laplacian(graph, normed=True).toarray())
     top = min(max_k, n - 1)
     gaps = np.diff(values[:top + 1])
     k = int(np.argmax(gaps[1:]) + 2) if top >= 2 and gaps[1:].max() > gaps[0] else 1
     if k == 1:
         return Clustering(np.zeros(n, int), 1, values[:top + 1], x.mean(0, keepdims=True))
-    embedding = vectors[:, :k]
-    embedding /= np.linalg.norm(embedding, axis=1, keepdims=True) + 1e-12
-    labels = _kmeans(embedding, k, np.random.default_rng(seed))
+    with warnings.catch_warnings():  # a graph in k pieces is the clearest case, not a problem
+        warnings.filterwarnings("ignore", "Graph is not fully connected")
+        labels = SpectralClustering(k, affinity="precomputed", n_init=10, random_state=seed).fit_predict(graph)
     centroids = np.array([x[labels == j].mean(0) for j in range(k) if (labels == j).any()])
     labels = np.unique(labels, return_inverse=True)[1]
     return Clustering(labels, len(centroids), values[:top + 1], centroids)
 
 
 def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Nearest centroid of each row of ``x``."""
-    x = np.asarray(x, np.float64)
-    return (((x[:, None, :] - centroids[None]) ** 2).sum(-1)).argmin(1)
+    """Nearest centroid of each row of ``x`` (:func:`sklearn.metrics.pairwise_distances_argmin`)."""
+    from sklearn.metrics import pairwise_distances_argmin
+
+    return pairwise_distances_argmin(np.asarray(x, np.float64), np.asarray(centroids, np.float64))
 
 
 def cluster_groups(groups: dict, seed: int = 0) -> dict:

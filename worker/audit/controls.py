@@ -4,8 +4,9 @@ Guided backprop is known to reconstruct image edges and to change little when
 the model's weights are randomised.  On a sample of images we compute, next to
 the real map: the map of a *random other class*, the map of a *weight-randomised
 copy* of the model, and a Sobel *edge map* of the model input; then the
-similarity of the real map to each (Spearman rank correlation and SSIM, mean over
-the sample) and their statistics.  High similarity to a control means the map
+similarity of the real map to each (Spearman rank correlation, ties at their average
+rank as scipy ranks them, and SSIM as scikit-image computes it; means over the sample)
+and their statistics.  High similarity to a control means the map
 says little about that model or that class.  Extra cost: two guided backward
 passes per sampled image and one model rebuild.
 
@@ -23,46 +24,54 @@ from worker.data.stats import map_statistics
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-pair Spearman rank correlation of (N, H, W) maps (|values|)."""
-    def ranks(x):
-        flat = np.abs(x.reshape(len(x), -1))
-        return np.argsort(np.argsort(flat, axis=1), axis=1).astype(np.float64)
-    ra, rb = ranks(a), ranks(b)
+    """Per-pair Spearman rank correlation of (N, H, W) maps (|values|), ties at their average rank
+    (:func:`scipy.stats.rankdata`, as :func:`scipy.stats.spearmanr`); NaN for a pair where either map is
+    constant (an all-zero map has no order)."""
+    from scipy.stats import rankdata
+
+    ra = rankdata(np.abs(np.asarray(a, np.float64)).reshape(len(a), -1), axis=1)
+    rb = rankdata(np.abs(np.asarray(b, np.float64)).reshape(len(b), -1), axis=1)
     ra -= ra.mean(1, keepdims=True)
     rb -= rb.mean(1, keepdims=True)
-    return (ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1) + 1e-30)
-
-
-def _box(x: np.ndarray, size: int) -> np.ndarray:
-    """Mean over size x size windows (valid positions) of (N, H, W)."""
-    c = np.cumsum(np.cumsum(np.pad(x, ((0, 0), (1, 0), (1, 0))), 1), 2)
-    s = c[:, size:, size:] - c[:, :-size, size:] - c[:, size:, :-size] + c[:, :-size, :-size]
-    return s / (size * size)
+    denominator = np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (ra * rb).sum(1) / denominator, np.nan)
 
 
 def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> np.ndarray:
-    """Per-pair SSIM of (N, H, W) maps, each |map| scaled to [0, 1] by its own max (uniform window)."""
+    """Per-pair SSIM (:func:`skimage.metrics.structural_similarity`, a uniform ``window`` x ``window`` window, at
+    most the map's side and odd) of (N, H, W) maps, each |map| scaled to [0, 1] by its own max (data range 1)."""
+    from skimage.metrics import structural_similarity
+
     def scale(x):
         x = np.abs(np.asarray(x, np.float64))
         top = x.reshape(len(x), -1).max(1)[:, None, None]
         return np.divide(x, top, out=np.zeros_like(x), where=top > 0)
+
     a, b = scale(a), scale(b)
     window = min(window, a.shape[1], a.shape[2])
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    ma, mb = _box(a, window), _box(b, window)
-    va, vb = _box(a * a, window) - ma ** 2, _box(b * b, window) - mb ** 2
-    cov = _box(a * b, window) - ma * mb
-    index = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
-    return index.mean((1, 2))
+    window -= 1 - window % 2
+    return np.array([structural_similarity(x, y, win_size=window, data_range=1.0) for x, y in zip(a, b)],
+                    np.float64).reshape(len(a))
 
 
 def sobel_edges(images: np.ndarray) -> np.ndarray:
-    """Sobel gradient magnitude of the grey-level (N, H, W, 3) images."""
+    """Sobel gradient magnitude (:func:`scipy.ndimage.sobel`, edges extended) of the grey-level (N, H, W, 3)
+    images."""
+    from scipy import ndimage
+
     grey = np.asarray(images, np.float64) @ np.array([0.299, 0.587, 0.114])
-    p = np.pad(grey, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    gx = (p[:, :-2, 2:] + 2 * p[:, 1:-1, 2:] + p[:, 2:, 2:]) - (p[:, :-2, :-2] + 2 * p[:, 1:-1, :-2] + p[:, 2:, :-2])
-    gy = (p[:, 2:, :-2] + 2 * p[:, 2:, 1:-1] + p[:, 2:, 2:]) - (p[:, :-2, :-2] + 2 * p[:, :-2, 1:-1] + p[:, :-2, 2:])
-    return np.hypot(gx, gy)
+    return np.stack([np.hypot(ndimage.sobel(g, 0, mode="nearest"), ndimage.sobel(g, 1, mode="nearest"))
+                     for g in grey]) if len(grey) else grey
+
+
+def _similarity(maps: np.ndarray, control: np.ndarray) -> dict:
+    """Mean Spearman (over the pairs that have a rank order: ``ranked`` of them) and mean SSIM of maps to a
+    control."""
+    rho = spearman(maps, control)
+    ranked = np.isfinite(rho)
+    return {"spearman": float(rho[ranked].mean()) if ranked.any() else float("nan"),
+            "ssim": float(np.mean(ssim(maps, control))), "ranked": int(ranked.sum())}
 
 
 def randomized_copy(model, seed: int = 0, safe_mode: bool = True):
@@ -115,7 +124,6 @@ def run_controls(make_engine, images: np.ndarray, seed: int = 0, safe_mode: bool
         "images": int(len(images)),
         "extra_model_cost": f"{2 if 'randomized_model' in controls else 1} extra guided passes per sampled image "
                             "and one model rebuild",
-        "similarity_to_real": {name: {"spearman": float(np.mean(spearman(maps, m))), "ssim": float(np.mean(ssim(maps, m)))}
-                               for name, m in controls.items()},
+        "similarity_to_real": {name: _similarity(maps, m) for name, m in controls.items()},
         "statistics": stats,
     }

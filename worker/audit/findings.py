@@ -2,11 +2,12 @@
 
 A class is flagged when its mean map is border-heavy or off-centre (absolutely, or as an outlier among the
 classes by a robust z-score), when its maps' mass sits outside the ground-truth masks, or when a small
-cluster of its maps looks somewhere else than the rest.  Pure numpy on the merged aggregates.
+cluster of its maps looks somewhere else than the rest.  Pure numpy on the merged aggregates.  A finding names
+its group by the group's columns (``kind``, ``class_index``, ``class_name``: :meth:`Group.columns`).
 
 Example:
     >>> corner = np.zeros((16, 16)); corner[0, 0] = 1.0
-    >>> [f["finding"] for f in findings({"true:0": {"count": 5, "mean_map": corner, "stats": {}}})]
+    >>> [f["finding"] for f in findings({Group("true", 0): {"count": 5, "mean_map": corner, "stats": {}}})]
     ['border-heavy', 'off-centre']
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from worker.audit.aggregate import Group
 from worker.audit.intervene import STAMP_IMAGES
 from worker.data.stats import border_share, centre_of_mass
 
@@ -46,8 +48,9 @@ def _robust_z(values: dict) -> dict:
     return {g: (v - median) / scale for g, v in values.items()}
 
 
-def findings(groups: dict, clusters: dict | None = None) -> list[dict]:
-    """Severity-ranked observations on the per-class mean maps and statistics."""
+def findings(groups: dict, clusters: dict | None = None, names=None) -> list[dict]:
+    """Severity-ranked observations on the per-class mean maps and statistics (classes named with the job's
+    class ``names``)."""
     out = []
     for group, found in (clusters or {}).items():
         if len(found) < 2:
@@ -56,11 +59,11 @@ def findings(groups: dict, clusters: dict | None = None) -> list[dict]:
             enrichment, cy, cx = shape_of(c["mean_map"])
             odd = enrichment >= BORDER_ENRICHMENT_FLAG or np.hypot(cy - 0.5, cx - 0.5) >= OFF_CENTRE_FLAG
             if c["share"] <= SMALL_CLUSTER and c["count"] >= 3 and odd:
-                out.append({"group": group, "severity": "high", "finding": "small cluster looks elsewhere",
+                out.append({**group.columns(names), "severity": "high", "finding": "small cluster looks elsewhere",
                             "detail": f"cluster {c['cluster']} ({c['count']} maps, {c['share']:.0%} of the class): "
                                       f"border enrichment {enrichment:.1f}, centre (y={cy:.2f}, x={cx:.2f})"})
     for kind in ("true", "predicted"):
-        members = {g: v for g, v in groups.items() if g.startswith(kind + ":") and v["count"]}
+        members = {g: v for g, v in groups.items() if isinstance(g, Group) and g.kind == kind and v["count"]}
         if not members:
             continue
         shape = {g: shape_of(v["mean_map"]) for g, v in members.items()}
@@ -76,19 +79,25 @@ def findings(groups: dict, clusters: dict | None = None) -> list[dict]:
                 enrichment, cy, cx = shape[g]
                 where = f"border enrichment {enrichment:.2f}, centre of mass (y={cy:.2f}, x={cx:.2f})"
                 if value >= absolute[name]:
-                    out.append({"group": g, "severity": "high", "finding": name, "detail": where})
+                    out.append({**g.columns(names), "severity": "high", "finding": name, "detail": where})
                 elif z.get(g, 0) >= OUTLIER_Z:
-                    out.append({"group": g, "severity": "medium", "finding": f"{name} compared with other classes",
+                    out.append({**g.columns(names), "severity": "medium",
+                                "finding": f"{name} compared with other classes",
                                 "detail": f"{where}; robust z = {z[g]:.1f} over {len(values)} classes"})
         for g, v in members.items():
             mask = v["stats"].get("energy_in_mask")
             if mask and mask["n"] and mask["mean"] < MASK_ENERGY_FLAG:
-                out.append({"group": g, "severity": "high", "finding": "mass outside masks",
+                out.append({**g.columns(names), "severity": "high", "finding": "mass outside masks",
                             "detail": f"mean energy inside the ground-truth masks is {mask['mean']:.2f}"})
-    return sorted(out, key=lambda f: (f["severity"] != "high", f["group"]))
+    return sorted(out, key=order)
 
 
-def intervention_findings(probed: list[dict]) -> list[dict]:
+def order(finding: dict) -> tuple:
+    """High severity first, then by group."""
+    return finding["severity"] != "high", Group.of(finding)._order()
+
+
+def intervention_findings(probed: list[dict], names=None) -> list[dict]:
     """One finding per probed region (:func:`worker.audit.intervene.probe_region`), from a *confirmed* shortcut
     or a *shortcut with the object* (high) to *attention without effect* (low); the box, the median effect over
     the fills and its fills' intervals, and the share of the region's pixels stamped (the same in every image)."""
@@ -107,7 +116,7 @@ def intervention_findings(probed: list[dict]) -> list[dict]:
                    if p["images"] >= STAMP_IMAGES else "region needed, not sufficient (too few images to tell an "
                                                        "artifact from the object)"}
         where = "" if p.get("cluster") is None else f"SpRAy cluster {p['cluster']} ({p['images']} images): "
-        out.append({"group": f"true:{p['class']}", "severity": severity,
+        out.append({**Group("true", p["class"]).columns(names), "severity": severity,
                     "finding": finding.get(p["verdict"], "attention without effect"),
                     "detail": f"{where}region y {y0:.2f}-{y1:.2f}, x {x0:.2f}-{x1:.2f}: flips when neutralised vs at random "
                               f"places ({fills}); pasted into other classes it moves "

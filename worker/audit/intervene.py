@@ -52,14 +52,16 @@ STAMP_IMAGES = 20  # ... measured on at least this many images
 
 
 def bootstrap_interval(values: np.ndarray, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values``."""
+    """Percentile bootstrap interval of the mean of ``values`` (:func:`scipy.stats.bootstrap`, ``BOOTSTRAP``
+    resamples); NaN with fewer than two values (one value has no spread to resample)."""
+    from scipy.stats import bootstrap
+
     values = np.asarray(values, np.float64)
-    if not len(values):
+    if len(values) < 2:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (BOOTSTRAP, len(values)))].mean(1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+    found = bootstrap((values,), np.mean, n_resamples=BOOTSTRAP, confidence_level=level, method="percentile",
+                      vectorized=True, rng=np.random.default_rng(seed)).confidence_interval
+    return float(found.low), float(found.high)
 
 
 def fill(images: np.ndarray, box: tuple, how: str, mean_image: np.ndarray, donors: np.ndarray,

@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from worker.audit.aggregate import Group
+
 PEAK_FRACTION = 0.5  # a cell belongs to a region at this fraction of the contrast's peak or above
 MAX_REGIONS = 2  # per class, the strongest
 MARGIN_CELLS = 1  # a region's box grows by this many cells on every side
 
 
-def contrast(groups: dict, key: str, mean_map: np.ndarray | None = None) -> np.ndarray:
+def contrast(groups: dict, key: Group, mean_map: np.ndarray | None = None) -> np.ndarray:
     """A group's mean map (or ``mean_map``, e.g. one of its SpRAy clusters') minus the count-weighted mean map
     of the other groups of its kind."""
-    kind = key.split(":", 1)[0] + ":"
     own = groups[key]["mean_map"] if mean_map is None else mean_map
     others = [(v["count"], v["mean_map"]) for g, v in groups.items()
-              if g.startswith(kind) and g != key and v.get("count")]
+              if isinstance(g, Group) and g.kind == key.kind and g != key and v.get("count")]
     if not others:
         return np.zeros_like(own)
     total = sum(n for n, _ in others)
@@ -38,33 +39,24 @@ def contrast(groups: dict, key: str, mean_map: np.ndarray | None = None) -> np.n
 
 def regions(grid: np.ndarray, peak_fraction: float = PEAK_FRACTION, most: int = MAX_REGIONS,
             margin: int = MARGIN_CELLS) -> list[dict]:
-    """4-connected regions of ``grid`` at or above ``peak_fraction`` of its (positive) peak, strongest first:
+    """4-connected regions (:func:`scipy.ndimage.label`) of ``grid`` at or above ``peak_fraction`` of its
+    (positive) peak, strongest first:
     {"box": (y0, x0, y1, x1) in [0, 1], "cells", "share" of the positive contrast}."""
     positive = np.clip(grid, 0, None)
     peak = positive.max()
     if peak <= 0:
         return []
-    hot = positive >= peak_fraction * peak
-    seen = np.zeros_like(hot)
+    from scipy import ndimage
+
+    labelled, count = ndimage.label(positive >= peak_fraction * peak)  # 4-connected (the cross structure)
     found = []
     h, w = grid.shape
-    for y, x in zip(*np.nonzero(hot)):
-        if seen[y, x]:
-            continue
-        stack, cells = [(y, x)], []
-        seen[y, x] = True
-        while stack:
-            cy, cx = stack.pop()
-            cells.append((cy, cx))
-            for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
-                if 0 <= ny < h and 0 <= nx < w and hot[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    stack.append((ny, nx))
-        ys, xs = np.array(cells).T
+    for index in range(1, count + 1):
+        ys, xs = np.nonzero(labelled == index)
         y0, x0 = max(0, ys.min() - margin), max(0, xs.min() - margin)
         y1, x1 = min(h, ys.max() + 1 + margin), min(w, xs.max() + 1 + margin)
         found.append({"box": (y0 / h, x0 / w, y1 / h, x1 / w),
-                      "cells": len(cells), "share": float(positive[ys, xs].sum() / positive.sum())})
+                      "cells": len(ys), "share": float(positive[ys, xs].sum() / positive.sum())})
     found.sort(key=lambda r: -r["share"])
     return [{**r, "box": tuple(float(v) for v in r["box"])} for r in found[:most]]
 
@@ -76,7 +68,7 @@ def overlap(a: tuple, b: tuple) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def candidates(groups: dict, key: str, clusters: list[dict] | None = None, min_share: float = 0.1,
+def candidates(groups: dict, key: Group, clusters: list[dict] | None = None, min_share: float = 0.1,
                same: float = 0.5) -> list[tuple[int | None, dict]]:
     """The regions to probe for a group: ``(None, region)`` for the group's own, then ``(cluster, region)`` for
     each SpRAy cluster holding at least ``min_share`` of the group, for its regions that overlap none found

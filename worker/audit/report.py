@@ -13,19 +13,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from worker.audit.aggregate import GRID, SAMPLE_SIZE
+from worker.audit.aggregate import GRID, SAMPLE_SIZE, Group, Worst
 from worker.audit.pictures import enlarge, heat, overlay, png64, shortcut_panels, with_box
 
 
 def aggregate_tables(result: dict) -> dict[str, pa.Table]:
     """The audit's numbers as Arrow tables: ``classes`` (one row per group: count, 16x16 mean and variance
     maps, mean/std of every statistic), ``clusters`` and ``findings``."""
+    names = _class_names(result)
     rows = []
     for group, v in result["groups"].items():
-        if "count" not in v:
+        if not isinstance(group, Group):
             continue
-        kind, cls = group.split(":", 1)
-        row = {"group": group, "kind": kind, "class": int(cls), "count": v["count"],
+        row = {**group.columns(names), "count": v["count"],
                "mean_map": v["mean_map"].astype(np.float32).reshape(-1).tolist(),
                "var_map": v["var_map"].astype(np.float32).reshape(-1).tolist()}
         for name, stat in v["stats"].items():
@@ -38,8 +38,8 @@ def aggregate_tables(result: dict) -> dict[str, pa.Table]:
             storage = pa.array(classes[name].to_pylist(), pa.list_(pa.float32(), GRID * GRID))
             classes = classes.set_column(classes.schema.get_field_index(name), name,
                                          pa.ExtensionArray.from_storage(grid_type, storage))
-    clusters = pa.Table.from_pylist([{"group": g, "cluster": c["cluster"], "count": c["count"], "share": c["share"]}
-                                     for g, cs in result.get("clusters", {}).items() for c in cs])
+    clusters = pa.Table.from_pylist([{**g.columns(names), "cluster": c["cluster"], "count": c["count"],
+                                      "share": c["share"]} for g, cs in result.get("clusters", {}).items() for c in cs])
     keys = list(dict.fromkeys(k for f in result["findings"] for k in f))  # intervention findings add columns
     found = pa.Table.from_pylist([{k: f.get(k) for k in keys} for f in result["findings"]])
     return {"classes": classes, "clusters": clusters, "findings": found}
@@ -109,14 +109,16 @@ def controls_sentence(controls: dict) -> str:
     """What the controls say about this model's maps, in a sentence or two."""
     similar = controls["similarity_to_real"]
     out = []
-    if "random_class" in similar:
+    if not all(np.isfinite(v["spearman"]) for v in similar.values()):
+        out.append("Constant maps have no rank order: a control with only such pairs has no Spearman.")
+    if "random_class" in similar and np.isfinite(similar["random_class"]["spearman"]):
         v = similar["random_class"]["spearman"]
         out.append(f"The maps change little with the class asked about (Spearman {v:.2f} to a random class's map): "
                    "read them as where the model sees edges and objects, not as evidence for one class."
                    if v >= SAME_CLASS else
                    f"The maps depend on the class asked about (Spearman {v:.2f} to a random class's map): "
                    "they carry some class evidence.")
-    if "randomized_model" in similar:
+    if "randomized_model" in similar and np.isfinite(similar["randomized_model"]["spearman"]):
         v = similar["randomized_model"]["spearman"]
         out.append(f"A model with randomised weights gives much the same maps (Spearman {v:.2f}): they show the "
                    "image's structure more than what this model learnt."
@@ -227,7 +229,9 @@ def _comparison_html(section: dict | None, report_dir: str) -> str:
             f"replaced by a baseline in the map's order, most relevant first, in {section['steps']} steps; baselines: "
             f"blur (Gaussian, sigma {section['blur_sigma']:.0%} of the side) and the sample's mean image. Deletion: a "
             "low area is good; insertion: a high one; the gain is the paired difference to the same curves along a "
-            "random order (positive is better), with its 95 % bootstrap interval. Sanity (Adebayo et al. 2018): "
+            "random order (positive is better), with its 95 % bootstrap interval; a gain counts when its interval "
+            f"is above 0 and it is at least {section['min_gain']:.1%} of the logit range ({section['logit_range']:.3g}: "
+            "the spread of the model's logits over the classes, mean over the sample). Sanity (Adebayo et al. 2018): "
             "Spearman of the map to the map of a random other class and of the model with its layers "
             "re-initialised from the top (low is good: the map depends on the class and on the weights), and "
             f"under Gaussian noise of {section['noise_levels']:g} levels (high is good). Cost: "
@@ -246,7 +250,7 @@ def _class_names(result: dict) -> list | None:
 
 
 def _named(cls: int, names) -> str:
-    return f"class {cls}" + (f" ({names[cls]})" if names and 0 <= cls < len(names) else "")
+    return "class " + Group("true", cls).name(names)
 
 
 def _lead_html(result: dict) -> str:
@@ -286,7 +290,7 @@ def _lead_html(result: dict) -> str:
     others = [f for f in result["findings"] if f.get("verdict") is None and f["severity"] == "high"]
     if others:
         parts.append("<p>Where the maps look (not tested): " + "; ".join(
-            f"{html.escape(f['group'])}: {html.escape(f['finding'])}" for f in others[:6])
+            f"{html.escape(Group.of(f).title(names))}: {html.escape(f['finding'])}" for f in others[:6])
             + (f" and {len(others) - 6} more" if len(others) > 6 else "")
             + " (<a href=#findings>all findings</a>).</p>")
     if result.get("controls"):
@@ -299,7 +303,7 @@ def _classes_html(groups: dict, kind: str, class_images: dict, names=None) -> st
     the other classes' mean), the maps on one colour scale, the contrasts on another."""
     from worker.audit.localise import contrast
 
-    shown = {g: v for g, v in groups.items() if g.startswith(kind) and v.get("count")}
+    shown = {g: v for g, v in groups.items() if isinstance(g, Group) and g.kind == kind and v.get("count")}
     if not shown:
         return "<p>no classes</p>"
     contrasts = {g: np.clip(contrast(groups, g), 0, None) for g in shown}
@@ -307,14 +311,13 @@ def _classes_html(groups: dict, kind: str, class_images: dict, names=None) -> st
     cmax = max(float(c.max()) for c in contrasts.values()) or 1.0
     rows = []
     for g, v in shown.items():
-        cls = int(g.split(":", 1)[1])
-        image = class_images.get(cls)
+        image = class_images.get(g.cls)
         cells = [_figure(enlarge(image, _scale(image)), "mean image") if image is not None else ""]
         cells.append(_figure(heat(v["mean_map"], 128, vmax), "mean map"))
         cells.append(_figure(heat(contrasts[g], 128, cmax), "contrast with the others"))
         if image is not None:
             cells.append(_figure(enlarge(overlay(image, v["mean_map"], vmax), _scale(image)), "mean map on the image"))
-        title = g + (f" ({names[cls]})" if names and 0 <= cls < len(names) else "")
+        title = g.title(names)
         rows.append(f"<div class=cls><h3>{html.escape(title)} (n={v['count']})</h3>{''.join(cells)}</div>")
     note = "" if class_images else " (no mean images: the job's input could not be read, or has no labels)"
     return (f"<p>L1-normalised maps averaged on a 16 x 16 grid. <b>One colour scale for all mean maps</b> (white = "
@@ -327,37 +330,41 @@ def write_report(result: dict, report_dir: str) -> None:
     """audit.json and classes/clusters/findings.parquet (numbers) and report.html (one self-contained page)."""
     os.makedirs(report_dir, exist_ok=True)
     groups = result["groups"]
-    serial = {g: ({"count": v["count"], "mean_map": v["mean_map"].tolist(), "stats": v["stats"]} if "count" in v else
-                  {"direction": v["direction"], "worst": [{"value": w["value"], "id": w["id"]} for w in v["worst"]]})
-              for g, v in groups.items()}
+    names = _class_names(result)
+    serial = [{**g.columns(names), "count": v["count"], "mean_map": v["mean_map"].tolist(), "stats": v["stats"]}
+              for g, v in groups.items() if isinstance(g, Group)]
+    serial_worst = {g.statistic: {"direction": v["direction"],
+                                  "worst": [{"value": w["value"], "id": w["id"]} for w in v["worst"]]}
+                    for g, v in groups.items() if isinstance(g, Worst)}
     clusters = result.get("clusters", {})
     section = result.get("interventions")
     serial_interventions = section and {**section, "regions": [
         {k: v for k, v in p.items() if k not in ("examples", "mean_image", "mean_map")} for p in section["regions"]]}
-    serial_clusters = {g: [{"cluster": c["cluster"], "count": c["count"], "share": c["share"],
-                            "mean_map": c["mean_map"].tolist()} for c in cs] for g, cs in clusters.items()}
+    serial_clusters = [{**g.columns(names), "clusters": [{"cluster": c["cluster"], "count": c["count"],
+                                                          "share": c["share"], "mean_map": c["mean_map"].tolist()}
+                                                         for c in cs]} for g, cs in clusters.items()]
     for name, table in aggregate_tables(result).items():
         if table.num_columns:
             pq.write_table(table, os.path.join(report_dir, f"{name}.parquet"))
     with open(os.path.join(report_dir, "audit.json"), "w") as f:
-        json.dump({"output": result["output"], "groups": serial, "clusters": serial_clusters,
+        json.dump({"output": result["output"], "groups": serial, "worst": serial_worst, "clusters": serial_clusters,
                    "findings": result["findings"], "controls": result.get("controls"),
                    "interventions": serial_interventions,
                    "method_comparison": _comparison_json(result.get("method_comparison"))}, f, indent=1)
-    kind = "true:" if any(g.startswith("true:") for g in groups) else "predicted:"
-    shown = {g: v for g, v in groups.items() if g.startswith(kind)}
+    kind = "true" if any(isinstance(g, Group) and g.kind == "true" for g in groups) else "predicted"
+    shown = {g: v for g, v in groups.items() if isinstance(g, Group) and g.kind == kind}
     vmax = max((float(v["mean_map"].max()) for v in shown.values()), default=1.0)
     meta = result["metadata"]
     card = {"model fingerprint": meta.get("model", {}).get("fingerprint"), "method": meta.get("method"),
             "target": meta.get("target"), "score": meta.get("score"), "output": result["output"],
-            "rows": sum(v["count"] for g, v in groups.items() if g.startswith("predicted:"))}
+            "rows": sum(v["count"] for g, v in groups.items() if isinstance(g, Group) and g.kind == "predicted")}
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in card.items())
 
     def grid_figure(grid, caption, top=None):
         return _figure(heat(grid, 128, top if top is not None else float(grid.max())), caption)
 
     cluster_rows = "".join(
-        f"<div><h3>{html.escape(g)}: {len(cs)} cluster(s)</h3>" + "".join(
+        f"<div><h3>{html.escape(g.title(names))}: {len(cs)} cluster(s)</h3>" + "".join(
             grid_figure(c["mean_map"], f"cluster {c['cluster']}: {c['count']} maps ({c['share']:.0%}), mean", vmax)
             + ("".join(f"<span class=pair>{_figure(enlarge(m['image'], _scale(m['image'])), 'typical member')}"
                        f"{_figure(enlarge(overlay(m['image'], m['map']), _scale(m['image'])), 'its map on it')}</span>"
@@ -375,9 +382,10 @@ def write_report(result: dict, report_dir: str) -> None:
                 f"{_figure(enlarge(overlay(w['image'], w['grid']), scale), 'its map on it')}</span>")
 
     worst = "".join(
-        f"<h3>{html.escape(g.split(':', 1)[1])} ({v['direction']}est)</h3>"
-        + "".join(worst_case(w) for w in v["worst"]) for g, v in groups.items() if g.startswith("worst:"))
-    found = "".join(f"<tr><td>{f['severity']}</td><td>{html.escape(f['group'])}</td><td>{f['finding']}</td>"
+        f"<h3>{html.escape(g.statistic)} ({v['direction']}est)</h3>"
+        + "".join(worst_case(w) for w in v["worst"]) for g, v in groups.items() if isinstance(g, Worst))
+    found = "".join(f"<tr><td>{f['severity']}</td><td>{html.escape(Group.of(f).title(names))}</td>"
+                    f"<td>{f['finding']}</td>"
                     f"<td>{html.escape(f['detail'])}</td></tr>" for f in result["findings"]) or \
         "<tr><td colspan=4>no findings</td></tr>"
     fingerprint = str(card["model fingerprint"] or "")
@@ -403,7 +411,7 @@ td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:to
 target {html.escape(str(card["target"]))}; model {html.escape(fingerprint[:19])}&hellip;</p>
 <nav>{toc}</nav>
 {_lead_html(result)}
-<h2 id=classes>Classes</h2>{_classes_html(groups, kind, result.get("class_images", {}), _class_names(result))}
+<h2 id=classes>Classes</h2>{_classes_html(groups, kind, result.get("class_images", {}), names)}
 <h2 id=worst>Worst cases per statistic</h2><p>Each image beside its map (16 x 16, on its own colour scale) laid
 over it, at the input's resolution; the row id names it in the output. {html.escape(result.get("worst_images", ""))}</p>
 {worst or "<p>no statistics columns in this output</p>"}

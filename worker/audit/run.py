@@ -13,29 +13,33 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from worker.audit.aggregate import (
+    Group,
+    Worst,
     assignment_partials,
     downsample,
     merge_assignments,
     merge_partials,
     partial_aggregates,
+    resolve,
 )
 from worker.audit.clusters import add_cluster_examples, assign, cluster_groups
 from worker.audit.compare import compare_methods as compare_methods_on
-from worker.audit.compare import stratified_sample
 from worker.audit.controls import run_controls
 from worker.audit.findings import findings, intervention_findings
+from worker.audit.findings import order as finding_order
 from worker.audit.intervene import FILLS, PLACEMENTS, fill, probe_region
 from worker.audit.localise import candidates
 from worker.audit.report import write_report
 from worker.data import sink, storage
 from worker.data.dataset import done_index, plan, read_unit, units_holding
-from worker.data.decode import DecodeError, DecodeOptions, image_cells
+from worker.data.decode import DecodeError, DecodeOptions, decode_mask, image_cells
 from worker.data.schema import read_metadata
 from worker.engine.allowlist import SideEffectError
 from worker.engine.models import UnsafeModelError
@@ -44,44 +48,87 @@ from worker.job.progress import watch
 from worker.job.resources import connect
 
 
-def decoded_rows(config, options, with_labels: bool = False, ids=None):
-    """Yield (id, image, label or None) for every decodable row of the job's input (``config``, its run record),
-    decoded with the job's ``options`` (:class:`~worker.data.decode.DecodeOptions`) at the model's input size;
+def decoded_rows(config, options, with_labels: bool = False, ids=None, with_masks: bool = False):
+    """Yield (id, image, label or None, mask or None) for every decodable row of the job's input (``config``, its
+    run record), decoded with the job's ``options`` (:class:`~worker.data.decode.DecodeOptions`) at the model's
+    input size, masks by :func:`~worker.data.decode.decode_mask` (``with_masks``, where the job had a mask column);
     with ``ids``, only those rows (derived ids open only the row groups they name)."""
-    columns = [config.image_column] + ([config.label_column] if with_labels else [])
+    label, mask = config.label_column if with_labels else None, config.mask_column if with_masks else None
+    columns = [c for c in (config.image_column, label, mask) if c]
     fs, units, _ = plan(config.input, columns)
     only = None if ids is None else done_index(list(ids))
     for unit in units if ids is None else units_holding(units, ids, config.id_column):
         table = read_unit(fs, unit, columns, config.id_column, only=only)
-        labels = table[config.label_column].to_pylist() if with_labels else [None] * table.num_rows
-        for row_id, cell, label in zip(table["id"].to_pylist(), image_cells(table[config.image_column]), labels):
+        empty = [None] * table.num_rows
+        labels = table[label].to_pylist() if label else empty
+        masks = image_cells(table[mask]) if mask else empty
+        for row_id, cell, value, region in zip(table["id"].to_pylist(), image_cells(table[config.image_column]),
+                                               labels, masks):
             try:
-                yield row_id, options.decode(cell), label
+                yield (row_id, options.decode(cell), value,
+                       None if region is None else decode_mask(region, options.size, options.max_pixels))
             except DecodeError:
                 continue
 
 
-def sample_images(config, options, n: int) -> np.ndarray:
-    """The first ``n`` decodable images of the job's input."""
-    images = [image for _, image, _ in itertools.islice(decoded_rows(config, options), n)]
-    return np.stack(images) if images else np.zeros((0, *options.size, 3), np.uint8)
+@dataclass
+class InputSample:
+    """Rows of the job's input read and decoded as the job did (:func:`sample_input`): their ``ids``, ``images``
+    (N, H, W, 3) uint8 at the model's input size, ``classes`` (each label resolved as the aggregates resolve it;
+    None without a label column) and ``masks`` ((N, H, W) bool; None without a mask column)."""
+
+    ids: list[str]
+    images: np.ndarray
+    classes: list | None
+    masks: np.ndarray | None
+
+    def by_class(self) -> dict:
+        """{class: its images}, in the sample's order."""
+        found: dict = {}
+        for cls, image in zip(self.classes or [], self.images):
+            found.setdefault(cls, []).append(image)
+        return {cls: np.stack(images) for cls, images in found.items()}
+
+
+def sample_input(config, options, n: int, classes=None, most: int | None = None, names=None,
+                 masks: bool = False) -> InputSample:
+    """The audit's one sampler of the job's input (controls, interventions, the classes' mean images, the method
+    comparison): up to ``n`` decodable rows of each class in ``classes``, by the job's label column with each label
+    resolved by :func:`~worker.audit.aggregate.resolve` with the job's class ``names``, in the order of ``classes``;
+    or, with ``classes`` None, the first ``n`` rows. Read until each class has them or ``most`` rows were read;
+    ``masks`` decodes the job's mask column too."""
+    labelled = classes is not None and bool(config.label_column)
+    found: dict = {c: [] for c in classes} if labelled else {None: []}
+    with_masks = masks and bool(config.mask_column)
+    for row_id, image, label, mask in itertools.islice(
+            decoded_rows(config, options, with_labels=labelled, with_masks=with_masks), most):
+        cls = resolve(label, names) if labelled else None
+        if cls in found and len(found[cls]) < n:
+            found[cls].append((row_id, image, cls, mask))
+            if all(len(v) == n for v in found.values()):
+                break
+    rows = [row for v in found.values() for row in v]
+    return InputSample(ids=[r[0] for r in rows],
+                       images=np.stack([r[1] for r in rows]) if rows else np.zeros((0, *options.size, 3), np.uint8),
+                       classes=[r[2] for r in rows] if labelled else None,
+                       masks=np.stack([r[3] for r in rows]) if with_masks and rows else None)
 
 
 def images_by_id(config, options, ids) -> dict[str, np.ndarray]:
     """The decoded input images of a few rows (the worst cases), read as the job read them."""
-    return {row_id: image for row_id, image, _ in decoded_rows(config, options, ids=ids)}
+    return {row_id: image for row_id, image, _, _ in decoded_rows(config, options, ids=ids)}
 
 
-def class_samples(config, options, classes, n: int, most: int | None = None) -> dict[int, np.ndarray]:
-    """Up to ``n`` images of each class in ``classes`` (by the job's label column), read until each has them
-    (or ``most`` rows have been read)."""
-    found: dict[int, list] = {c: [] for c in classes}
-    for _, image, label in itertools.islice(decoded_rows(config, options, with_labels=True), most):
-        if label in found and len(found[label]) < n:
-            found[label].append(image)
-            if all(len(v) == n for v in found.values()):
-                break
-    return {c: np.stack(v) for c, v in found.items() if v}
+LIBRARIES = {"scipy": "scipy", "sklearn": "scikit-learn", "skimage": "scikit-image"}  # module: distribution
+
+
+def require_libraries() -> None:
+    """Raise one line naming the install when a library the audit's statistics come from is missing."""
+    import importlib.util
+
+    missing = [name for module, name in LIBRARIES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise RuntimeError(f"the audit needs {', '.join(missing)}: pip install 'guided-saliency[audit]'")
 
 
 def run_record(metadata: dict):
@@ -117,13 +164,13 @@ class SampleCaps:
         return self.caps
 
 
-def _capped_partials(table: pa.Table, *, label_column, caps) -> pa.Table:
+def _capped_partials(table: pa.Table, *, label_column, caps, names) -> pa.Table:
     import ray
 
-    return partial_aggregates(table, label_column, caps=ray.get(caps.get.remote()))
+    return partial_aggregates(table, label_column, caps=ray.get(caps.get.remote()), names=names)
 
 
-def _aggregate(fs, files, label_column) -> dict:
+def _aggregate(fs, files, label_column, names=None) -> dict:
     """The first pass: every output file reduced to partial aggregates in a task (a whole file at a time) and
     merged in the driver as they arrive.  The driver holds only the merged state, and tells the tasks the
     samples' caps as they tighten, so each block sends about ``SAMPLE_SIZE x its rows / rows merged`` sampled
@@ -132,7 +179,8 @@ def _aggregate(fs, files, label_column) -> dict:
 
     caps = ray.remote(num_cpus=0)(SampleCaps).remote()
     partials = _read_outputs(fs, files).map_batches(_capped_partials, batch_format="pyarrow", batch_size=None,
-                                                    fn_kwargs={"label_column": label_column, "caps": caps})
+                                                    fn_kwargs={"label_column": label_column, "caps": caps,
+                                                               "names": names})
     try:
         with watch("audit: aggregating", len(files), "_read_files", unit="files"):
             return merge_partials(partials.iter_batches(batch_format="pyarrow", batch_size=None),
@@ -141,20 +189,25 @@ def _aggregate(fs, files, label_column) -> dict:
         ray.kill(caps)
 
 
+def _classes_of(merged: dict, kind: str) -> list:
+    """The classes of the groups of ``kind`` that hold rows, in the groups' order."""
+    return [g.cls for g, v in merged.items() if isinstance(g, Group) and g.kind == kind and v["count"]]
+
+
 MIN_IMAGES = 5  # a region is probed on at least this many of its class's (or cluster's) images
 
 
-def _interventions(merged: dict, clusters: dict, fitted: dict, engine, samples: dict[int, np.ndarray],
+def _interventions(merged: dict, clusters: dict, fitted: dict, engine, samples: dict,
                    seed: int = 0) -> list[dict]:
     """Localise each labelled class's regions, and its SpRAy clusters' (:func:`~worker.audit.localise.candidates`),
     and probe them (:mod:`~worker.audit.intervene`): a cluster's region on the sampled images whose maps fall in
     that cluster."""
     results = []
-    for cls, images in sorted(samples.items()):
-        key = f"true:{cls}"
-        if key not in merged or len(images) < MIN_IMAGES:
+    for cls, images in samples.items():
+        key = Group("true", cls)
+        if key not in merged or len(images) < MIN_IMAGES or isinstance(cls, str):  # a logit needs a class index
             continue
-        others = np.concatenate([v for c, v in sorted(samples.items()) if c != cls])
+        others = np.concatenate([v for c, v in samples.items() if c != cls])
         others = others[np.random.default_rng(seed).permutation(len(others))[:max(len(images), 8)]]
         members = None
         for cluster, region in candidates(merged, key, clusters.get(key)):
@@ -174,15 +227,14 @@ def _interventions(merged: dict, clusters: dict, fitted: dict, engine, samples: 
     return results
 
 
-def _cluster_members(engine, samples: dict[int, np.ndarray], fitted: dict, clusters: dict, n: int = 3) -> None:
+def _cluster_members(engine, samples: dict, fitted: dict, clusters: dict, n: int = 3) -> None:
     """Attach to each SpRAy cluster of a labelled class its most typical sampled images with their full maps
     (``members``: the class's sampled images assigned as the audit assigned every map, nearest the centroid
     first), so the report shows a cluster's members as images, not only maps."""
     for key, found in clusters.items():
-        kind, _, cls = key.partition(":")
-        if kind != "true" or len(found) < 2 or key not in fitted or int(cls) not in samples:
+        if key.kind != "true" or len(found) < 2 or key not in fitted or key.cls not in samples:
             continue
-        images = samples[int(cls)]
+        images = samples[key.cls]
         maps = engine.explain(images).as_float32()[:, 0]
         grids = downsample(maps).reshape(len(images), -1)
         centroids = fitted[key].centroids
@@ -234,6 +286,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     with those in the job's run record; a model that needs one not passed is not run: the steps that need it
     are skipped, saying so in one line (``result["skipped"]``). ``echo`` (e.g. ``print``) gets a line
     per step and a summary; the passes over the maps show one progress line on stderr (:mod:`worker.job.progress`)."""
+    require_libraries()
     echo = echo or (lambda *_: None)
     began = time.perf_counter()
 
@@ -251,8 +304,9 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
         config = config.with_opt_ins(allow_unsafe_deserialization, allow_side_effects)
     if label_column is None:
         label_column = config.label_column if config is not None else "label"
+    names = metadata.get("class_names") if isinstance(metadata.get("class_names"), list) else None
     connect(logging_level="ERROR")
-    merged = _aggregate(fs, files, label_column)
+    merged = _aggregate(fs, files, label_column, names)
     fitted = cluster_groups(merged)
     centroids = {g: c.centroids.tolist() for g, c in fitted.items() if c.k > 1}
     clusters = {g: [{"cluster": 0, "count": merged[g]["count"], "share": 1.0, "mean_map": merged[g]["mean_map"]}]
@@ -260,16 +314,17 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     if centroids:
         assigned = _read_outputs(fs, files).map_batches(
             assignment_partials, batch_format="pyarrow", batch_size=None,
-            fn_kwargs={"centroids": centroids, "label_column": label_column})
+            fn_kwargs={"centroids": centroids, "label_column": label_column, "names": names})
         with watch("audit: assigning clusters", len(files), "_read_files", unit="files"):
             clusters.update(merge_assignments(assigned.iter_batches(batch_format="pyarrow", batch_size=None)))
     add_cluster_examples(merged, fitted, clusters)
-    result = {"output": output, "groups": merged, "clusters": clusters, "findings": findings(merged, clusters),
+    result = {"output": output, "groups": merged, "clusters": clusters, "findings": findings(merged, clusters, names),
               "metadata": metadata}
     if (controls or interventions or compare_methods) and config is None:
         raise ValueError(f"{output} was written without a run record (an older version): the controls and "
                          "interventions cannot rebuild its engine; run the job again into a new output")
     options = DecodeOptions.from_dict(metadata["decode"]) if config is not None else None
+    labelled_config = config and dataclasses.replace(config, label_column=label_column)
     if controls or interventions or compare_methods:
         model_path = storage.fetch_model(model or config.model)
 
@@ -287,7 +342,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
             controls = interventions = compare_methods = 0
 
     if config is not None:  # the worst cases' own images, beside their maps (when the input is still there)
-        worst = [w for g, v in merged.items() if g.startswith("worst:") for w in v["worst"]]
+        worst = [w for g, v in merged.items() if isinstance(g, Worst) for w in v["worst"]]
         try:
             found = images_by_id(config, options, {w["id"] for w in worst})
         except (OSError, ValueError) as exc:  # InputError is a ValueError
@@ -295,55 +350,54 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
         for w in worst:
             if w["id"] in found:
                 w["image"] = found[w["id"]]
-    rows = sum(v["count"] for g, v in merged.items() if g.startswith("predicted:"))
+    rows = sum(v["count"] for g, v in merged.items() if isinstance(g, Group) and g.kind == "predicted")
+    labelled = _classes_of(merged, "true")
     echo(f"audit: {rows} maps in {len(files)} files aggregated and clustered in {time.perf_counter() - began:.1f} s")
     if controls:
         tick = time.perf_counter()
-        images = sample_images(config, options, controls)
+        images = sample_input(config, options, controls).images
         result["controls"] = run_controls(make_engine, images, safe_mode=not config.allow_unsafe_deserialization)
         echo(f"audit: controls on {len(images)} images in {time.perf_counter() - tick:.1f} s")
     if interventions:
         if not label_column:
             raise ValueError("interventions need the true class of each image: the job had no label column")
-        classes = sorted(int(g.split(":", 1)[1]) for g, v in merged.items() if g.startswith("true:") and v["count"])
+        if labelled and all(isinstance(c, str) for c in labelled):
+            raise ValueError("interventions need class indices, and the labels name classes the job did not record: "
+                             "run the job with extra_metadata={'class_names': [...]} in the model's class order")
         started = time.perf_counter()
         engine = make_engine(map_dtype="float32", reduction="max_abs", target="predicted")
-        samples = class_samples(dataclasses.replace(config, label_column=label_column), options, classes,
-                                interventions)
+        samples = sample_input(labelled_config, options, interventions, labelled, names=names).by_class()
         probed = _interventions(merged, clusters, fitted, engine, samples)
         _cluster_members(engine, samples, fitted, clusters)
         result["interventions"] = {"images_per_class": interventions, "regions": probed,
                                    "seconds": round(time.perf_counter() - started, 1),
                                    "cost": f"per region {interventions} x (1 + {PLACEMENTS}) x {len(FILLS)} + "
                                            f"about {3 * interventions} forward passes"}
-        result["findings"] = sorted(result["findings"] + intervention_findings(probed),
-                                    key=lambda f: (f["severity"] != "high", f["group"]))
+        result["findings"] = sorted(result["findings"] + intervention_findings(probed, names), key=finding_order)
         result["class_images"] = {c: v[:MEAN_IMAGES].mean(0).astype(np.uint8) for c, v in samples.items()}
         verdicts = [p["verdict"] for p in probed]
         echo(f"audit: interventions on {len(probed)} regions in {result['interventions']['seconds']} s: "
              + (", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)) or "no region to probe"))
     elif config is not None and label_column:  # the report's mean image of each class, beside its maps
-        classes = sorted(int(g.split(":", 1)[1]) for g, v in merged.items() if g.startswith("true:") and v["count"])
         try:
-            samples = class_samples(dataclasses.replace(config, label_column=label_column), options, classes,
-                                    MEAN_IMAGES, most=MEAN_IMAGE_ROWS)
+            samples = sample_input(labelled_config, options, MEAN_IMAGES, labelled, most=MEAN_IMAGE_ROWS,
+                                   names=names).by_class()
             result["class_images"] = {c: v.mean(0).astype(np.uint8) for c, v in samples.items()}
         except (OSError, ValueError):  # the input is gone: the report shows the maps alone
             pass
     if compare_methods:
-        sample = stratified_sample(dataclasses.replace(config, label_column=label_column), options,
-                                   sorted(int(g.split(":", 1)[1]) for g, v in merged.items()
-                                          if g.startswith("true:" if label_column else "predicted:") and v["count"]),
-                                   compare_methods)
+        per_class = compare_methods if label_column else compare_methods * len(_classes_of(merged, "predicted"))
+        sample = sample_input(labelled_config, options, per_class, labelled if label_column else None, names=names,
+                              masks=True)
         result["method_comparison"] = compare_methods_on(
-            make_engine, sample["images"], sample["ids"], sample["classes"], sample["masks"],
+            make_engine, sample.images, sample.ids, sample.classes, sample.masks,
             safe_mode=not config.allow_unsafe_deserialization, echo=echo)
-        echo(f"audit: methods compared on {len(sample['ids'])} images in "
+        echo(f"audit: methods compared on {len(sample.ids)} images in "
              f"{result['method_comparison']['seconds']} s: {result['method_comparison']['sentence']}")
     if report_dir:
         write_report(result, report_dir)
     high = [f for f in result["findings"] if f["severity"] == "high"]
     echo(f"audit: done in {time.perf_counter() - began:.1f} s: {len(result['findings'])} findings ({len(high)} high)"
-         + "".join(f"; {f['group']}: {f['finding']}" for f in high[:5])
+         + "".join(f"; {Group.of(f).title(names)}: {f['finding']}" for f in high[:5])
          + (f"; report in {report_dir}/report.html" if report_dir else ""))
     return result

@@ -24,6 +24,9 @@ With a ground-truth mask (boolean H x W at the map's size):
 ``topk_iou``           IoU of the top-K pixels with the mask
 =====================  =============================================================
 
+Pixels tied at the K-th largest value (the zeros of a sparse map) share the top-K places left to them in
+proportion: each counts as inside by the share of the tied pixels that are, not by its position.
+
 A map with no mass gets NaN statistics.
 
 Example:
@@ -89,7 +92,8 @@ def map_statistics(maps: np.ndarray, top_fraction: float = 0.05, border_fraction
         ys = (np.arange(h) + 0.5) / h
         xs = (np.arange(w) + 0.5) / w
         cy, cx = centre_of_mass(grid)
-        spread = np.sqrt(grid.sum(2) @ (ys ** 2) - cy ** 2 + grid.sum(1) @ (xs ** 2) - cx ** 2).clip(0)
+        spread = np.sqrt((grid.sum(2) * (ys[None] - cy[:, None]) ** 2).sum(1)
+                         + (grid.sum(1) * (xs[None] - cx[:, None]) ** 2).sum(1))  # two-pass: no cancellation
         border, enrichment = border_share(grid, border_fraction)
         top_half, left_half = np.arange(h) < h / 2, np.arange(w) < w / 2
         quads = {name: grid[:, rows][:, :, cols].sum((1, 2)) for name, rows, cols in (
@@ -124,9 +128,10 @@ def mask_statistics(maps: np.ndarray, masks: np.ndarray, tolerance: int = 15) ->
         peak_y, peak_x = divmod(int(flat[i].argmax()), w)
         my, mx = np.nonzero(masks[i])
         out["pointing_hit"][i] = float(np.min((my - peak_y) ** 2 + (mx - peak_x) ** 2) <= tolerance ** 2)
-        top = np.zeros(h * w, bool)
-        top[np.argsort(-flat[i], kind="stable")[:area]] = True
-        hits = int((top & mflat[i]).sum())
+        threshold = np.partition(flat[i], h * w - area)[h * w - area]  # the K-th largest value
+        above, tied = flat[i] > threshold, flat[i] == threshold
+        places = area - int(above.sum())  # the tied pixels share these places, none before another
+        hits = int((above & mflat[i]).sum()) + places * int((tied & mflat[i]).sum()) / int(tied.sum())
         out["rank_accuracy"][i] = hits / area
-        out["topk_iou"][i] = hits / int((top | mflat[i]).sum())
+        out["topk_iou"][i] = hits / (2 * area - hits)
     return out
