@@ -350,20 +350,22 @@ def test_audit_never_acts_on_the_unsafe_opt_in_of_the_run_record(received, tmp_p
 
 
 def test_unsafe_opt_in_is_not_taken_from_a_run_record(tmp_path):
-    """What the audit rebuilds its engine with: a record's opt-ins replaced by the auditor's (none here)."""
+    """A record's opt-ins are never acted on: ``JobConfig.from_dict`` leaves them off, and the engine built from it
+    refuses the model, unless its caller passes their own."""
     from worker.job.config import JobConfig, build_engine
 
     canary = tmp_path / "canary"
     model = _lambda_model(str(tmp_path / "lambda.keras"), str(canary))
     record = JobConfig(model=model, input="i", output="o", allow_unsafe_deserialization=True,
                        allow_side_effects=True).to_dict()
-    audited = JobConfig.from_dict(record).with_opt_ins()
-    assert not audited.allow_unsafe_deserialization and not audited.allow_side_effects
+    rebuilt = JobConfig.from_dict(record)
+    assert not rebuilt.allow_unsafe_deserialization and not rebuilt.allow_side_effects
+    assert rebuilt.model == model  # the rest of the record is kept
     with pytest.raises(UnsafeModelError, match="--allow-unsafe-deserialization"):
-        build_engine(audited, model, batch_size=1)
+        build_engine(rebuilt, model, batch_size=1)
     assert not canary.exists()
-    build_engine(JobConfig.from_dict(record).with_opt_ins(allow_unsafe_deserialization=True), model, batch_size=1)
-    assert canary.exists()  # the auditor's own flag loads it: the code runs
+    build_engine(JobConfig.from_dict(record, allow_unsafe_deserialization=True), model, batch_size=1)
+    assert canary.exists()  # the caller's own flag loads it: the code runs
 
 
 @pytest.mark.slow

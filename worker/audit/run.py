@@ -131,9 +131,13 @@ def require_libraries() -> None:
         raise RuntimeError(f"the audit needs {', '.join(missing)}: pip install 'guided-saliency[audit]'")
 
 
-def run_record(metadata: dict):
-    """The job's :class:`~worker.job.config.JobConfig` from an output's metadata (None if it has none)."""
-    return JobConfig.from_dict(metadata["config"]) if "config" in metadata else None
+def run_record(metadata: dict, allow_unsafe_deserialization: bool = False, allow_side_effects: bool = False):
+    """The job's :class:`~worker.job.config.JobConfig` from an output's metadata (None if it has none), with the
+    opt-ins passed here, never those recorded."""
+    if "config" not in metadata:
+        return None
+    return JobConfig.from_dict(metadata["config"], allow_unsafe_deserialization=allow_unsafe_deserialization,
+                               allow_side_effects=allow_side_effects)
 
 
 def _read_files(batch: pa.Table, *, fs) -> pa.Table:
@@ -295,13 +299,13 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     if not files:
         raise ValueError(f"{output} holds no committed output files")
     metadata = read_metadata(pq.read_schema(files[0], filesystem=fs)) or {}
-    config = run_record(metadata)
-    if config is not None:  # the job owner's opt-ins are reported, never used: the auditor's own are
-        chose = [f for f in ("allow_unsafe_deserialization", "allow_side_effects") if getattr(config, f)]
-        if chose:
-            echo(f"audit: the job was run with {', '.join('--' + f.replace('_', '-') for f in chose)}; this audit "
-                 "uses only the opt-ins on its own command line")
-        config = config.with_opt_ins(allow_unsafe_deserialization, allow_side_effects)
+    config = run_record(metadata, allow_unsafe_deserialization, allow_side_effects)
+    # the job owner's opt-ins are reported, never used: the auditor's own are
+    recorded = metadata.get("config") if isinstance(metadata.get("config"), dict) else {}
+    chose = [f for f in ("allow_unsafe_deserialization", "allow_side_effects") if recorded.get(f)]
+    if chose:
+        echo(f"audit: the job was run with {', '.join('--' + f.replace('_', '-') for f in chose)}; this audit "
+             "uses only the opt-ins on its own command line")
     if label_column is None:
         label_column = config.label_column if config is not None else "label"
     names = metadata.get("class_names") if isinstance(metadata.get("class_names"), list) else None

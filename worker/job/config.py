@@ -3,8 +3,8 @@
 The run record: :meth:`JobConfig.to_dict` is stored in every output file's metadata
 (key ``config``) and :meth:`JobConfig.from_dict` rebuilds it, so the audit and its
 controls use exactly the engine the job used.  The opt-ins (``allow_unsafe_deserialization``,
-``allow_side_effects``) are recorded as the job's owner chose them, but whoever rebuilds the engine from a
-record replaces them with their own (:meth:`JobConfig.with_opt_ins`).
+``allow_side_effects``) are recorded as the job's owner chose them, but :meth:`JobConfig.from_dict` never
+takes them from a record: they are off unless whoever rebuilds the run passes their own.
 
 Example:
     >>> cfg = JobConfig(model="model.keras", input="images/", output="maps/", target="label",
@@ -63,18 +63,16 @@ class JobConfig(MapOptions):
         return out
 
     @classmethod
-    def from_dict(cls, values: dict) -> "JobConfig":
-        """The inverse of :meth:`to_dict`; keys this version does not know are ignored."""
+    def from_dict(cls, values: dict, *, allow_unsafe_deserialization: bool = False,
+                  allow_side_effects: bool = False) -> "JobConfig":
+        """The inverse of :meth:`to_dict`, except the opt-ins: those recorded in ``values`` are ignored, and the
+        run gets the ones passed here (the choice of whoever runs it now; off by default).  Keys this version
+        does not know are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in values.items() if k in names}
         known["columns"] = tuple(known.get("columns") or ())
-        return cls(**known)
-
-    def with_opt_ins(self, allow_unsafe_deserialization: bool = False,
-                     allow_side_effects: bool = False) -> "JobConfig":
-        """This run with the opt-ins of the person now running a command, not the ones it was recorded with."""
-        return dataclasses.replace(self, allow_unsafe_deserialization=allow_unsafe_deserialization,
-                                   allow_side_effects=allow_side_effects)
+        return cls(**{**known, "allow_unsafe_deserialization": allow_unsafe_deserialization,
+                      "allow_side_effects": allow_side_effects})
 
     def needed_columns(self) -> list[str]:
         cols = [self.image_column, self.id_column, self.label_column, self.mask_column, *self.columns]
