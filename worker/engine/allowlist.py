@@ -11,7 +11,12 @@ naming the op types and where they sit, unless the caller passed ``allow_side_ef
 ``--allow-side-effects``) for a model they trust.
 
 It is an allowlist: an op type that is not named here, whatever a later TensorFlow calls it, is refused until
-someone has read what it does and added it.
+someone has read what it does and added it.  ``Empty`` (a tensor of uninitialised memory, which could then reach
+a written map) is not in it: neither Keras nor TensorFlow's layers emit it.
+
+Memory is not bounded here: pure ops that take a shape as a tensor (``Fill``, ``Tile``, ``BroadcastTo``,
+``Range``, ``TensorListReserve``, ...) can still ask for a very large tensor; the allocation then fails the
+batch.  How much memory a worker may use is the operator's limit to set.
 
 Loops: a classifier needs none, and a model's loop (``While``; TF1's ``Enter``/``Exit``/``NextIteration``) is
 the one way a graph of pure ops can run for ever.  So a loop inside the model is refused too (the same opt-in
@@ -67,7 +72,7 @@ NN = {
 #: shapes, slices, joins, gathers and reorderings of tensors (TensorLists are in-memory arrays)
 ARRAY = {
     "BatchToSpaceND", "BroadcastArgs", "BroadcastGradientArgs", "BroadcastTo", "CheckNumerics", "Concat",
-    "ConcatOffset", "ConcatV2", "ConjugateTranspose", "DepthToSpace", "DynamicStitch", "Empty",
+    "ConcatOffset", "ConcatV2", "ConjugateTranspose", "DepthToSpace", "DynamicStitch",
     "ExpandDims", "ExtractImagePatches", "Fill", "Gather", "GatherNd", "GatherV2", "InvertPermutation",
     "MatrixBandPart", "MatrixDiagPartV3", "MatrixDiagV3", "MatrixSetDiagV3", "MirrorPad", "OneHot", "OnesLike",
     "Pack", "Pad", "PadV2", "Rank", "Reshape", "Reverse", "ReverseV2", "Roll", "ScatterNd", "Shape", "ShapeN",
