@@ -1,12 +1,14 @@
 """A model is a program: models written as an attacker would write them are refused before any image.
 
 Each SavedModel's serving function computes a small CNN's logits and does one more thing to the outside world
-(writes, reads or lists files, prints to a file, saves a tensor), aimed at a canary path.  Through the Python
-API, the command-line job and the audit of a received output, each is refused in one line naming the opt-in,
-and the canary is untouched.  The opted-in runs show the same models really do what they say.  Opt-ins recorded
-in a job's output are never acted on by whoever audits it.
+(writes, reads or lists files, prints to a file, saves a tensor), aimed at a canary path, or something
+TensorFlow's loader runs does (a resource's initialiser or destroyer; a TF1 file's init, local-variable or
+restore op).  Through the Python API, the command-line job and the audit of a received output, each is refused
+in one line naming the opt-in, and the canary is untouched.  The opted-in runs show the same models really do
+what they say.  Opt-ins recorded in a job's output are never acted on by whoever audits it.
 """
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -20,10 +22,12 @@ import tensorflow as tf
 import worker.job.progress  # noqa: F401 - imported here: its progress lines bind sys.stderr when first imported
 from tests import jobdata
 from worker import GuidedBackprop, SideEffectError, UnsafeModelError
-from worker.engine.allowlist import check_graph
+from worker.engine.allowlist import check_graph, check_saved_model
 
 SIZE = 16
 SIDE_EFFECTS = ("write", "read", "list", "print", "save", "init")
+#: the side effects a resource's functions have, run by TensorFlow's loader: kind -> which function writes
+LOAD_TIME = {"init": "_initialize", "destroy": "_destroy_resource"}
 
 
 def _cnn():
@@ -50,26 +54,32 @@ def _side_effect(kind: str, canary: str, listed: str):
     return lambda x, logits: logits
 
 
-class _Initialised(tf.saved_model.experimental.TrackableResource):
-    """A resource whose initialiser writes ``canary``: TensorFlow's loader runs it when the SavedModel is loaded."""
+class _Resource(tf.saved_model.experimental.TrackableResource):
+    """A resource whose ``writes`` function writes ``canary``: TensorFlow's loader runs ``_initialize`` when the
+    SavedModel is loaded, and binds ``_destroy_resource`` to the restored resource, which runs it when collected."""
 
-    def __init__(self, canary):
-        self.canary = canary
+    def __init__(self, canary, writes):
+        self.canary, self.writes = canary, writes
         super().__init__()
 
     def _create_resource(self):
         return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="")
 
     def _initialize(self):
-        tf.io.write_file(self.canary, "loaded")
+        if self.writes == "_initialize":
+            tf.io.write_file(self.canary, "loaded")
         return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=1.0)
 
+    def _destroy_resource(self):
+        if self.writes == "_destroy_resource":
+            tf.io.write_file(self.canary, "destroyed")
 
-def _export(path: str, cnn, extra, canary: str | None = None) -> str:
+
+def _export(path: str, cnn, extra, canary: str | None = None, writes: str = "_initialize") -> str:
     module = tf.Module()
     module.model = cnn
     if canary is not None:
-        module.resource = _Initialised(canary)
+        module.resource = _Resource(canary, writes)
 
     @tf.function(input_signature=[tf.TensorSpec((None, SIZE, SIZE, 3), tf.float32)])
     def serve(x):
@@ -86,13 +96,15 @@ def attacker(tmp_path_factory):
     root = tmp_path_factory.mktemp("attacker")
     cnn = _cnn()
     models = {}
-    for kind in (*SIDE_EFFECTS, "pure"):
+    for kind in (*SIDE_EFFECTS, *LOAD_TIME, "pure"):
         canary = str(root / f"canary_{kind}")
         listed = root / "listed"
         listed.mkdir(exist_ok=True)
         (listed / "secret.txt").write_text("x")
         models[kind] = (_export(str(root / kind), cnn, _side_effect(kind, canary, str(listed / "*")),
-                                canary if kind == "init" else None), canary)
+                                canary if kind in LOAD_TIME else None, LOAD_TIME.get(kind, "")), canary)
+    gc.collect()  # the destroy resource, and the copy saving made of it, ran their destroyer here, as built
+    (root / "canary_destroy").unlink()
     (root / "canary_read").write_text("1000")
     return models
 
@@ -111,25 +123,33 @@ def _one_line_refusal(text: str, *op_types: str) -> None:
 
 
 OP_TYPE = {"write": "WriteFile", "read": "ReadFile", "list": "MatchingFiles", "print": "PrintV2", "save": "Save",
-           "init": "WriteFile at function __inference__initializer"}  # init: run by loading the SavedModel
+           # run by TensorFlow's loader: the resource's initialiser when loaded, its destroyer when collected
+           "init": "WriteFile at function __inference__initializer",
+           "destroy": "WriteFile at function __inference__destroyer"}
 
 
-@pytest.mark.parametrize("kind", SIDE_EFFECTS)
+@pytest.mark.parametrize("kind", (*SIDE_EFFECTS, "destroy"))
 def test_python_api_refuses_each_side_effect_before_any_image(attacker, kind):
     path, canary = attacker[kind]
     with pytest.raises(SideEffectError) as refused:
         GuidedBackprop(path, batch_size=2)
     _one_line_refusal(str(refused.value), OP_TYPE[kind])
-    # where it sits: the serving function's call, or the resource's initialiser
-    assert ("StatefulPartitionedCall" if kind != "init" else "__inference__initializer") in str(refused.value)
+    # where it sits: the serving function's call, or the resource's function
+    assert ("StatefulPartitionedCall" if kind not in LOAD_TIME else "(when loaded)") in str(refused.value)
     _untouched(kind, canary)
 
 
-def _tf1_saved_model(path: str, main_op_writes: str | None = None) -> str:
+def _tf1_saved_model(path: str, main_op_writes: str | None = None, local_writes: str | None = None) -> str:
+    """A TF1 SavedModel; ``main_op_writes``: its main op writes that file; ``local_writes``: the initialiser of a
+    local variable does (with no init op, the loader runs the local variables' initialisers)."""
     with tf.Graph().as_default(), tf.compat.v1.Session() as session:
         x = tf.compat.v1.placeholder(tf.float32, (None, SIZE, SIZE, 3), name="x")
         kernel = tf.compat.v1.get_variable("kernel", (SIZE * SIZE * 3, 3))
         logits = tf.matmul(tf.nn.relu(tf.reshape(x, (-1, SIZE * SIZE * 3))), kernel)
+        if local_writes:
+            with tf.control_dependencies([tf.io.write_file(local_writes, "initialised")]):
+                start = tf.identity(tf.zeros(()))
+            tf.compat.v1.Variable(start, collections=[tf.compat.v1.GraphKeys.LOCAL_VARIABLES], name="steps")
         session.run(tf.compat.v1.global_variables_initializer())
         builder = tf.compat.v1.saved_model.Builder(path)
         signature = tf.compat.v1.saved_model.predict_signature_def({"x": x}, {"logits": logits})
@@ -139,38 +159,78 @@ def _tf1_saved_model(path: str, main_op_writes: str | None = None) -> str:
     return path
 
 
-def _with_restore_writing(path: str, canary: str) -> str:
-    """The TF1 SavedModel at ``path`` with its saver's restore op made to write ``canary`` first (the loader
-    runs that op to restore the variables)."""
+def _tampered(path: str, canary: str, where: str) -> str:
+    """The TF1 SavedModel at ``path`` with an op writing ``canary`` added for the loader to run: ``restore``: before
+    the saver's restore op; ``init``: as the init op (the signature-def entry ``__saved_model_init_op``);
+    ``meta_graph``: as the init op of a second meta graph (tags ``other``), a copy of the first; ``missing``: the
+    init op calls a function the file does not hold (instead of writing)."""
+    from tensorflow.core.framework import attr_value_pb2, node_def_pb2
     from tensorflow.core.protobuf import saved_model_pb2
 
     with tf.Graph().as_default() as graph, tf.name_scope("tamper"):
-        tf.io.write_file(tf.constant(canary), tf.constant("restored"))
+        tf.io.write_file(tf.constant(canary), tf.constant("tampered"))
+    added, op = list(graph.as_graph_def().node), "tamper/WriteFile"
+    if where == "missing":
+        op = "tamper/call"
+        added = [node_def_pb2.NodeDef(name=op, op="PartitionedCall", attr={
+            "f": attr_value_pb2.AttrValue(func=attr_value_pb2.NameAttrList(name="nowhere"))})]
     saved = saved_model_pb2.SavedModel()
     saved.ParseFromString(open(os.path.join(path, "saved_model.pb"), "rb").read())
     meta = saved.meta_graphs[0]
-    meta.graph_def.node.extend(graph.as_graph_def().node)
-    restore = next(n for n in meta.graph_def.node if n.name == meta.saver_def.restore_op_name)
-    restore.input.append("^tamper/WriteFile")
+    if where == "meta_graph":
+        meta = saved.meta_graphs.add()
+        meta.CopyFrom(saved.meta_graphs[0])
+        meta.meta_info_def.tags[:] = ["other"]
+    meta.graph_def.node.extend(added)
+    if where == "restore":
+        restore = next(n for n in meta.graph_def.node if n.name == meta.saver_def.restore_op_name)
+        restore.input.append("^" + op)
+    else:
+        meta.signature_def["__saved_model_init_op"].outputs["__saved_model_init_op"].name = op
     open(os.path.join(path, "saved_model.pb"), "wb").write(saved.SerializeToString())
     return path
 
 
 def test_tf1_load_time_side_effects_are_refused_before_loading(tmp_path):
-    """A TF1 SavedModel's main op, and its saver's restore op, run when TensorFlow loads it: both are checked
-    first.  The plain file builds; opted in, loading really runs each side effect."""
+    """What TensorFlow's loader runs from a TF1 SavedModel -- its main op, the init op of its signature defs, a
+    local variable's initialiser, the saver's restore op -- is checked first.  The plain file builds; opted in,
+    loading really runs each side effect."""
     plain = GuidedBackprop(_tf1_saved_model(str(tmp_path / "plain")), batch_size=1)
     assert plain.coverage.opted_in == {}
     canary = tmp_path / "canary"
     for path in (_tf1_saved_model(str(tmp_path / "main_op"), str(canary)),
-                 _with_restore_writing(_tf1_saved_model(str(tmp_path / "restore")), str(canary))):
+                 _tampered(_tf1_saved_model(str(tmp_path / "init")), str(canary), "init"),
+                 _tf1_saved_model(str(tmp_path / "local"), local_writes=str(canary)),
+                 _tampered(_tf1_saved_model(str(tmp_path / "restore")), str(canary), "restore")):
         with pytest.raises(SideEffectError, match="when loaded.*WriteFile at loading") as refused:
             GuidedBackprop(path, batch_size=1)
         _one_line_refusal(str(refused.value), "WriteFile")
         assert not canary.exists()
         GuidedBackprop(path, batch_size=1, allow_side_effects=True)
-        assert canary.exists()  # the attack is real: loading ran it
+        assert canary.exists(), path  # the attack is real: loading ran it
         canary.unlink()
+
+
+def test_every_meta_graph_of_a_tf1_file_is_checked(tmp_path):
+    """Two meta graphs make TensorFlow's loader take the TF1 path (it then needs ``tags=`` to pick one): the
+    init op of the second is refused as the first's would be; the loader given its tags really runs it."""
+    canary = tmp_path / "canary"
+    path = _tampered(_tf1_saved_model(str(tmp_path / "two")), str(canary), "meta_graph")
+    with pytest.raises(SideEffectError, match="when loaded.*WriteFile at loading: tamper") as refused:
+        GuidedBackprop(path, batch_size=1)
+    _one_line_refusal(str(refused.value), "WriteFile")
+    assert not canary.exists()
+    tf.saved_model.load(path, tags=["other"])
+    assert canary.exists()
+
+
+def test_a_function_missing_from_the_library_is_refused(tmp_path):
+    """A function that is called but not in the file cannot be inspected: refused in one line naming it, with
+    or without the opt-in."""
+    path = _tampered(_tf1_saved_model(str(tmp_path / "missing")), str(tmp_path / "canary"), "missing")
+    for opted_in in (False, True):
+        with pytest.raises(SideEffectError, match="calls function nowhere, which is not in its function library"):
+            check_saved_model(path, allow_side_effects=opted_in)
 
 
 def test_keras_layer_with_a_side_effect_is_refused_naming_the_layer(tmp_path):
@@ -209,6 +269,11 @@ def test_opted_in_side_effects_happen_and_are_reported(attacker):
     path, canary = attacker["init"]
     assert "WriteFile" in GuidedBackprop(path, batch_size=2, allow_side_effects=True).report["coverage"]["opted_in"]
     assert os.path.exists(canary)  # loading ran the resource's initialiser
+    os.remove(canary)
+    path, canary = attacker["destroy"]
+    assert "WriteFile" in GuidedBackprop(path, batch_size=2, allow_side_effects=True).report["coverage"]["opted_in"]
+    gc.collect()
+    assert os.path.exists(canary)  # the restored resource, once collected, ran its destroyer
     os.remove(canary)
 
 

@@ -129,18 +129,43 @@ def check_graph(graph, model_ops=None, *, allow_side_effects: bool = False, what
     :class:`SideEffectError` in one line unless ``allow_side_effects``; returns the :class:`OpInventory`."""
     model_names = None if model_ops is None else {op.name for op in model_ops}
     library = {f.signature.name: f for f in graph.as_graph_def().library.function}
-    nodes = ((op.type, _scope(op.name), _called(op.node_def), model_names is None or op.name in model_names, False)
-             for op in graph.get_operations())
-    return _inspect(nodes, library, allow_side_effects, what)
+    nodes = ((op.type, _scope(op.name), called_functions(op.node_def),
+              model_names is None or op.name in model_names, False) for op in graph.get_operations())
+    seen: Counter = Counter()
+    outside: dict[str, list[str]] = {}
+    _inspect(nodes, library, what, seen, outside)
+    return _verdict(seen, outside, allow_side_effects, what)
 
 
 def check_saved_model(path: str, *, allow_side_effects: bool = False) -> OpInventory:
-    """Check what loading the SavedModel at ``path`` runs, before it is loaded: the functions that create and
-    initialise its resources (TF2: a resource's ``_create_resource``/``_initialize``) and its init ops (TF1:
-    ``main_op``/``legacy_init_op``/table initialisers, and the saver's restore op, which may only read the
-    variables from the file the loader names and assign them), with every function they call.  A TF2 model's
-    variables are restored by TensorFlow's loader itself.  The serving function is checked by
-    :func:`check_graph` once traced."""
+    """Check what loading the SavedModel at ``path`` may run, before it is loaded, as TensorFlow's loader
+    decides it.
+
+    A TF2 file (one meta graph with an object graph): every function of its library and every function those
+    call, except the ones the loader only wraps as callables and never runs -- the restored functions (the
+    serving signature among them: :func:`check_graph` checks it once traced) and what only the graph's nodes
+    call (the TF1-compatible saver and signatures; the loader restores the variables with its own ops).  So a
+    resource's ``_create_resource``, ``_initialize`` and ``_destroy_resource``, a saveable's save and restore
+    functions, and a function nothing names are checked.
+
+    A TF1 file (any other, as for TensorFlow's loader), in each meta graph: the ops the loader runs -- the
+    init op (``__saved_model_init_op``, ``main_op``, ``legacy_init_op``), the table and local-variable
+    initialisers, and the saver's restore op, which may only read the variables from the file the loader
+    names and assign them -- and every function of its library."""
+    saved = _read_saved_model(path)
+    what = f"SavedModel {path} (when loaded)"
+    seen: Counter = Counter()
+    outside: dict[str, list[str]] = {}
+    if len(saved.meta_graphs) == 1 and saved.meta_graphs[0].HasField("object_graph_def"):
+        parts = [_tf2_load_time(saved.meta_graphs[0], what)]
+    else:
+        parts = [_tf1_load_time(meta) for meta in saved.meta_graphs]
+    for nodes, library in parts:
+        _inspect(nodes, library, what, seen, outside)
+    return _verdict(seen, outside, allow_side_effects, what)
+
+
+def _read_saved_model(path: str):
     from tensorflow.core.protobuf import saved_model_pb2
 
     saved = saved_model_pb2.SavedModel()
@@ -148,34 +173,69 @@ def check_saved_model(path: str, *, allow_side_effects: bool = False) -> OpInven
     if not os.path.exists(pb):  # a text SavedModel: read by TensorFlow's loader
         from google.protobuf import text_format
 
-        text_format.Parse(open(os.path.join(path, "saved_model.pbtxt")).read(), saved)
+        with open(os.path.join(path, "saved_model.pbtxt")) as f:
+            text_format.Parse(f.read(), saved)
     else:
         with open(pb, "rb") as f:
             saved.ParseFromString(f.read())
-    nodes = []
-    library = {}
-    for meta in saved.meta_graphs:
-        library.update({f.signature.name: f for f in meta.graph_def.library.function})
-        objects = meta.object_graph_def.nodes
-        for obj in objects:
-            for child in obj.children:
-                if child.local_name in _LOAD_TIME_FUNCTIONS:
-                    target = objects[child.node_id]
-                    names = (list(target.function.concrete_functions) if target.HasField("function")
-                             else [target.bare_concrete_function.concrete_function_name])
-                    nodes.extend(("PartitionedCall", f"loading: {child.local_name}", [n], True, False)
-                                 for n in names)
-        by_name = {n.name: n for n in meta.graph_def.node}
-        init = [name for key in _LOAD_TIME_COLLECTIONS if key in meta.collection_def
-                for name in meta.collection_def[key].node_list.value]
-        nodes.extend((n.op, f"loading: {_scope(n.name)}", _called(n), True, False) for n in _closure(by_name, init))
-        if not objects and meta.saver_def.restore_op_name:  # a TF1 file: the loader runs its restore op
-            filename = _node_name(meta.saver_def.filename_tensor_name)
-            for n in _closure(by_name, [meta.saver_def.restore_op_name]):
-                # variables read from the file the loader names and assigned: nothing else
-                restores = n.op in _RESTORE and (n.op != "RestoreV2" or _node_name(n.input[0]) == filename)
-                nodes.append((n.op, f"loading: {_scope(n.name)}", _called(n), True, restores))
-    return _inspect(nodes, library, allow_side_effects, f"SavedModel {path} (when loaded)")
+    return saved
+
+
+def _tf2_load_time(meta, what: str):
+    """(nodes, library) of what loading the TF2 meta graph ``meta`` may run (see :func:`check_saved_model`)."""
+    library = {f.signature.name: f for f in meta.graph_def.library.function}
+    objects = meta.object_graph_def.nodes
+
+    def functions(node_id: int) -> list[str]:
+        target = objects[node_id]
+        kind = target.WhichOneof("kind")
+        if kind == "function":
+            return list(target.function.concrete_functions)
+        return [target.bare_concrete_function.concrete_function_name] if kind == "bare_concrete_function" else []
+
+    run = []  # (function, where): bound to what the loader calls
+    for obj in objects:
+        if obj.WhichOneof("kind") == "resource":
+            run.extend((name, f"loading: {child.local_name}") for child in obj.children
+                       for name in functions(child.node_id))
+        for key, saveable in obj.saveable_objects.items():
+            run.extend((name, f"loading: {key} ({role})") for node_id, role in
+                       ((saveable.save_function, "save"), (saveable.restore_function, "restore"))
+                       for name in functions(node_id))
+    bound = {name for name, _ in run}
+    wrapped = {name for node_id in range(len(objects)) for name in functions(node_id)} - bound
+    wrapped.update(name for node in meta.graph_def.node for name in called_functions(node))
+    only_wrapped = {name for name, _, _ in walk_functions(((n, None) for n in wrapped - bound), library, what)}
+    run.extend((name, "loading: the function library") for name in library
+               if name not in only_wrapped and name not in bound)
+    return [("PartitionedCall", where, [name], True, False) for name, where in run], library
+
+
+def _tf1_load_time(meta):
+    """(nodes, library) of what loading the TF1 meta graph ``meta`` may run (see :func:`check_saved_model`)."""
+    from tensorflow.core.framework import variable_pb2
+
+    library = {f.signature.name: f for f in meta.graph_def.library.function}
+    by_name = {n.name: n for n in meta.graph_def.node}
+    init = [name for key in _LOAD_TIME_COLLECTIONS if key in meta.collection_def
+            for name in meta.collection_def[key].node_list.value]
+    if _INIT_OP_KEY in meta.signature_def and _INIT_OP_KEY in meta.signature_def[_INIT_OP_KEY].outputs:
+        init.append(meta.signature_def[_INIT_OP_KEY].outputs[_INIT_OP_KEY].name)
+    if "local_variables" in meta.collection_def:
+        for raw in meta.collection_def["local_variables"].bytes_list.value:
+            variable = variable_pb2.VariableDef()
+            variable.ParseFromString(raw)
+            init.append(variable.initializer_name)
+    nodes = [(n.op, f"loading: {_scope(n.name)}", called_functions(n), True, False)
+             for n in _closure(by_name, init)]
+    if meta.saver_def.restore_op_name:  # the loader runs the restore op
+        filename = _node_name(meta.saver_def.filename_tensor_name)
+        for n in _closure(by_name, [meta.saver_def.restore_op_name]):
+            # variables read from the file the loader names and assigned: nothing else
+            restores = n.op in _RESTORE and (n.op != "RestoreV2" or _node_name(n.input[0]) == filename)
+            nodes.append((n.op, f"loading: {_scope(n.name)}", called_functions(n), True, restores))
+    nodes.extend(("PartitionedCall", "loading: the function library", [name], True, False) for name in library)
+    return nodes, library
 
 
 def _node_name(tensor: str) -> str:
@@ -195,49 +255,65 @@ def _closure(by_name: dict, names: list[str]):
         pending.extend(_node_name(i) for i in by_name[name].input)
 
 
-#: what loading a SavedModel runs: TF2 resources' functions, TF1 init ops
-_LOAD_TIME_FUNCTIONS = ("_create_resource", "_initialize")
+#: a TF1 meta graph's init ops: the signature-def entry and the collections the loader reads
+_INIT_OP_KEY = "__saved_model_init_op"
 _LOAD_TIME_COLLECTIONS = ("saved_model_main_op", "legacy_init_op", "table_initializer")
 #: what a TF1 restore op may do: read the variables from the file the loader names, and assign them
 _RESTORE = {"RestoreV2", "Assign", "AssignVariableOp", "VariableV2", "VarHandleOp"}
 
 
-def _inspect(nodes, library: dict, allow_side_effects: bool, what: str) -> OpInventory:
+def _inspect(nodes, library: dict, what: str, seen: Counter, outside: dict) -> None:
     """Walk ``nodes`` ((op type, where, functions called, in the model?, vetted by the caller?)) and every
-    function of ``library`` they call, to any depth; raise or return as :func:`check_graph` says."""
-    seen: Counter = Counter()
-    outside: dict[str, list[str]] = {}
-    # (function name, in the model?) still to walk; a function reached from the model counts as the model's
-    pending: list[tuple[str, bool]] = []
-
-    def visit(op_type: str, where: str, in_model: bool, functions, vetted: bool = False) -> None:
+    function of ``library`` they call, to any depth: count each op type in ``seen`` and add each one outside the
+    allowlist to ``outside`` (type -> where)."""
+    def visit(op_type: str, where: str, in_model: bool, vetted: bool = False) -> None:
         seen[op_type] += 1
         if not vetted and op_type not in _ALLOWED_TYPES and not (op_type in LOOPS and not in_model):
             outside.setdefault(op_type, []).append(where)
-        pending.extend((name, in_model) for name in functions)
 
+    calls = []  # (function name, in the model?): a function reached from the model counts as the model's
     for op_type, where, functions, in_model, vetted in nodes:
-        visit(op_type, where, in_model, functions, vetted)
-    walked: set[tuple[str, bool]] = set()
-    while pending:
-        name, in_model = pending.pop()
-        if (name, in_model) in walked or name not in library:
-            continue
-        walked.add((name, in_model))
-        for node in library[name].node_def:
-            visit(node.op, f"function {name}/{_scope(node.name) or node.name}", in_model, _called(node))
-    inventory = OpInventory(dict(sorted(seen.items())))
+        visit(op_type, where, in_model, vetted)
+        calls.extend((name, in_model) for name in functions)
+    for name, in_model, node in walk_functions(calls, library, what):
+        visit(node.op, f"function {name}/{_scope(node.name) or node.name}", in_model)
+
+
+def _verdict(seen: Counter, outside: dict, allow_side_effects: bool, what: str) -> OpInventory:
+    """Raise in one line for op types ``outside`` the allowlist unless ``allow_side_effects``; else the
+    :class:`OpInventory`."""
     if outside and not allow_side_effects:
         found = "; ".join(f"{op_type} at {', '.join(dict.fromkeys(places))[:200]}"
                           for op_type, places in sorted(outside.items()))
         raise SideEffectError(
             f"{what} holds op types that are not pure computation (file, network or dataset I/O, save/restore, "
             f"print, Python callbacks, loops): {found}. Only for a model you trust, pass {SIDE_EFFECTS_OPT_IN}.")
-    inventory.opted_in = {t: list(dict.fromkeys(p))[:10] for t, p in sorted(outside.items())}
-    return inventory
+    return OpInventory(dict(sorted(seen.items())),
+                       {t: list(dict.fromkeys(p))[:10] for t, p in sorted(outside.items())})
 
 
-def _called(node_def) -> list[str]:
+def walk_functions(calls, library: dict, what: str = "the model"):
+    """Every node of the functions ``calls`` names (``(function name, tag)`` pairs) and of every function they
+    call -- through any function attribute: calls, branches, loop bodies -- to any depth, a callee taking its
+    caller's tag: yields ``(function name, tag, NodeDef)``, each function once per tag.  ``library``: function
+    name -> ``FunctionDef``.  A called function missing from ``library`` cannot be inspected: raises
+    :class:`SideEffectError` naming it."""
+    pending = list(calls)
+    walked: set = set()
+    while pending:
+        name, tag = pending.pop()
+        if (name, tag) in walked:
+            continue
+        walked.add((name, tag))
+        if name not in library:
+            raise SideEffectError(f"{what} calls function {name}, which is not in its function library, so it "
+                                  "cannot be checked; save the model again with TensorFlow")
+        for node in library[name].node_def:
+            yield name, tag, node
+            pending.extend((called, tag) for called in called_functions(node))
+
+
+def called_functions(node_def) -> list[str]:
     """The functions a node calls: its ``func`` attributes and lists of them (a Case's branches)."""
     names = []
     for value in node_def.attr.values():
@@ -245,7 +321,7 @@ def _called(node_def) -> list[str]:
             names.append(value.func.name)
         elif value.HasField("list"):
             names.extend(f.name for f in value.list.func)
-    return names
+    return [name for name in names if name]  # an unset function attribute names none
 
 
 def _scope(name: str) -> str:

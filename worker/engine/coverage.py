@@ -4,7 +4,7 @@ Guided backprop is exact only if *every* ReLU is guided.  After the model is
 traced inside :func:`worker.engine.ops.guided_scope`, we walk the ops the model
 created: each lone ``Relu``/``Relu6`` must carry the guided gradient tag; a ReLU
 hidden in a function body the override cannot reach (a ``tf.function`` called
-from a custom layer, say) is listed as unguided.  Activations made of several ops
+from a custom layer, a conditional's branch, say) is listed as unguided.  Activations made of several ops
 (:mod:`worker.engine.activations`) are counted by kind under ``guided`` when they
 got the method's rule and under ``vanilla`` when they kept the plain gradient;
 a nonlinear op that belongs to no unit is listed as ``unresolved``.  Other
@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from worker.engine.allowlist import called_functions, walk_functions
 from worker.engine.ops import GUIDED_OVERRIDES, OTHER_NONLINEARITIES, gradient_tag
-
-_CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 
 
 @dataclass
@@ -92,21 +91,13 @@ def inspect_ops(ops, graph, overrides: dict[str, str] | None = None, ruled: dict
                 unguided.append(op.name)
         elif op.type in OTHER_NONLINEARITIES:
             other[op.type] += 1
-        elif op.type in _CALL_OPS:
-            called.add(op.get_attr("f").name)
+        else:
+            called.update(called_functions(op.node_def))
     if called:
         library = {f.signature.name: f for f in graph.as_graph_def().library.function}
-        seen: set[str] = set()
-        while called:
-            name = called.pop()
-            if name in seen or name not in library:
-                continue
-            seen.add(name)
-            for node in library[name].node_def:
-                if node.op in GUIDED_OVERRIDES:
-                    unguided.append(f"{name}/{node.name}")
-                elif node.op in OTHER_NONLINEARITIES:
-                    other[node.op] += 1
-                elif node.op in _CALL_OPS:
-                    called.add(node.attr["f"].func.name)
+        for name, _, node in walk_functions(((f, None) for f in called), library):
+            if node.op in GUIDED_OVERRIDES:
+                unguided.append(f"{name}/{node.name}")
+            elif node.op in OTHER_NONLINEARITIES:
+                other[node.op] += 1
     return CoverageReport(dict(guided), unguided, dict(other), dict(vanilla), unresolved, activations)

@@ -8,8 +8,9 @@ A SavedModel is frozen (variables become constants) and its function calls are
 inlined, so its graph can be imported op by op where the guided override reaches
 every ReLU.
 
-What loading a SavedModel runs (its resources' initialisers, TF1 init ops) is checked against
-:mod:`worker.engine.allowlist` before it is loaded.
+What loading a SavedModel may run (its resources' and saveables' functions, TF1 init and restore ops, ...) is
+checked against :mod:`worker.engine.allowlist` before it is loaded
+(:func:`~worker.engine.allowlist.check_saved_model`).
 
 Keras safe mode stays on: a model that carries Python code (``Lambda`` layers,
 pickled functions) is refused unless ``safe_mode=False`` (CLI:
