@@ -313,6 +313,19 @@ def walk_functions(calls, library: dict, what: str = "the model"):
             pending.extend((called, tag) for called in called_functions(node))
 
 
+def merge_opted_in(*found: dict) -> dict[str, list[str]]:
+    """Several :attr:`OpInventory.opted_in` as one: op type -> the places of each, in order, once each.
+
+    >>> merge_opted_in({"WriteFile": ["loading: _initialize"]}, {"WriteFile": ["model"], "PrintV2": ["model"]})
+    {'PrintV2': ['model'], 'WriteFile': ['loading: _initialize', 'model']}
+    """
+    merged: dict[str, list[str]] = {}
+    for opted_in in found:
+        for op_type, places in opted_in.items():
+            merged[op_type] = list(dict.fromkeys([*merged.get(op_type, []), *places]))
+    return dict(sorted(merged.items()))
+
+
 def called_functions(node_def) -> list[str]:
     """The functions a node calls: its ``func`` attributes and lists of them (a Case's branches)."""
     names = []

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from worker.engine import reduction as reduction_ops
 from worker.engine.activations import apply_rule, find_units
-from worker.engine.allowlist import check_graph
+from worker.engine.allowlist import check_graph, merge_opted_in
 from worker.engine.coverage import CoverageReport, inspect_ops
 from worker.engine.explanation import Explanation
 from worker.engine.models import load_model
@@ -207,7 +207,7 @@ class Attribution:
                                     allow_side_effects=self.allow_side_effects, what=self._what())
             loading = getattr(self.source, "load_ops", None)  # what loading a SavedModel ran
             found["coverage"].ops = inventory.seen
-            found["coverage"].opted_in = {**(loading.opted_in if loading else {}), **inventory.opted_in}
+            found["coverage"].opted_in = merge_opted_in(loading.opted_in if loading else {}, inventory.opted_in)
             if not self._concrete:
                 self.coverage, self._score_note = found["coverage"], found["score"]
                 self._cam_tensor = found.get("cam")
