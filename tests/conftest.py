@@ -21,10 +21,12 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(rotation.summary())
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(hookwrapper=True)
 def pytest_collection_modifyitems(config, items):
-    for item in items:
+    for item in items:  # before -m selects: every test is one of -m exhaustive's
         item.add_marker(rotation.EXHAUSTIVE)
+    yield
+    # after -m selected: the rotation, among the cases it left
     if config.option.keyword or any("::" in arg for arg in config.args):
         return  # tests named by id or -k run whatever the rotation
     kept, dropped = rotation.select(items)
@@ -71,12 +73,13 @@ def assert_path(gbp, options) -> None:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray cluster: 2 CPUs, no GPU.  Modules share it: it is started again only where a module
-    before shut it down or started a cluster of another shape (Ray shuts it down when the tests end)."""
+    """A real local Ray cluster: 2 CPUs, no GPU.  Modules share it: it is started anew where a module before
+    shut it down, started one of another shape, or left something holding its CPUs (Ray shuts it down when the
+    tests end)."""
     import ray
 
     if not (ray.is_initialized() and ray.cluster_resources().get("CPU") == 2
-            and not ray.cluster_resources().get("GPU")):
+            and not ray.cluster_resources().get("GPU") and ray.available_resources().get("CPU") == 2):
         start_ray(num_cpus=2)
     yield ray
 

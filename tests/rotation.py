@@ -83,7 +83,10 @@ def select(items: list) -> tuple[list, list]:
         if mark is None or not hasattr(item, "callspec"):
             continue
         per = tuple(mark.kwargs.get("per", ()))
-        key = (item.module.__name__, item.originalname) + tuple(repr(item.callspec.params[p]) for p in per)
+        unknown = [p for p in per if p not in item.callspec.params]
+        if unknown:
+            raise ValueError(f"{item.nodeid}: rotate(per=...) names {unknown}, not parameters of the test")
+        key = (item.parent.nodeid, item.originalname) + tuple(str(item.callspec.params[p]) for p in per)
         groups.setdefault(key, []).append(item)
     dropped = set()
     for key, members in groups.items():

@@ -88,7 +88,18 @@ def _inside(box, rows, cols, size=32):
 
 
 @pytest.mark.slow
-def test_planted_shortcuts_are_confirmed_and_the_report_shows_them(ray_local, tmp_path_factory):
+@pytest.mark.rotate()  # one a commit: each trains its own model (two minutes on 2 cores); the clean one always runs
+@pytest.mark.parametrize("shortcut", ["sufficient", "with_object"])
+def test_shortcuts_are_confirmed_by_intervention(shortcut, ray_local, tmp_path_factory):
+    """Marks that decide their class alone are confirmed, localised, and shown in the report; marks the class
+    needs together with its digit are shortcuts with the object, and no part of the digits is."""
+    if shortcut == "sufficient":
+        _planted_shortcuts_are_confirmed_and_the_report_shows_them(tmp_path_factory)
+    else:
+        _marks_needed_with_the_object_are_shortcuts(tmp_path_factory)
+
+
+def _planted_shortcuts_are_confirmed_and_the_report_shows_them(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("shortcuts")
     images, labels = digits_images(32)
     train_x, train_y = _shortcut_training_set(images[400:], labels[400:])
@@ -158,8 +169,7 @@ def test_a_clean_model_gets_no_confirmed_shortcut(ray_local, tmp_path_factory):
     assert all(p["stamp"]["stamped_share"] < STAMPED_SHARE for p in probed if p["needed"]), summary
 
 
-@pytest.mark.slow
-def test_marks_needed_with_the_object_are_shortcuts(ray_local, tmp_path_factory):
+def _marks_needed_with_the_object_are_shortcuts(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("with-object")
     images, labels = digits_images(32)
     train_x, train_y = _with_object_training_set(images[400:], labels[400:])

@@ -1,7 +1,8 @@
 """The CLI commands chained as users chain them: explain, audit with controls, explain again.
 
-The audit and its controls rebuild the engine from the job's run record (relu policy, unsafe-load choice,
-label column), and an input's own ``id`` column is kept as the row id.
+The audit and its controls rebuild the engine from the job's run record (relu policy, label column) with the
+auditor's own opt-ins (the Lambda needs --allow-unsafe-deserialization on the audit's command line too), and an
+input's own ``id`` column is kept as the row id.
 """
 
 import json
@@ -40,7 +41,7 @@ def test_explain_audit_with_controls_then_rerun(ray_local, tmp_path, capsys):
     capsys.readouterr()
 
     assert main(["audit", "--input", str(tmp_path / "out"), "--report", str(tmp_path / "report"),
-                 "--controls", "6"]) == 0, capsys.readouterr().err
+                 "--controls", "6", "--allow-unsafe-deserialization"]) == 0, capsys.readouterr().err
     audit = json.loads((tmp_path / "report" / "audit.json").read_text())
     assert audit["controls"]["images"] == 6
     assert set(audit["controls"]["similarity_to_real"]) == {"random_class", "randomized_model", "edges"}

@@ -179,16 +179,18 @@ def test_keras2_file_gives_exact_maps(name, fmt, images, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.rotate(per=("fmt", "engine_path"))  # every format on each path, the model rotating
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name, fmt", [(name, fmt) for fmt in FORMATS for name in sorted(MODELS)
+                                       if (name, fmt) != ("subclassed", "h5")])  # Keras 2 cannot write that one
 def test_every_keras2_model_and_format_gives_exact_maps(name, fmt, images, tmp_path, engine_path):
     """Each model in each format, on the CPU's default path and the GPU's (XLA + the framework's convolution
     gradients, rehearsed on the CPU)."""
-    if name == "subclassed" and fmt == "h5":
-        with pytest.raises(NotImplementedError):  # Keras 2 itself cannot write it: no such file exists
-            build(name)[0].save(str(tmp_path / "model.h5"))
-        return
     assert_path(check(name, fmt, images, tmp_path, **engine_path), engine_path)
+
+
+def test_keras2_cannot_write_a_subclassed_model_to_h5(tmp_path):
+    """Why the family above has no subclassed .h5: Keras 2 itself refuses to write one, so no such file exists."""
+    with pytest.raises(NotImplementedError):
+        build("subclassed")[0].save(str(tmp_path / "model.h5"))
 
 
 @pytest.mark.parametrize("fmt", ["keras", "h5"])

@@ -127,8 +127,17 @@ def test_a_short_outage_is_waited_out(store):
     assert pq.read_table(path, filesystem=direct).num_rows == 64
 
 
-@pytest.mark.slow  # the S3 client's own 3 attempts at a refused connection take ~3 s
-def test_a_store_that_stays_down_ends_in_bounded_time_with_one_line(store):
+@pytest.mark.slow
+@pytest.mark.rotate()  # one a commit: a store that never answers takes its whole bound, a minute
+@pytest.mark.parametrize("failure", ["refuses", "never_answers"])
+def test_a_store_that_fails_for_good_ends_in_bounded_time(failure, store):
+    if failure == "refuses":
+        _stays_down_ends_in_bounded_time_with_one_line(store)
+    else:
+        _never_answers_is_given_up_in_bounded_time(store)
+
+
+def _stays_down_ends_in_bounded_time_with_one_line(store):  # the S3 client's own 3 attempts take ~3 s
     proxy, _ = store
     from worker.data.storage import filesystem
 
@@ -144,8 +153,7 @@ def test_a_store_that_stays_down_ends_in_bounded_time_with_one_line(store):
     assert "NETWORK_CONNECTION" in message and "retried" in message and "run the same command again" in message
 
 
-@pytest.mark.slow  # one S3 step's own bound: 3 attempts, each given up after 20 s without a byte
-def test_a_store_that_never_answers_is_given_up_in_bounded_time(store):
+def _never_answers_is_given_up_in_bounded_time(store):  # 3 attempts, each given up after 20 s without a byte
     proxy, _ = store
     from worker.data.storage import filesystem
 
@@ -338,7 +346,18 @@ def _run_until_first_part(store, job_model, tmp_path, name):
 
 
 @pytest.mark.slow
-def test_s3_outage_of_20_s_mid_run_is_waited_out(store, cluster, job_model, tmp_path):
+@pytest.mark.rotate()  # one outage mid-run a commit: each is a job of minutes
+@pytest.mark.parametrize("outage", ["20s", "for_good"])
+def test_s3_outage_mid_run(outage, store, cluster, job_model, tmp_path):
+    """A store that goes down mid-run: for 20 s the run waits it out; for good the run ends within the retry
+    policy's bound, in one line, and the same command then resumes."""
+    if outage == "20s":
+        _outage_of_20_s_is_waited_out(store, job_model, tmp_path)
+    else:
+        _down_for_good_ends_within_the_bound_then_resumes(store, job_model, tmp_path)
+
+
+def _outage_of_20_s_is_waited_out(store, job_model, tmp_path):
     proxy, direct = store
     _, job, result = _run_until_first_part(store, job_model, tmp_path, "outage")
     proxy.down()
@@ -352,8 +371,7 @@ def test_s3_outage_of_20_s_mid_run_is_waited_out(store, cluster, job_model, tmp_
     print(f"20 s outage: the run went on and ended {time.monotonic() - back:.1f} s after the store came back")
 
 
-@pytest.mark.slow
-def test_s3_down_for_good_ends_within_the_bound_then_resumes(store, cluster, job_model, tmp_path):
+def _down_for_good_ends_within_the_bound_then_resumes(store, job_model, tmp_path):
     proxy, direct = store
     cfg, job, result = _run_until_first_part(store, job_model, tmp_path, "down")
     proxy.down()

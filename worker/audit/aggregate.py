@@ -107,14 +107,16 @@ def _order(key) -> tuple:
 
 def resolve(label, names=None):
     """A label as a class: a whole number as its index, a string as its index in ``names`` (the job's recorded
-    class names) when it is one of them, else the string itself; None when missing.
+    class names) when it is one of them, else the string itself; None when missing (an empty string too).
 
-        >>> resolve(3), resolve(3.0), resolve("cat", ["dog", "cat"]), resolve("cow", ["dog", "cat"])
-        (3, 3, 1, 'cow')
+        >>> resolve(3), resolve(3.0), resolve("cat", ["dog", "cat"]), resolve("cow", ["dog", "cat"]), resolve("")
+        (3, 3, 1, 'cow', None)
     """
     if label is None or isinstance(label, bool):
         return None if label is None else int(label)
     if isinstance(label, str):
+        if not label.strip():
+            return None
         return names.index(label) if names and label in names else label
     if isinstance(label, float):  # 3.0 is class 3 (a column with gaps read as floats); NaN is missing
         if not np.isfinite(label):
