@@ -34,9 +34,9 @@ _ROOT = Path(__file__).resolve().parent.parent
 _state: dict = {"seed": None, "exhaustive": False, "markexpr": ""}
 
 
-def configure(markexpr: str = "", seed: int | None = None) -> None:
-    """Set the run's mark expression (``-m``) and, optionally, its seed (else :func:`seed` finds it)."""
-    _state.update(markexpr=markexpr or "", seed=seed,
+def configure(markexpr: str = "") -> None:
+    """Set the run's mark expression (``-m``); :func:`seed` finds the seed."""
+    _state.update(markexpr=markexpr or "",
                   exhaustive=re.search(rf"(?<!not )\b{EXHAUSTIVE}\b", markexpr or "") is not None)
 
 
