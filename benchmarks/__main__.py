@@ -1,6 +1,6 @@
 """Every benchmark with one command: ``python -m benchmarks`` (about an hour and a half on 2 cores).
 
-Runs the engine comparison (ResNet50, MobileNetV2, the question's CNN), the Python API's time to first map,
+Runs the engine comparison (ResNet50, MobileNetV2, the small CNN (tests.models.small_cnn)), the Python API's time to first map,
 each method's cost, the engine's CPU defaults against their alternatives, a profile of where the engine's time
 goes, the job against the simplest loop, the job's memory as rows grow 100x, decode throughput (full vs JPEG
 draft), XLA's persistent cache across restarts, the audit, a 1 million-row rehearsal with a kill and

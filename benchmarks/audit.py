@@ -9,7 +9,7 @@ Rounds interleave the sizes.
   scale          synthetic job outputs (10 classes, 32 x 32 float16 maps with their statistics columns) of
                  each size, and one of the largest size in a single class (SpRAy's worst case)
   interventions  a real job's output: scikit-learn's digits at 32 x 32 (1 797 images, three times over),
-                 the question's CNN trained for 4 epochs, ``python -m jobs.explain``; audited without and with
+                 the small CNN (tests.models.small_cnn) trained for 4 epochs, ``python -m jobs.explain``; audited without and with
                  ``interventions=N`` (the engine rebuilt, every class localised and probed)
 Reported: median seconds (min–max), maps/s, driver peak and growth, and the growth's slope per 1 000 rows.
 Writes benchmarks/results/audit.{json,md} (with ``--no-real``, audit_memory.{json,md}).
@@ -60,11 +60,13 @@ def synthetic_output(directory, rows, size, classes=10, rows_per_file=10_000, se
 
 def real_output(directory) -> str:
     """A job's output on real images with a trained model (and its run record, for the interventions)."""
-    from worker.demo import digits_images, train_question_model, write_hf_parquet
+    from tests.images import digits_images
+    from tests.models import train_small_cnn
+    from worker.demo import write_hf_parquet
 
     images, labels = digits_images(32)
     model = os.path.join(directory, "model.keras")
-    train_question_model(images, labels, epochs=4).save(model)
+    train_small_cnn(images, labels, epochs=4).save(model)
     data = os.path.join(directory, "digits.parquet")
     write_hf_parquet(data, np.concatenate([images] * 3), np.concatenate([labels] * 3))
     out = os.path.join(directory, "maps")

@@ -107,10 +107,12 @@ def write(results: dict, name: str, markdown: str) -> None:
 
 def digits_job_input(directory: str, rows: int, size: int) -> tuple[str, str]:
     """A job's input as users have it: ``rows`` of scikit-learn's digits as PNG at ``size`` in one HF-style
-    Parquet file (row groups of 128), and the question's CNN (untrained: the cost is the same) saved beside it."""
+    Parquet file (row groups of 128), and the small CNN (tests.models.small_cnn) (untrained: the cost is the same) saved beside it."""
     import numpy as np
 
-    from worker.demo import digits_images, question_model, write_hf_parquet
+    from tests.images import digits_images
+    from tests.models import small_cnn
+    from worker.demo import write_hf_parquet
 
     images, labels = digits_images(size)
     reps = int(np.ceil(rows / len(images)))
@@ -119,7 +121,7 @@ def digits_job_input(directory: str, rows: int, size: int) -> tuple[str, str]:
     data = os.path.join(directory, "data.parquet")
     write_hf_parquet(data, images, labels, rows_per_group=128)
     model = os.path.join(directory, "model.keras")
-    question_model(size, classes=10).save(model)
+    small_cnn(size, classes=10).save(model)
     return data, model
 
 

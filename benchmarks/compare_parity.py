@@ -54,7 +54,7 @@ def parity(model_path: str, images: int = 8, steps: int = 16, preprocessing: str
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="a .keras model (default: the question's CNN at 32 x 32, untrained, seed 3)")
+    p.add_argument("--model", help="a .keras model (default: the small CNN (tests.models.small_cnn) at 32 x 32, untrained, seed 3)")
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--steps", type=int, default=16)
     args = p.parse_args(argv)
@@ -62,15 +62,15 @@ def main(argv=None) -> int:
     if model is None:
         import tempfile
 
-        from worker.demo import question_model
+        from tests.models import small_cnn
 
-        model = f"{tempfile.mkdtemp()}/question.keras"
-        question_model(32, classes=10, seed=3).save(model)
+        model = f"{tempfile.mkdtemp()}/small_cnn.keras"
+        small_cnn(32, classes=10, seed=3).save(model)
     found = parity(model, args.images, args.steps)
     worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in found.values())
     from importlib.metadata import version
 
-    print(json.dumps({"xplique": version("xplique"), "model": "question CNN, 32 x 32, seed 3" if args.model is None
+    print(json.dumps({"xplique": version("xplique"), "model": "small CNN, 32 x 32, seed 3" if args.model is None
                       else args.model, "images": args.images, "steps": args.steps, "areas (ours, xplique)": found,
                       "largest_relative_difference": worst}, indent=1))
     return 0 if worst <= 1e-6 else 1

@@ -1,6 +1,6 @@
 """Engine throughput vs forward-only inference vs the original question's recipe (and xplique if installed).
 
-    python -m benchmarks.engine [--models resnet50 mobilenetv2 question] [--batch-size 16] [--rounds 5]
+    python -m benchmarks.engine [--models resnet50 mobilenetv2 small_cnn] [--batch-size 16] [--rounds 5]
 
 For each model (random weights, fixed seed; no download): images/s of
   forward      uint8 -> preprocessing -> model, one tf.function (the ceiling)
@@ -39,10 +39,10 @@ def build(name: str):
         return keras.applications.ResNet50(weights=None), "caffe"
     if name == "mobilenetv2":
         return keras.applications.MobileNetV2(weights=None), "tf"
-    if name == "question":
-        from worker.demo import question_model
+    if name == "small_cnn":
+        from tests.models import small_cnn
 
-        return question_model(224, classes=2), "scale01"
+        return small_cnn(224, classes=2), "scale01"
     raise ValueError(name)
 
 
@@ -198,7 +198,7 @@ def markdown(results) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["resnet50", "mobilenetv2", "question"])
+    p.add_argument("--models", nargs="+", default=["resnet50", "mobilenetv2", "small_cnn"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=2, help="batches per timed sample")

@@ -3,7 +3,7 @@
     python -m benchmarks.job_memory [--sizes 200 2000 20000] [--size 64] [--repeats 2]
 
 Runs ``worker.job.driver.run`` on a local Ray cluster started in this process, at each size (HF-style Parquet of
-PNG digits, the question's CNN), sizes interleaved over the repeats, and samples every 0.25 s the proportional set size (PSS: shared
+PNG digits, the small CNN (tests.models.small_cnn)), sizes interleaved over the repeats, and samples every 0.25 s the proportional set size (PSS: shared
 pages, such as the object store's, counted once across processes) of the driver and of every process Ray
 started for it (GCS, raylet, workers, actors); a least-squares slope over every run gives MB per 1 000 rows.
 Linux only (reads /proc).

@@ -2,7 +2,7 @@
 
     python -m benchmarks.loop_vs_job [--sizes 300 1500 6000] [--rounds 5] [--size 96] [--batch-size 32] [--name N]
 
-The same HF-style Parquet file of PNG digits and the question's CNN go through
+The same HF-style Parquet file of PNG digits and the small CNN (tests.models.small_cnn) go through
   loop  ``python -m benchmarks.loop_vs_job loop ...``: one process reads the Parquet in chunks, decodes with
         PIL, calls ``GuidedBackprop.explain`` and writes Parquet (what a user writes in ten lines);
   job   ``python -m jobs.explain ...`` with an embedded Ray (the README's path), the same batch size and
@@ -116,7 +116,7 @@ def main(argv=None):
                "fit": {side: {"rows_per_second": rate, "fixed_seconds": fixed} for side, (rate, fixed) in fits.items()}}
     md = "\n".join([
         f"# The job against the simplest loop ({results['date']})", "", *provenance(results),
-        f"{args.size}x{args.size} PNG digits in one HF-style Parquet file, the question's CNN, batch "
+        f"{args.size}x{args.size} PNG digits in one HF-style Parquet file, the small CNN (tests.models.small_cnn), batch "
         f"{args.batch_size}; whole processes (interpreter start and imports included), {args.rounds} "
         f"round{'s' if args.rounds > 1 else ''}, "
         "sides alternating. *ratio* is job rows/s over loop rows/s in the same round: median (min–max).", "",

@@ -94,7 +94,7 @@ def make_data(directory: str, rows: int, files: int, size: int) -> tuple[str, st
     import keras
     from PIL import Image
 
-    from worker.demo import digits_images
+    from tests.images import digits_images
 
     images, labels = digits_images(size)
     cells = []

@@ -87,10 +87,10 @@ def ray_local():
 @pytest.fixture(scope="session")
 def job_model(tmp_path_factory):
     """The question's CNN (untrained, fixed seed) at 32x32 with 10 classes, saved as .keras."""
-    from worker.demo import question_model
+    from tests.models import small_cnn
 
     path = tmp_path_factory.mktemp("model") / "question.keras"
-    question_model(32, classes=10, seed=3).save(str(path))
+    small_cnn(32, classes=10, seed=3).save(str(path))
     return str(path)
 
 

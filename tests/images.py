@@ -39,3 +39,19 @@ def bomb_png(width=20_000, height=20_000) -> bytes:
     buf = io.BytesIO()
     Image.new("1", (width, height)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def digits_images(size: int = 32, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's handwritten digits as uint8 RGB (N, size, size, 3) images, and their labels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, labels = digits.images, digits.target
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    out = np.empty((len(images), size, size, 3), np.uint8)
+    for i, img in enumerate(images):
+        gray = Image.fromarray((img * (255.0 / 16.0)).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+        out[i] = np.asarray(gray)[..., None]
+    return out, labels.astype(np.int64)

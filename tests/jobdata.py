@@ -12,7 +12,7 @@ HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
 def digits(n=40, size=32):
-    from worker.demo import digits_images
+    from tests.images import digits_images
 
     return digits_images(size, limit=n)
 

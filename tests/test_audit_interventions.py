@@ -20,7 +20,8 @@ import pytest
 from tests import jobdata
 from worker.audit import run_audit
 from worker.audit.intervene import STAMP_IMAGES, STAMPED_SHARE, stamp, stamped_pixels
-from worker.demo import digits_images, train_question_model
+from tests.images import digits_images
+from tests.models import train_small_cnn
 
 # class -> (rows, cols, RGB): a 5x5 white mark top left, a 3x3 red one bottom right (under 1 % of the image),
 # a 4x4 green one top right
@@ -104,7 +105,7 @@ def _planted_shortcuts_are_confirmed_and_the_report_shows_them(tmp_path_factory)
     images, labels = digits_images(32)
     train_x, train_y = _shortcut_training_set(images[400:], labels[400:])
     path = str(tmp_path / "shortcut.keras")
-    model = train_question_model(train_x, train_y, classes=10, epochs=16, seed=1)
+    model = train_small_cnn(train_x, train_y, classes=10, epochs=16, seed=1)
     model.save(path)
     test_x, test_y = _mark(images[:400], labels[:400], MARKS), labels[:400]
     # what the model learnt, measured by pasting each mark alone on the other classes' images: how training turns
@@ -156,7 +157,7 @@ def test_a_clean_model_gets_no_confirmed_shortcut(ray_local, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("clean")
     images, labels = digits_images(32)
     path = str(tmp_path / "clean.keras")
-    train_question_model(images[400:], labels[400:], classes=10, epochs=8, seed=1).save(path)
+    train_small_cnn(images[400:], labels[400:], classes=10, epochs=8, seed=1).save(path)
     artifact = {6: ((slice(1, 6), slice(26, 31)), (0, 0, 255))}  # visible, on one class, never seen in training
     result = _audit(tmp_path, path, _mark(images[:400], labels[:400], artifact), labels[:400], "clean")
     probed = result["interventions"]["regions"]
@@ -173,7 +174,7 @@ def _marks_needed_with_the_object_are_shortcuts(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("with-object")
     images, labels = digits_images(32)
     train_x, train_y = _with_object_training_set(images[400:], labels[400:])
-    model = train_question_model(train_x, train_y, classes=10, epochs=12, seed=1)
+    model = train_small_cnn(train_x, train_y, classes=10, epochs=12, seed=1)
     path = str(tmp_path / "with-object.keras")
     model.save(path)
     test_x, test_y = _mark(images[:400], labels[:400], WITH_OBJECT), labels[:400]

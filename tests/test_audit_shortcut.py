@@ -6,7 +6,8 @@ import pytest
 from tests import jobdata
 from worker.audit import run_audit
 from worker.audit.aggregate import Group
-from worker.demo import digits_images, train_question_model
+from tests.images import digits_images
+from tests.models import train_small_cnn
 
 MARKED = 3
 
@@ -32,7 +33,7 @@ def shortcut_model(tmp_path_factory):
     images, labels = digits_images(32)
     train_x, train_y = _shortcut_training_set(images[400:], labels[400:])
     path = tmp_path_factory.mktemp("shortcut") / "model.keras"
-    train_question_model(train_x, train_y, classes=10, epochs=8, seed=1).save(str(path))
+    train_small_cnn(train_x, train_y, classes=10, epochs=8, seed=1).save(str(path))
     return str(path), _mark(images[:400], labels[:400]), labels[:400]
 
 

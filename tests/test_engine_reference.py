@@ -9,7 +9,7 @@ import pytest
 from tests import reference as ref
 from tests.conftest import assert_path
 from worker import Gradient, GuidedBackprop
-from worker.demo import question_model
+from tests.models import small_cnn
 from worker.engine.runtime import native_bfloat16
 
 SIZE = 32
@@ -17,7 +17,7 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def model():
-    m = question_model(SIZE, classes=2, seed=1)
+    m = small_cnn(SIZE, classes=2, seed=1)
     return ref.randomize_batchnorm(m, 1)
 
 
@@ -26,7 +26,7 @@ def images():
     return np.random.default_rng(2).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
 
 
-def test_question_model_matches_numpy_reference(model, images, engine_path):
+def test_small_cnn_matches_numpy_reference(model, images, engine_path):
     gbp = GuidedBackprop(model, batch_size=2, preprocessing="scale01", reduction="none", map_dtype="float32",
                          **engine_path)
     assert_path(gbp, engine_path)

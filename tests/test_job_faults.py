@@ -26,10 +26,10 @@ def test_actor_killed_mid_run(ray_local, tmp_path):
     # its first batches compiling), of some ten seconds of explaining; a new actor recording itself afterwards
     # shows it was (when the kill waited for the first committed part, the actor had explained every row before
     # Ray Data's first write task committed one, on a faster avx512 host, and the kill proved nothing)
-    from worker.demo import question_model
+    from tests.models import small_cnn
 
     model = tmp_path / "question96.keras"
-    question_model(96, classes=10, seed=3).save(str(model))
+    small_cnn(96, classes=10, seed=3).save(str(model))
     images, labels = jobdata.digits(1797, size=96)
     n = len(images)
     jobdata.write_hf(tmp_path / "d.parquet", images, labels, row_group=8)

@@ -48,7 +48,7 @@ def cnn(head):
         layers.Activation("relu"), layers.MaxPool2D(2),
         layers.Conv2D(8, 3, padding="same"), layers.BatchNormalization(), layers.Activation("relu", name="last_act"),
         layers.MaxPool2D(2), layers.Flatten(), layers.Dense(16, activation="relu", name="hidden"),
-        layers.BatchNormalization(), layers.Dropout(0.5), layers.Dense(4, activation=head)], name="question_cnn")
+        layers.BatchNormalization(), layers.Dropout(0.5), layers.Dense(4, activation=head)], name="small_cnn")
 
 
 def transfer(head):

@@ -65,11 +65,11 @@ def test_a_cluster_region_is_probed_on_the_images_whose_maps_fall_in_it():
     centroids, and a cluster's region is probed on that cluster's images only (skipped with too few)."""
     from worker.audit.clusters import Clustering
     from worker.audit.run import MIN_IMAGES, _interventions
-    from worker.demo import question_model
+    from tests.models import small_cnn
     from worker.engine.methods import GuidedBackprop
 
     groups, clusters = _groups()
-    engine = GuidedBackprop(question_model(32, classes=3, seed=0), batch_size=8, preprocessing="scale01",
+    engine = GuidedBackprop(small_cnn(32, classes=3, seed=0), batch_size=8, preprocessing="scale01",
                             map_dtype="float32", target="predicted")
     rng = np.random.default_rng(0)
     # classes 1 and 2 have too few images to be probed themselves: they are the others (donors, transplants)

@@ -10,7 +10,7 @@ import tensorflow as tf
 from tests import reference as ref
 from tests.conftest import assert_path
 from worker import GradCAM, GuidedBackprop, GuidedGradCAM
-from worker.demo import question_model
+from tests.models import small_cnn
 from worker.engine.smoothing import noisy_copies
 
 SIZE = 32
@@ -19,7 +19,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def model():
     """Three classes, BatchNorm randomised: its Grad-CAM is positive at the default and the chosen layer."""
-    return ref.randomize_batchnorm(question_model(SIZE, classes=3, seed=1), 1)
+    return ref.randomize_batchnorm(small_cnn(SIZE, classes=3, seed=1), 1)
 
 
 images = pytest.fixture(scope="module", name="images")(

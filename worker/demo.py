@@ -4,8 +4,7 @@ Nothing is downloaded. :func:`shapes_dataset` pastes shapes (six classes) on cro
 and textures at 64 x 64. One class's images all carry a small checker mark in the top-right corner (a
 watermark of the source they came from), and on half of them the object is another shape: there the mark alone
 makes them that class, a shortcut the model must learn, which the audit is then expected to localise and
-confirm by intervention. scikit-learn's digits and the original question's CNN stay
-here for the tests.
+confirm by intervention.
 """
 
 from __future__ import annotations
@@ -20,52 +19,6 @@ MARKED_SHARE = 0.5
 MARK_BOX = (6, 50, 12, 56)  # pixel rows y0:y1, columns x0:x1 of the 6 x 6 checker, at 64 x 64
 TEXTURES = ("brick", "grass", "gravel", "camera", "coins", "coffee", "chelsea", "astronaut", "rocket",
             "immunohistochemistry")  # scikit-image's bundled photographs and textures
-
-
-def question_model(size: int = 32, classes: int = 2, seed: int = 0):
-    """The CNN of the question this project grew from (input size x size x 3, softmax output)."""
-    import keras
-    from keras import layers
-
-    keras.utils.set_random_seed(seed)
-
-    def block(x, filters, pool):
-        x = layers.Conv2D(filters, (3, 3), padding="same")(x)
-        x = layers.BatchNormalization()(x)
-        x = layers.Activation("relu")(x)
-        return layers.MaxPool2D((2, 2))(x) if pool else x
-
-    image = keras.Input((size, size, 3))
-    x = block(image, 32, True)
-    x = block(x, 64, True)
-    x = block(x, 64, True)
-    x = block(x, 128, False)
-    x = block(x, 128, True)
-    x = block(x, 128, False)
-    x = block(x, 128, False)
-    x = layers.Flatten()(x)
-    x = layers.Dense(64, activation="relu")(x)
-    x = layers.BatchNormalization()(x)
-    x = layers.Dense(32, activation="relu")(x)
-    x = layers.Dropout(0.5)(x)
-    out = layers.Dense(classes, activation="softmax")(x)
-    return keras.Model(image, out, name="question_cnn")
-
-
-def digits_images(size: int = 32, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's handwritten digits as uint8 RGB (N, size, size, 3) images, and their labels."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images, labels = digits.images, digits.target
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    out = np.empty((len(images), size, size, 3), np.uint8)
-    for i, img in enumerate(images):
-        gray = Image.fromarray((img * (255.0 / 16.0)).astype(np.uint8)).resize((size, size), Image.BILINEAR)
-        out[i] = np.asarray(gray)[..., None]
-    return out, labels.astype(np.int64)
 
 
 def _textures() -> list[np.ndarray]:
@@ -177,19 +130,6 @@ def train_demo_model(images: np.ndarray, labels: np.ndarray, epochs: int = 5, se
     model = demo_model(images.shape[1], len(CLASSES), seed)
     model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy")
     model.fit(images.astype("float32") / 255.0, labels, epochs=epochs, batch_size=32, verbose=0)
-    return model
-
-
-def train_question_model(images: np.ndarray, labels: np.ndarray, classes: int = 10, epochs: int = 2, seed: int = 0):
-    """Train the question's model briefly (seconds on a CPU) on uint8 images scaled to [0, 1]."""
-    model = question_model(images.shape[1], classes, seed)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    x = images.astype("float32") / 255.0
-    model.fit(x, labels, epochs=epochs, batch_size=32, verbose=0)
-    # a short run leaves BatchNorm's moving statistics near their initial values: settle them
-    for start in range(0, len(x) - 127, 128):
-        for _ in range(8):
-            model(x[start:start + 128], training=True)
     return model
 
 
