@@ -42,23 +42,47 @@ def choose(name: str, value, choices) -> None:
         raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(choices)}")
 
 
+def option(default=dataclasses.MISSING, help: str | None = None, *, choices=None, group: str = "method",
+           flag: str | None = None, factory=dataclasses.MISSING):
+    """A field of an options record that is also a command-line flag and a job-file key.
+
+    Its default, choices and help are written here once: the CLI's flags and the scheduled runs' keys are made
+    from them (:func:`worker.job.config.options`).  ``help=None`` keeps a field off the command line; ``flag``
+    names a flag other than the field's own (``--no-statistics``); ``group`` is the ``--help`` section.
+
+    Example:
+        >>> [f.metadata["choices"] for f in dataclasses.fields(MapOptions) if f.name == "score"]
+        [('logits', 'probability')]
+    """
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "group": group,
+                "flag": flag}
+    return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
+
+
 @dataclass
 class MapOptions:
     """What a map depends on besides the model and the method: shared by :class:`EngineOptions` and the
     job's run record (:class:`worker.job.config.JobConfig`)."""
 
-    target: str = "predicted"
-    batch_size: int = 16
-    preprocessing: str = "none"
-    reduction: str = "max_abs"
-    map_dtype: str = "float16"
-    score: str = "logits"
-    precision: str = "float32"
-    relu_policy: str = "error"
-    smooth: int = 0  # SmoothGrad: noisy copies per image, averaged (0: off)
-    noise: float = 0.15  # SmoothGrad's noise, a fraction of each image's input span
-    cam_layer: str | None = None  # Grad-CAM's layer (default: the last convolutional activation)
-    activations: str = "relu"  # "all": guided/Deconvnet rules for swish, GELU, hard-swish, ELU, ... too
+    target: str = option("predicted", "predicted | label | class:K | top:K | layer:NAME[:CHANNEL]: the score "
+                         "differentiated (layer: the sum of a layer's activation, or one channel)")
+    batch_size: int = option(16, "images per compiled pass", group="resources")
+    preprocessing: str = option("none", "what the model expects of its input pixels (the engine applies it)",
+                                choices=[x for x in PRESETS if x != "custom"])
+    reduction: str = option("max_abs", "how a map's channels become one (none: keep them)", choices=REDUCTIONS)
+    map_dtype: str = option("float16", "the stored maps' dtype", choices=MAP_DTYPES)
+    score: str = option("logits", "differentiate the logit, or the probability", choices=SCORES)
+    precision: str = option("float32", "the engine's compute dtype (lower: faster, approximate)",
+                            choices=PRECISIONS)
+    relu_policy: str = option("error", "a ReLU the method cannot guide: fail (error) or explain with a warning",
+                              choices=RELU_POLICIES)
+    smooth: int = option(0, "SmoothGrad: average over N noisy copies per image (0: off)")
+    noise: float = option(0.15, "SmoothGrad's noise, a fraction of each image's input span")
+    cam_layer: str | None = option(None, "gradcam / guided_gradcam: layer or scope name (default: the last "
+                                   "convolutional activation)")
+    activations: str = option("relu", "relu: the method's rule at ReLUs (capped, thresholded, leaky, PReLU); "
+                              "all: at every activation (swish, GELU, hard-swish, ELU, SELU, sigmoid, ...): "
+                              "f'(x) * max(g, 0) for guided backprop", choices=ACTIVATIONS)
 
     def map_options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(MapOptions)}

@@ -21,8 +21,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from worker.data import schema
-from worker.data.decode import DEFAULT_MAX_PIXELS, DecodeOptions
-from worker.engine.options import METHODS, EngineOptions, MapOptions, check_choices
+from worker.data.decode import DEFAULT_MAX_PIXELS, RESIZE_POLICIES, DecodeOptions
+from worker.engine.options import METHODS, EngineOptions, MapOptions, check_choices, option
 
 
 @dataclass(kw_only=True)
@@ -30,30 +30,44 @@ class JobConfig(MapOptions):
     """Everything a run needs; the same fields as the CLI's flags (the map options of
     :class:`~worker.engine.options.MapOptions`, then the job's own)."""
 
-    model: str
-    input: str
-    output: str
-    image_column: str = "image"
-    id_column: str | None = None
-    label_column: str | None = None
-    columns: tuple[str, ...] = ()
-    method: str = "guided_backprop"
-    allow_unsafe_deserialization: bool = False  # an opt-in of whoever runs this job: never taken from a record
-    allow_side_effects: bool = False  # likewise (worker.engine.allowlist)
-    resize: str = "stretch"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    jpeg_draft: bool = False  # decode JPEGs at reduced scale where that still covers the model input
-    actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float | None = None
-    decode_cpus: float | None = None
-    gpu_memory_limit_mb: int | None = None
-    actor_start_timeout_s: int = 600  # for nodes to join and free the actors' resources, then fail
-    rows_per_file: int = 1024
-    overwrite: bool = False
+    model: str = option(help=".keras, .h5 or SavedModel directory; local, s3:// or gs://", group="data")
+    input: str = option(help="Parquet file, directory or glob; local, s3:// or gs://", group="data")
+    output: str = option(help="output directory (Parquet parts + _job.json + _summary.json)", group="data")
+    image_column: str = option("image", "the input's image column (encoded bytes, HF image structs or "
+                               "tensors)", group="data")
+    id_column: str | None = option(None, "stable row id; default: the input's 'id' column if it has one, else "
+                                   "<file>#<row>", group="data")
+    label_column: str | None = option(None, "class labels (needed for --target label); passed through",
+                                      group="data")
+    mask_column: str | None = option(None, "ground-truth mask (image/tensor) or box [y0, x0, y1, x1] in [0, 1]",
+                                     group="data")
+    columns: tuple[str, ...] = option((), "other input columns to pass through", group="data")
+    overwrite: bool = option(False, "replace an output that belongs to another job", group="data")
+    rows_per_file: int = option(1024, "rows per output Parquet file", group="data")
+    method: str = option("guided_backprop", "guided_backprop | deconvnet (positive gradients at every ReLU, no "
+                         "forward gate) | gradient (plain) | gradcam | guided_gradcam (guided map x Grad-CAM)",
+                         choices=METHODS)
+    resize: str = option("stretch", "how images of another size meet the model's input", choices=RESIZE_POLICIES)
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "decompression-bomb guard: larger images are error rows")
+    jpeg_draft: bool = option(False, "decode large JPEGs at 1/2-1/8 scale (faster; pixels differ slightly from "
+                              "a full decode)")
+    statistics: bool = option(True, "skip the per-row map statistics columns", flag="--no-statistics")
+    allow_unsafe_deserialization: bool = option(
+        False, "load models carrying Python code (Lambda layers); only for models you trust", group="opt-in")
+    allow_side_effects: bool = option(
+        False, "run a model whose graph holds ops outside the allowlist of pure computation (file or network "
+        "I/O, save/restore, print, Python callbacks, loops); only for models you trust", group="opt-in")
+    actors: int | None = option(None, "explain actors (default: one per GPU, else 1)", group="resources")
+    gpus_per_actor: float | None = option(None, "default 1 when the cluster has GPUs, else 0", group="resources")
+    cpus_per_actor: float | None = option(None, "CPUs per explain actor (default: 1 with GPUs; without, as "
+                                          "many as the largest node leaves after decoding)", group="resources")
+    decode_cpus: float | None = option(None, "CPUs kept for reading and decoding (default: a quarter of the "
+                                       "cluster's, at least 0.5)", group="resources")
+    gpu_memory_limit_mb: int | None = option(None, "hard TensorFlow memory limit (needed for fractional GPUs)",
+                                             group="resources")
+    actor_start_timeout_s: int = option(600, "seconds for nodes to join and free the actors' resources before "
+                                        "the job fails saying why", group="resources", flag="--actor-start-timeout")
     files: list[str] | None = None  # only these files of the input (incremental runs)
-    statistics: bool = True  # per-row map statistics (worker.data.stats) as output columns
-    mask_column: str | None = None  # ground-truth mask (image/tensor) or box [y0, x0, y1, x1] in [0, 1]
     extra_metadata: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -109,3 +123,51 @@ def build_engine(config: JobConfig, model_path: str, **overrides):
 
     cls = getattr(methods, METHODS[config.method])
     return cls(model_path, **{**config.engine_options().to_dict(), **overrides})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One of :class:`JobConfig`'s options as the command line and the job file see it (from its field)."""
+
+    name: str
+    flag: str
+    kind: type  # str, int, float or bool; for ``many``, the items' type
+    default: object
+    help: str
+    group: str
+    choices: tuple | None = None
+    optional: bool = False  # None is allowed (and means "decide for me")
+    many: bool = False  # a list of values
+    required: bool = False
+
+
+def options() -> list[Option]:
+    """Every option of :class:`JobConfig` that a person sets, in field order: the source of the CLI's flags
+    (:mod:`worker.cli`) and of the keys a scheduled run's job file accepts (:mod:`worker.job.schedule`).
+
+    Example:
+        >>> by_name = {o.name: o for o in options()}
+        >>> by_name["batch_size"].flag, by_name["batch_size"].kind, by_name["batch_size"].default
+        ('--batch-size', <class 'int'>, 16)
+        >>> by_name["statistics"].flag, by_name["cam_layer"].optional, by_name["model"].required
+        ('--no-statistics', True, True)
+    """
+    import types
+    import typing
+
+    hints = typing.get_type_hints(JobConfig)
+    out = []
+    for f in dataclasses.fields(JobConfig):
+        meta = f.metadata
+        if not meta.get("help"):
+            continue
+        kind, optional, many = hints[f.name], False, False
+        if isinstance(kind, types.UnionType) and type(None) in kind.__args__:
+            optional, kind = True, next(a for a in kind.__args__ if a is not type(None))
+        if typing.get_origin(kind) in (tuple, list):
+            many, kind = True, typing.get_args(kind)[0]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        out.append(Option(f.name, meta["flag"] or "--" + f.name.replace("_", "-"), kind,
+                          None if required else f.default, meta["help"], meta["group"], meta["choices"],
+                          optional, many, required))
+    return out

@@ -41,7 +41,7 @@ from worker.data import dataset, storage
 from worker.data.lease import Lease, OutputBusyError
 from worker.data.storage import fetch_model
 from worker.engine.fingerprint import hash_path
-from worker.job.config import JobConfig
+from worker.job.config import JobConfig, options
 from worker.job.driver import run
 
 SCHEDULE_KEYS = {"output_root": str, "partition": str, "incremental": bool}
@@ -52,13 +52,47 @@ class ConfigError(ValueError):
     """The job file is invalid; the message names the key and what is expected."""
 
 
+def job_file_options() -> dict:
+    """The job options a job file may set: every option of the CLI's explain flags but the output (the
+    schedule's ``output_root`` and ``partition`` make it) and the opt-ins, which only the command line of
+    whoever runs the schedule gives."""
+    return {o.name: o for o in options() if o.name != "output" and o.group != "opt-in"}
+
+
+def _check_type(key: str, value, o) -> None:
+    kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if value is None and (o.optional or o.required):
+        return
+    items = value if o.many else [value]
+    if o.many and not isinstance(value, list):
+        raise ConfigError(f"{key} must be a list of {kinds[o.kind][2:]}s, got {value!r}")
+    for item in items:
+        ok = isinstance(item, o.kind) and not (o.kind is not bool and isinstance(item, bool))
+        if o.kind is float:
+            ok = isinstance(item, (int, float)) and not isinstance(item, bool)
+        if not ok:
+            raise ConfigError(f"{key} must be {kinds[o.kind]}, got {value!r}")
+
+
 def parse_config(raw) -> dict:
+    """Check a job file's mapping (every key known, of its option's type, the run's options valid) and fill
+    in the schedule's defaults.
+
+    Example:
+        >>> parse_config({"model": "m.keras", "input": "in/", "output_root": "out", "batch_size": "32"})
+        Traceback (most recent call last):
+        ...
+        worker.job.schedule.ConfigError: batch_size must be an integer, got '32'
+    """
     if not isinstance(raw, dict):
         raise ConfigError("the job file must be a YAML mapping of option: value")
-    allowed = ({f.name for f in dataclasses.fields(JobConfig)} | set(SCHEDULE_KEYS)) - {"output", "extra_metadata"}
-    unknown = sorted(set(raw) - allowed)
+    known = job_file_options()
+    unknown = sorted(set(raw) - set(known) - set(SCHEDULE_KEYS))
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        opt_ins = sorted(o.flag for o in options() if o.group == "opt-in" and o.name in unknown)
+        hint = (f"; opt-ins come from the command line of whoever runs the schedule ({', '.join(opt_ins)})"
+                if opt_ins else "")
+        raise ConfigError(f"unknown key(s) {unknown}; allowed: {sorted(set(known) | set(SCHEDULE_KEYS))}{hint}")
     missing = [k for k in REQUIRED if not raw.get(k)]
     if missing:
         raise ConfigError(f"missing required key(s) {missing}")
@@ -68,13 +102,11 @@ def parse_config(raw) -> dict:
             raise ConfigError(f"{key} must be a {kind.__name__}, got {cfg[key]!r}")
     if "{date}" not in cfg["partition"]:
         raise ConfigError("partition must contain {date}")
+    for key, value in raw.items():
+        if key in known:
+            _check_type(key, value, known[key])
     if "columns" in cfg:
-        if not isinstance(cfg["columns"], list):
-            raise ConfigError("columns must be a list of column names")
         cfg["columns"] = tuple(cfg["columns"])
-    for key in ("batch_size", "rows_per_file", "max_pixels", "actors"):
-        if key in cfg and cfg[key] is not None and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool)):
-            raise ConfigError(f"{key} must be an integer, got {cfg[key]!r}")
     job = job_config(cfg, "1970-01-01")
     job.validate()
     return cfg
@@ -96,16 +128,18 @@ def output_for(cfg: dict, date: str) -> str:
     return posixpath.join(cfg["output_root"], cfg["partition"].format(date=date))
 
 
-def job_config(cfg: dict, date: str, files=None) -> JobConfig:
-    options = {k: v for k, v in cfg.items() if k not in SCHEDULE_KEYS}
-    return JobConfig(**options, output=output_for(cfg, date), files=files,
+def job_config(cfg: dict, date: str, files=None, **opt_ins) -> JobConfig:
+    """The run of one date; ``opt_ins`` (``allow_unsafe_deserialization``, ``allow_side_effects``) are those of
+    whoever runs the schedule, from their command line."""
+    job_options = {k: v for k, v in cfg.items() if k not in SCHEDULE_KEYS}
+    return JobConfig(**job_options, **opt_ins, output=output_for(cfg, date), files=files,
                      extra_metadata={"schedule": {"date": date, "incremental": cfg["incremental"]}})
 
 
 def _manifest_path(cfg: dict) -> str:
     """One manifest per model artifact and options (a new model or option set starts afresh)."""
-    options = {k: v for k, v in cfg.items() if k not in SCHEDULE_KEYS and k not in ("actors", "batch_size")}
-    key = hash_path(fetch_model(cfg["model"])) + json.dumps(options, sort_keys=True, default=list)
+    chosen = {k: v for k, v in cfg.items() if k not in SCHEDULE_KEYS and k not in ("actors", "batch_size")}
+    key = hash_path(fetch_model(cfg["model"])) + json.dumps(chosen, sort_keys=True, default=list)
     return posixpath.join(cfg["output_root"], "_manifests", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
 
@@ -113,7 +147,8 @@ def today_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
 
 
-def scheduled_run(cfg: dict, date: str | None = None, echo=print) -> dict:
+def scheduled_run(cfg: dict, date: str | None = None, echo=print, **opt_ins) -> dict:
+    """Run ``cfg`` (from :func:`parse_config`) for ``date``; ``opt_ins`` as in :func:`job_config`."""
     date = date or today_utc()
     datetime.date.fromisoformat(date)
     fs, root = storage.filesystem(cfg["output_root"])
@@ -123,12 +158,12 @@ def scheduled_run(cfg: dict, date: str | None = None, echo=print) -> dict:
         echo(f"not started: {exc}")
         return {"output": output_for(cfg, date), "skipped": str(exc), "rows_this_run": 0, "complete": True}
     try:
-        return _run_date(cfg, date, echo)
+        return _run_date(cfg, date, echo, opt_ins)
     finally:
         lease.release()
 
 
-def _run_date(cfg: dict, date: str, echo) -> dict:
+def _run_date(cfg: dict, date: str, echo, opt_ins: dict) -> dict:
     files = None
     manifest = {"files": {}}
     if cfg["incremental"]:
@@ -141,7 +176,7 @@ def _run_date(cfg: dict, date: str, echo) -> dict:
         echo(f"incremental: {len(files)} new of {len(listed)} input files")
         if not files:
             return {"output": output_for(cfg, date), "rows_this_run": 0, "new_files": 0, "complete": True}
-    summary = run(job_config(cfg, date, files), echo=echo)
+    summary = run(job_config(cfg, date, files, **opt_ins), echo=echo)
     if cfg["incremental"] and summary["complete"]:
         for f in files:
             manifest["files"][f] = date
