@@ -15,10 +15,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 
-from worker.job.config import JobConfig, Option, options
-
-GROUPS = {"data": "data", "method": "method", "resources": "resources",
-          "opt-in": "opt-ins (yours: the ones a run record, a job file or a dataset carries are never used)"}
+from worker.job.config import OPTION_GROUPS, JobConfig, Option, options
 
 
 def add_option(group, o: Option) -> None:
@@ -35,10 +32,10 @@ def add_option(group, o: Option) -> None:
                            choices=list(o.choices) if o.choices else None, help=help_text + default)
 
 
-def add_options(p, groups=tuple(GROUPS)) -> None:
+def add_options(p, groups=tuple(OPTION_GROUPS)) -> None:
     """The flags of every option in ``groups``, each group a section of ``--help``."""
     for name in groups:
-        section = p.add_argument_group(GROUPS[name])
+        section = p.add_argument_group(OPTION_GROUPS[name])
         for o in options():
             if o.group == name:
                 add_option(section, o)

@@ -9,7 +9,7 @@ statistics' moments, :data:`SAMPLE_SIZE` sampled maps and :data:`WORST_K` worst 
 (:func:`sample_caps`), handed to the tasks as they tighten, keep what each block sends small too.  numpy and
 pyarrow only: testable without Ray.
 
-Example:
+Examples:
     >>> a = Moments.of(np.ones((2, 2, 2))); b = Moments.of(np.zeros((2, 2, 2)))
     >>> m = a.merge(b); (m.count, float(m.mean[0, 0]), float(m.variance[0, 0]))
     (4, 0.5, 0.25)

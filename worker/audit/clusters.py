@@ -8,7 +8,7 @@ class, drawn out of core by the audit's partial aggregates) is clustered, and ev
 map of the class is then assigned to the nearest cluster centroid in one more
 streaming pass.  Memory is O(sample_size^2) whatever the number of rows.
 
-Example:
+Examples:
     >>> rng = np.random.default_rng(0)
     >>> a, b = rng.normal(0, .05, (50, 4)) + [1, 0, 0, 0], rng.normal(0, .05, (30, 4)) + [0, 0, 0, 1]
     >>> result = spectral_clusters(np.vstack([a, b]))

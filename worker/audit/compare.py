@@ -29,7 +29,7 @@ image and method ``2 x baselines x (steps + 1)`` forward passes and ``3 + cascad
 (x ``1 + SMOOTH`` copies with SmoothGrad), plus ``2 x baselines x (steps + 1)`` forward passes per image for the
 floor; one engine build per method.
 
-Example:
+Examples:
     >>> counts = flip_counts(4, 2)
     >>> counts.tolist(), float(auc(np.array([2.0, 1.0, 0.0])))
     ([0, 2, 4], 1.0)

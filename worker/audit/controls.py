@@ -10,7 +10,7 @@ and their statistics.  High similarity to a control means the map
 says little about that model or that class.  Extra cost: two guided backward
 passes per sampled image and one model rebuild.
 
-Example:
+Examples:
     >>> x = np.random.default_rng(0).random((1, 16, 16))
     >>> round(float(spearman(x, x)[0]), 6), round(float(ssim(x, x)[0]), 6)
     (1.0, 1.0)

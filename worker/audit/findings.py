@@ -5,7 +5,7 @@ classes by a robust z-score), when its maps' mass sits outside the ground-truth 
 cluster of its maps looks somewhere else than the rest.  Pure numpy on the merged aggregates.  A finding names
 its group by the group's columns (``kind``, ``class_index``, ``class_name``: :meth:`Group.columns`).
 
-Example:
+Examples:
     >>> corner = np.zeros((16, 16)); corner[0, 0] = 1.0
     >>> [f["finding"] for f in findings({Group("true", 0): {"count": 5, "mean_map": corner, "stats": {}}})]
     ['border-heavy', 'off-centre']

@@ -29,7 +29,7 @@ otherwise the maps show *attention without effect*.  ``shortcut`` is true for th
 Forward passes only, on bounded samples (``predict`` is the job's
 engine's forward): images x (1 + PLACEMENTS) x fills forward passes per region, plus 2 x images for sufficiency.
 
-Example:
+Examples:
     >>> low, high = bootstrap_interval(np.ones(20))
     >>> float(low), float(high)
     (1.0, 1.0)

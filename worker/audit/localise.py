@@ -8,7 +8,7 @@ of the image area covers one to four cells, so it is found.  Each SpRAy cluster 
 whose maps look alike) is localised the same way, from the cluster's mean map: a mark on a part of a class
 shows there when the class's mean dilutes it (:func:`candidates`).
 
-Example:
+Examples:
     >>> grid = np.zeros((16, 16)); grid[0:2, 14:16] = 1.0
     >>> [r["box"] for r in regions(grid)]
     [(0.0, 0.8125, 0.1875, 1.0)]

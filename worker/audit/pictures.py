@@ -2,7 +2,7 @@
 square, a region drawn as a box, a probed region's evidence (:func:`shortcut_panels`), and PNG encodings of
 them for the report's page and the README.
 
-Example:
+Examples:
     >>> enlarge(np.zeros((2, 2, 3), np.uint8), 3).shape
     (6, 6, 3)
 """

@@ -4,7 +4,7 @@ every map (:mod:`~worker.audit.clusters`), flag findings (:mod:`~worker.audit.fi
 with the job's own engine rebuilt from its run record (:mod:`~worker.audit.controls`) and write the report
 (:mod:`~worker.audit.report`).
 
-Example:
+Examples:
     >>> result = run_audit("maps/", "report/", controls=16)  # doctest: +SKIP
 """
 

@@ -9,7 +9,7 @@ palette, CMYK and 16-bit images are converted.  Imports no TensorFlow.
 A cell that cannot be decoded raises :class:`DecodeError` with a message that
 becomes the output row's ``error``.
 
-Example:
+Examples:
     >>> import io, numpy as np
     >>> from PIL import Image
     >>> buf = io.BytesIO(); Image.new("L", (10, 20), 128).save(buf, "PNG")

@@ -7,7 +7,7 @@ holder is a dead process on this host (a killed driver), is taken over.  Claimin
 runs that claim at once only the last writer goes on.  That works on object stores too, which are strongly
 consistent but have no create-if-absent in pyarrow's filesystems.
 
-Example:
+Examples:
     >>> import tempfile, pyarrow.fs as pafs
     >>> root = tempfile.mkdtemp()
     >>> with Lease(pafs.LocalFileSystem(), root, settle_s=0):

@@ -21,7 +21,7 @@ Three layers touch a storage call; their numbers are here and nowhere else:
 So a run whose storage stops answering ends within ``WINDOW_S`` + one step's own bound (``GIVE_UP_S``) of the
 first failure, with one line, and a shorter outage costs only the wait.
 
-Example:
+Examples:
     >>> call(lambda: 42, "count")
     42
     >>> try:

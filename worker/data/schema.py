@@ -20,7 +20,7 @@ statistics         float32 columns of :mod:`worker.data.stats` (of the first map
 The job's metadata (model fingerprint, method, options, coverage report,
 versions) is stored as JSON under the schema metadata key ``guided_saliency``.
 
-Example:
+Examples:
     >>> import numpy as np, pyarrow as pa
     >>> col = map_column(np.ones((1, 3, 4), np.float16), valid=[True, False], shape=(3, 4))
     >>> col.type.shape, col.null_count

@@ -29,7 +29,7 @@ proportion: each counts as inside by the share of the tied pixels that are, not 
 
 A map with no mass gets NaN statistics.
 
-Example:
+Examples:
     >>> m = np.zeros((1, 10, 10)); m[0, 0, 0] = 1.0
     >>> s = map_statistics(m)
     >>> float(s["border_mass"][0]), float(s["q_tl"][0]), float(s["gini"][0]) > 0.98

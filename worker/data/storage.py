@@ -4,7 +4,7 @@ Local paths, ``s3://`` and ``gs://`` (an S3-compatible endpoint comes from ``AWS
 ``?endpoint_override=`` in the URI). An S3 filesystem gets the retry policy's client settings
 (:mod:`worker.data.retry`: attempts per request, connect and request timeouts).
 
-Example:
+Examples:
     >>> fs, path = filesystem("maps/")
     >>> type(fs).__name__, path.endswith("/maps")
     ('LocalFileSystem', True)

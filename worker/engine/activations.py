@@ -26,7 +26,7 @@ layers with any ``max_value``, ``threshold`` or ``negative_slope``, leaky ReLU, 
 the plain gradient, exactly, and is reported.  ``all`` gives the rule to every unit (swish, GELU, hard-swish,
 ELU, SELU, sigmoid, tanh, ...).
 
-Example:
+Examples:
     >>> import keras
     >>> from worker import GuidedBackprop
     >>> x = keras.Input((8, 8, 3))

@@ -23,7 +23,7 @@ the one way a graph of pure ops can run for ever.  So a loop inside the model is
 allows it); loops the engine adds itself (SmoothGrad's per-image noise) are allowed where they sit outside the
 model's forward pass.
 
-Example:
+Examples:
     >>> import tensorflow as tf
     >>> f = tf.function(lambda x: tf.nn.relu(x) * 2.0).get_concrete_function(tf.TensorSpec((1, 4)))
     >>> sorted(check_graph(f.graph).seen)

@@ -1,6 +1,6 @@
 """One line that says what went wrong, for error rows and error messages.
 
-Example:
+Examples:
     >>> describe_error(ValueError("bad shape\\n  more detail"))
     'ValueError: bad shape'
 """

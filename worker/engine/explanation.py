@@ -1,6 +1,6 @@
 """What an attribution method returns: :class:`Explanation`, numpy only.
 
-Example:
+Examples:
     >>> e = Explanation.empty(maps_per_image=1, map_shape=(4, 4), map_dtype="float16")
     >>> both = Explanation.concatenate([e, e]); len(both), both.maps.shape
     (0, (0, 1, 4, 4))

@@ -22,7 +22,7 @@ built the model) is imported again, and any other missing name is reported as su
 that still cannot be rebuilt, or is not an image classifier, fails with a
 :class:`ModelLoadError`, never an unexplained traceback.
 
-Example:
+Examples:
     >>> import keras
     >>> m = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
     ...                       keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)])

@@ -16,7 +16,7 @@ as a forward convolution with the flipped, transposed kernel.  On CPU the
 forward kernels are faster than the framework's ``Conv2DBackpropInput`` (see
 ``benchmarks/results/engine.md``); the maps agree to float rounding.
 
-Example:
+Examples:
     >>> import tensorflow as tf
     >>> from worker.engine.ops import guided_scope
     >>> @tf.function

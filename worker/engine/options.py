@@ -4,7 +4,7 @@ choices from here, and the job checks a run's options before any cluster time.
 :class:`EngineOptions` is what a map depends on (besides the model); it travels inside the job's run
 record and rebuilds the same engine downstream (the audit's controls).
 
-Example:
+Examples:
     >>> options = EngineOptions(target="top:3", reduction="l2")
     >>> EngineOptions.from_dict(options.to_dict()) == options
     True
@@ -50,7 +50,7 @@ def option(default=dataclasses.MISSING, help: str | None = None, *, choices=None
     from them (:func:`worker.job.config.options`).  ``help=None`` keeps a field off the command line; ``flag``
     names a flag other than the field's own (``--no-statistics``); ``group`` is the ``--help`` section.
 
-    Example:
+    Examples:
         >>> [f.metadata["choices"] for f in dataclasses.fields(MapOptions) if f.name == "score"]
         [('logits', 'probability')]
     """

@@ -18,7 +18,7 @@ Presets follow ``keras.applications``:
 
 ``mean``/``std`` (per channel, in pixel units after ``scale``) define a custom one.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> p = Preprocessing("tf")
     >>> p.apply(np.full((1, 2, 2, 3), 255, np.uint8), size=(2, 2), channels=3).numpy().max().item()

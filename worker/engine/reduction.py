@@ -6,7 +6,7 @@ relative to the map itself.  Raw gradients are often far below float16's normal
 range (6e-5; random-weight MobileNetV2 gives 1e-13) and would round to zero.
 The true map is ``maps * scale``.
 
-Example:
+Examples:
     >>> import tensorflow as tf
     >>> maps, scale = reduce_map(tf.constant([[[[1.0, -3.0]]]]), "max_abs", "float16")
     >>> maps.numpy().tolist(), scale.numpy().tolist()

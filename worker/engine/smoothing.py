@@ -5,7 +5,7 @@ image's model input.  The noise is drawn from a seed made of the image's own pix
 depend on which rows share its batch, and a re-run gives the same map.  The clean image rides along as copy 0:
 it decides the predicted class and the target; the map is the mean over the noisy copies.
 
-Example:
+Examples:
     >>> import tensorflow as tf
     >>> images = tf.zeros((2, 4, 4, 3), tf.uint8)
     >>> x = tf.cast(images, tf.float32) + tf.reshape(tf.range(48.0), (1, 4, 4, 3))

@@ -14,7 +14,7 @@ A target is written as a short string, the same in the CLI and the Python API:
 A target selects itself: :meth:`Target.select` picks the scores to differentiate from a traced forward
 pass (TensorFlow is imported only there, so parsing and checking need none).
 
-Example:
+Examples:
     >>> Target.parse("top:3").maps_per_image
     3
     >>> label_problem(7, num_classes=5)

@@ -6,7 +6,7 @@ controls use exactly the engine the job used.  The opt-ins (``allow_unsafe_deser
 ``allow_side_effects``) are recorded as the job's owner chose them, but :meth:`JobConfig.from_dict` never
 takes them from a record: they are off unless whoever rebuilds the run passes their own.
 
-Example:
+Examples:
     >>> cfg = JobConfig(model="model.keras", input="images/", output="maps/", target="label",
     ...                 label_column="label", relu_policy="warn")
     >>> cfg.needed_columns()
@@ -125,6 +125,11 @@ def build_engine(config: JobConfig, model_path: str, **overrides):
     return cls(model_path, **{**config.engine_options().to_dict(), **overrides})
 
 
+#: the sections options are grouped in (``--help``, the docs), and their titles
+OPTION_GROUPS = {"data": "data", "method": "method", "resources": "resources",
+                 "opt-in": "opt-ins (yours: the ones a run record, a job file or a dataset carries are never used)"}
+
+
 @dataclass(frozen=True)
 class Option:
     """One of :class:`JobConfig`'s options as the command line and the job file see it (from its field)."""
@@ -145,7 +150,7 @@ def options() -> list[Option]:
     """Every option of :class:`JobConfig` that a person sets, in field order: the source of the CLI's flags
     (:mod:`worker.cli`) and of the keys a scheduled run's job file accepts (:mod:`worker.job.schedule`).
 
-    Example:
+    Examples:
         >>> by_name = {o.name: o for o in options()}
         >>> by_name["batch_size"].flag, by_name["batch_size"].kind, by_name["batch_size"].default
         ('--batch-size', <class 'int'>, 16)

@@ -9,7 +9,7 @@ columns, builds the engine once without running it (bad model, unguided ReLU,
 bad target), and claims the output directory (refusing another job's output,
 resuming its own).
 
-Example:
+Examples:
     >>> from worker.job.config import JobConfig
     >>> summary = run(JobConfig(model="model.keras", input="images/", output="maps/"))  # doctest: +SKIP
 """

@@ -8,7 +8,7 @@ INFO/WARNING lines go only to its log file (``<session>/logs/ray-data/ray-data.l
 workers' output only to theirs (:func:`quiet_workers`); ``--verbose`` (or ``GUIDED_SALIENCY_VERBOSE=1``) keeps
 all of them as Ray has them.
 
-Example:
+Examples:
     >>> line = Progress("explain", 900, stream=None)._line(450, 3, 9.0)
     >>> line
     'explain: 450/900 rows (50%), 50.0 rows/s, ETA 9 s, 3 errors'

@@ -23,7 +23,7 @@ One scheduled run at a time per output root: a run holds a lease on it
 trigger, a retry while the first still runs) exits cleanly, saying so, with
 nothing written.
 
-Example:
+Examples:
     >>> cfg = parse_config({"model": "m.keras", "input": "in/", "output_root": "out"})
     >>> output_for(cfg, "2026-11-29")
     'out/date=2026-11-29'
@@ -78,7 +78,7 @@ def parse_config(raw) -> dict:
     """Check a job file's mapping (every key known, of its option's type, the run's options valid) and fill
     in the schedule's defaults.
 
-    Example:
+    Examples:
         >>> parse_config({"model": "m.keras", "input": "in/", "output_root": "out", "batch_size": "32"})
         Traceback (most recent call last):
         ...

@@ -6,7 +6,7 @@ Guided backprop adds the forward gate; the plain gradient keeps only that one.
 The same override mechanism, coverage report and refusal rules as guided
 backprop: every ReLU is reached, or the build names the ones that are not.
 
-Example:
+Examples:
     >>> import numpy as np, keras
     >>> from worker import Deconvnet
     >>> model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, activation="relu"),

@@ -1,6 +1,6 @@
 """Plain gradient saliency (Simonyan et al., 2013): the control guided backprop is compared to.
 
-Example:
+Examples:
     >>> import numpy as np, keras
     >>> from worker import Gradient
     >>> model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])

@@ -7,7 +7,7 @@ the model is guided -- in nested models, ``ReLU`` layers, ``Lambda`` and custom
 layers and SavedModels -- or the build fails and names the ones that could not
 be (``relu_policy="warn"`` turns that into a warning).
 
-Example:
+Examples:
     >>> import numpy as np, keras
     >>> from worker import GuidedBackprop
     >>> model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, activation="relu"),

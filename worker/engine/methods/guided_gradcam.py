@@ -5,7 +5,7 @@ its input gradient, and Grad-CAM's channel weights are the *ordinary* gradient o
 CAM activation (the small head above it is differentiated twice, plainly and guided; the backbone once).
 Every ReLU must be guided, as for :class:`~worker.engine.methods.guided_backprop.GuidedBackprop`.
 
-Example:
+Examples:
     >>> import numpy as np, keras
     >>> from worker import GuidedGradCAM
     >>> model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
