@@ -1,4 +1,6 @@
-"""The audit report as headless Chromium renders it: what loaded and where the findings sit on the first screen."""
+"""Pages as headless Chromium renders them: the audit report (what loaded, where the findings sit on the first
+screen), and :class:`Browser`, which drives a live page as a person would (clicks, typing) through the DevTools
+protocol and reads back what the screen shows."""
 
 from __future__ import annotations
 
@@ -56,3 +58,99 @@ def render(report_html, tmp_path) -> dict:
 def screenshot(report_html, path, tmp_path) -> None:
     """The first screen of ``report_html`` as a PNG."""
     _chromium(report_html.as_uri(), tmp_path / "profile-shot", f"--screenshot={path}")
+
+
+class Browser:
+    """A headless Chromium driven through its DevTools protocol: open a page, act on it with JavaScript (what a
+    click or a keystroke does), wait for what the screen shows, take screenshots.
+
+    Use as a context manager; ``size`` is the window's."""
+
+    def __init__(self, profile, size=FIRST_SCREEN):
+        self.profile, self.size = profile, size
+
+    def __enter__(self):
+        import asyncio
+        import time
+        import urllib.request
+
+        w, h = self.size
+        self.process = subprocess.Popen(
+            [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={self.profile}", f"--window-size={w},{h}", "--remote-debugging-port=0",
+             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = os.path.join(self.profile, "DevToolsActivePort")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(port_file) or not open(port_file).read().strip():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("chromium did not open its DevTools port")
+            time.sleep(0.1)
+        port = open(port_file).read().split()[0]
+        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+        page = next(t for t in targets if t["type"] == "page")
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self._connect(page["webSocketDebuggerUrl"]))
+        return self
+
+    async def _connect(self, url):
+        import aiohttp
+
+        self.session = aiohttp.ClientSession()
+        self.socket = await self.session.ws_connect(url, max_msg_size=0)
+        self.next_id = 0
+
+    async def _call(self, method, **params):
+        self.next_id += 1
+        await self.socket.send_json({"id": self.next_id, "method": method, "params": params})
+        while True:
+            message = await self.socket.receive_json(timeout=60)
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def call(self, method, **params):
+        return self.loop.run_until_complete(self._call(method, **params))
+
+    def evaluate(self, expression: str):
+        """The value of a JavaScript expression in the page (promises awaited)."""
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression[:80]}: {result['exceptionDetails'].get('text')} "
+                               f"{result['exceptionDetails'].get('exception', {}).get('description', '')}")
+        return result["result"].get("value")
+
+    def wait(self, condition: str, timeout: float = 30.0):
+        """Wait until a JavaScript expression is truthy; its value."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(condition)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the page never showed: {condition}")
+            time.sleep(0.1)
+
+    def goto(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+        self.wait("document.readyState === 'complete'")
+
+    def screenshot(self, path) -> None:
+        import base64
+
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        with open(path, "wb") as handle:
+            handle.write(base64.b64decode(data))
+
+    def __exit__(self, *exc):
+        self.loop.run_until_complete(self.socket.close())
+        self.loop.run_until_complete(self.session.close())
+        self.loop.close()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()

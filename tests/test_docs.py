@@ -189,5 +189,5 @@ def test_every_docs_page_is_in_the_nav_and_every_package_has_api_pages():
     pages = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
     assert pages - listed == set()
     api = "".join(p.read_text() for p in (ROOT / "docs" / "api").glob("*.md"))
-    for package in ("worker.engine", "worker.data", "worker.job", "worker.audit", "worker.cli"):
+    for package in ("worker.engine", "worker.data", "worker.job", "worker.audit", "worker.explore", "worker.cli"):
         assert f"<!-- api {package} -->" in api

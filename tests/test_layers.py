@@ -1,5 +1,6 @@
 """The layers of ``worker/`` as the folders show them, and imports in one direction only:
-engine <- job, data <- job <- audit; the data side and the command line's choices need no TensorFlow."""
+engine <- job, data <- job <- audit <- explore; the data side, the command line's choices and the explorer need no
+TensorFlow."""
 
 import ast
 import subprocess
@@ -15,6 +16,7 @@ ALLOWED = {
     "data": set(),
     "job": {"engine", "data"},
     "audit": {"engine", "data", "job"},
+    "explore": {"data", "job", "audit"},
 }
 
 
@@ -53,10 +55,11 @@ def test_imports_go_one_way(layer):
     assert not wrong, "\n".join(wrong)
 
 
-def test_the_data_side_and_the_cli_choices_need_no_tensorflow():
+def test_the_data_side_the_cli_choices_and_the_explorer_need_no_tensorflow():
     data = sorted(f"worker.data.{p.stem}" for p in (ROOT / "data").glob("*.py") if p.stem != "__init__")
     code = ("import sys\n" + "".join(f"import {m}\n" for m in data)
             + "import worker.cli, worker.engine.options, worker.engine.targets, worker.job.config\n"
+            + "import worker.explore.server\n"
             "worker.cli.parser()\n"
             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
             "assert 'keras' not in sys.modules, 'keras was imported'\n")

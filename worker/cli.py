@@ -72,10 +72,31 @@ def parser() -> argparse.ArgumentParser:
                             "class and input sensitivity) on N images per class with the job's model")
     audit.add_argument("--model", help="model for the controls (default: the path the job recorded)")
     add_options(audit, ("opt-in",))
+    view = add_parser("view", help="a local web page to filter, sort and page through a job's maps and its audit")
+    view.add_argument("output", help="a job's output directory (local, s3:// or gs://)")
+    view.add_argument("--audit", help="the audit's report directory, for its classes, findings and shortcuts")
+    view.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    view.add_argument("--port", type=int, default=8000, help="the port (0: any free one; default 8000)")
     demo = add_parser("demo", help="make real images and a model, run the job and the audit locally")
     demo.add_argument("--output", default="demo_output")
     demo.add_argument("--images", type=int, default=900, help="held-out images the job explains and the audit reads")
     return p
+
+
+def view(args) -> int:
+    """Serve the explorer until interrupted; the page's address is printed first."""
+    from worker.explore.server import Explorer, serve
+
+    server = serve(Explorer(args.output, args.audit), args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"explorer of {args.output} at http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 def main(argv=None) -> int:
@@ -99,6 +120,8 @@ def main(argv=None) -> int:
                                allow_side_effects=args.allow_side_effects)
             summary = {"report": args.report, "groups": len(result["groups"]), "findings": result["findings"],
                        **({"skipped": result["skipped"]} if result.get("skipped") else {})}
+        elif args.command == "view":
+            return view(args)
         elif args.command == "scheduled":
             from worker.job.schedule import load_config, scheduled_run
 
@@ -128,7 +151,8 @@ def command(name: str | None = None) -> None:
         from worker.job.progress import quiet_tensorflow, quiet_workers
 
         quiet_workers()
-        if argv and (argv[0] != "audit" or "--controls" in argv or "--interventions" in argv):  # will use TF
+        if argv and argv[0] != "view" and (argv[0] != "audit" or "--controls" in argv
+                                           or "--interventions" in argv):  # will use TF
             quiet_tensorflow()
     rc = main(argv)
     sys.stdout.flush()

@@ -1,0 +1,255 @@
+"""The explorer over a real job's output: slices against a reference computed in the test over the whole table, and
+the page in real headless Chromium, driven as a person drives it and checked on what the screen shows."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests import jobdata, rotation
+from tests.browser import Browser
+from worker.data.schema import read_maps
+from worker.explore.slices import Output, QueryError, Slice
+from worker.job import JobConfig, run
+
+BAD = (3, 17)  # input rows whose image is not an image: error rows
+
+
+@pytest.fixture(scope="module")
+def job(ray_local, job_model, tmp_path_factory):
+    """A real job's output over two input files of digits, with error rows and labels, in parts of 16 rows."""
+    root = tmp_path_factory.mktemp("explore")
+    data = root / "data"
+    data.mkdir()
+    images, labels = jobdata.digits(60)
+    for name, rows in (("a.parquet", slice(0, 36)), ("b.parquet", slice(36, 60))):
+        cells = [jobdata.encode(img) for img in images[rows]]
+        if name == "a.parquet":
+            for i in BAD:
+                cells[i] = b"not an image"
+        pq.write_table(pa.table({"image": pa.array(cells, pa.binary()), "label": labels[rows]}), str(data / name),
+                       row_group_size=12)
+    out = root / "maps"
+    summary = run(JobConfig(model=job_model, input=str(data), output=str(out), label_column="label",
+                            preprocessing="scale01", batch_size=8, rows_per_file=16,
+                            extra_metadata={"class_names": [f"digit {i}" for i in range(10)]}))
+    assert summary["complete"] and summary["rows_out"] == 60
+    return out, images, labels
+
+
+def reference(table: pa.Table, s: Slice) -> tuple[int, list[str]]:
+    """The slice over the whole table, in numpy: count, and the page's ids in order (ties in the output's order,
+    which is the part files' order)."""
+    n = table.num_rows
+    keep = np.ones(n, bool)
+    label = table["label"].to_numpy()
+    predicted = table["predicted_class"].to_numpy()
+    if s.true is not None:
+        keep &= label == int(s.true)
+    if s.predicted is not None:
+        keep &= predicted == int(s.predicted)
+    errors = table["error"].is_valid().to_numpy(zero_copy_only=False)
+    if s.correct is not None:  # a row with no prediction is neither
+        keep &= ((predicted == label) == s.correct) & ~errors
+    if s.errors is not None:
+        keep &= errors == s.errors
+    for r in s.ranges:
+        values = table[r.column].to_numpy(zero_copy_only=False).astype(float)
+        keep &= (values >= r.low) & (values <= r.high)
+    rows = np.flatnonzero(keep)
+    if s.sort:
+        values = table[s.sort].to_numpy(zero_copy_only=False).astype(float)[rows]
+        key = np.where(np.isnan(values), -np.inf, values if s.descending else -values)
+        rows = rows[np.lexsort((rows, -key))]
+    ids = table["id"].to_pylist()
+    return len(rows), [ids[i] for i in rows[s.offset:s.offset + s.limit]]
+
+
+def _in_part_order(out) -> pa.Table:
+    """The output's rows in the explorer's own order: part files sorted by name, rows as stored."""
+    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
+
+
+def _random_slice(rng, table) -> Slice:
+    numeric = ["predicted_prob", "target_score", "gini", "entropy", "border_mass", "com_x", "mass"]
+    query = {}
+    if rng.random() < 0.4:
+        query["true"] = str(rng.integers(0, 10))
+    if rng.random() < 0.3:
+        query["predicted"] = str(rng.integers(0, 10))
+    if rng.random() < 0.3:
+        query["correct"] = str(bool(rng.random() < 0.5)).lower()
+    if rng.random() < 0.3:
+        query["error"] = str(bool(rng.random() < 0.5)).lower()
+    if rng.random() < 0.5:
+        column = str(rng.choice(numeric))
+        values = table[column].to_numpy(zero_copy_only=False).astype(float)
+        lo, hi = sorted(rng.choice(values[np.isfinite(values)], 2))
+        query["range"] = f"{column}:{float(lo)!r}:{float(hi)!r}"
+    if rng.random() < 0.7:
+        query["sort"] = str(rng.choice(["-", ""])) + str(rng.choice(numeric))
+    query["offset"] = str(rng.integers(0, 30))
+    query["limit"] = str(rng.integers(1, 25))
+    return Slice.from_query(query)
+
+
+def test_slices_match_the_reference_over_the_whole_table(job):
+    out, _, _ = job
+    output, table = Output(str(out)), _in_part_order(out)
+    rng = np.random.default_rng(rotation.draw("explorer slices", range(10_000), 1)[0])
+    for _ in range(40):
+        s = _random_slice(rng, table)
+        page = output.page(s)
+        total, ids = reference(table, s)
+        assert (page.total, [r["id"] for r in page.rows]) == (total, ids), s
+    # the page's rows carry their maps at their true scale, and error rows none
+    page = output.page(Slice(sort="gini", limit=60))
+    maps = read_maps(table)
+    by_id = {row_id: i for i, row_id in enumerate(table["id"].to_pylist())}
+    for row in page.rows:
+        if row["error"]:
+            assert row["map"] is None
+        else:
+            np.testing.assert_array_equal(row["map"], maps[by_id[row["id"]]])
+    assert output.page(Slice(errors=True)).total == len(BAD)
+    assert output.page(Slice(file="b.parquet")).total == 24
+
+
+@pytest.mark.parametrize("query, says", [
+    ({"sort": "colour"}, "'colour' is not a column of this output; numeric columns: "),
+    ({"range": "gini:0.9:0.1"}, "runs backwards"),
+    ({"range": "id:1:2"}, "'id' is not numeric"),
+    ({"true": "cat"}, "neither a class index nor a class name; the classes are"),
+    ({"cluster": "1"}, "needs the audit"),
+    ({"offset": "-4"}, "not a whole number"),
+    ({"colour": "red"}, "unknown query key"),
+])
+def test_bad_queries_get_one_line(job, query, says):
+    out, _, _ = job
+    with pytest.raises(QueryError, match=re.escape(says)) as err:
+        Output(str(out)).page(Slice.from_query(query))
+    assert "\n" not in str(err.value)
+
+
+def test_an_output_that_is_not_one_is_refused_in_one_line(tmp_path):
+    with pytest.raises(QueryError, match="holds no part files of a job's output"):
+        Output(str(tmp_path))
+
+
+def _get(url: str) -> tuple[int, bytes, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers["Content-Type"]
+
+
+@pytest.fixture
+def explorer(job):
+    """``python -m jobs.view OUTPUT --port 0`` as a person starts it; the address it prints."""
+    out, _, _ = job
+    process = subprocess.Popen([sys.executable, "-m", "jobs.view", str(out), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        found = re.search(r"http://[\d.]+:\d+/", line)
+        assert found, line + process.stderr.read()
+        yield found.group(0)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_the_server_reads_nothing_outside_what_it_was_given(explorer):
+    for path in ("../../../etc/passwd", "api/../../etc/passwd", "api/picture?part=0&id=../../etc/passwd",
+                 "api/picture?part=999&id=x", "api/row?part=-1&id=x", "%2e%2e/%2e%2e/etc/passwd"):
+        status, body, kind = _get(explorer + path)
+        assert status in (400, 404) and kind == "application/json", path
+        assert b"root:" not in body and b"Traceback" not in body
+        assert list(__import__("json").loads(body)) == ["error"]
+
+
+def _screen(browser: Browser) -> dict:
+    """What the rows view shows: the status line, the pager, each card's id and whether its pictures decoded."""
+    return browser.evaluate("""(() => ({
+        status: document.getElementById('status').innerText, error: document.getElementById('status').className,
+        where: document.getElementById('where').innerText,
+        cards: [...document.querySelectorAll('.card')].map(c => ({id: c.dataset.id,
+            text: c.querySelector('.caption').innerText,
+            images: [...c.querySelectorAll('img')].map(i => i.complete && i.naturalWidth > 0)}))}))()""")
+
+
+def _settled(browser: Browser) -> dict:
+    browser.wait("document.getElementById('status').innerText && !document.getElementById('status').innerText"
+                 ".startsWith('asking') && [...document.images].every(i => i.complete)")
+    return _screen(browser)
+
+
+def test_a_person_filters_sorts_pages_and_opens_a_row(job, explorer, tmp_path):
+    out, _, _ = job
+    table = _in_part_order(out)
+    with Browser(tmp_path / "profile") as browser:
+        browser.goto(explorer)
+        first = _settled(browser)
+        assert first["status"].startswith("60 rows match") and len(first["cards"]) == 24
+        assert [c["id"] for c in first["cards"]] == reference(table, Slice(limit=24))[1]
+        failed = set(table.filter(table["error"].is_valid())["id"].to_pylist())
+        assert {c["id"] for c in first["cards"] if "error:" in c["text"]} == failed & {c["id"] for c in first["cards"]}
+        good = [c for c in first["cards"] if c["id"] not in failed]
+        assert good and all(len(c["images"]) == 3 and all(c["images"]) for c in good)
+
+        # a filter and a sort, chosen in the form as a person does
+        browser.evaluate("""(() => { document.getElementById('correct').value = 'false';
+            document.getElementById('sort').value = 'gini'; document.getElementById('order').value = '-';
+            document.getElementById('apply').click(); })()""")
+        browser.wait("location.hash.includes('sort=-gini')")
+        shown = _settled(browser)
+        total, ids = reference(table, Slice(correct=False, sort="gini", limit=24))
+        assert shown["status"].startswith(f"{total} rows match")
+        assert [c["id"] for c in shown["cards"]] == ids
+
+        # a page turn on the unfiltered run
+        browser.evaluate("location.hash = ''")
+        _settled(browser)
+        browser.evaluate("document.getElementById('next').click()")
+        browser.wait("document.getElementById('where').innerText.startsWith('rows 25')")
+        turned = _settled(browser)
+        assert turned["where"] == "rows 25–48 of 60"
+        assert [c["id"] for c in turned["cards"]] == reference(table, Slice(offset=24, limit=24))[1]
+
+        # a click into a row: its pictures at full size, its columns, its map's colour scale
+        row_id = next(c["id"] for c in turned["cards"] if "error" not in c["text"])
+        browser.evaluate(f"document.querySelector('.card[data-id=\"{row_id}\"]').click()")
+        browser.wait("document.getElementById('detail').open && document.querySelectorAll('#detail img').length"
+                     " === 3 && [...document.querySelectorAll('#detail img')].every(i => i.complete)")
+        detail = browser.evaluate("""(() => ({id: document.getElementById('detail-id').innerText,
+            images: [...document.querySelectorAll('#detail img')].map(i => [i.naturalWidth, i.width]),
+            scale: document.getElementById('scale').innerText,
+            text: document.getElementById('detail').innerText}))()""")
+        assert detail["id"] == row_id
+        assert all(natural >= 256 and width == 384 for natural, width in detail["images"])
+        high = np.abs(read_maps(table)[table["id"].to_pylist().index(row_id)]).max()
+        found = re.search(r"map colours:\s+0\s+([\d.e+-]+)", detail["scale"])
+        assert found, detail["scale"]
+        shown_high = float(found.group(1))
+        assert shown_high == pytest.approx(high, rel=1e-3)
+        assert "gini" in detail["text"] and "border_mass" in detail["text"]
+        browser.screenshot(tmp_path / "detail.png")
+        browser.evaluate("document.getElementById('close').click()")
+
+        # bad queries: one line on the page, never a stack trace
+        for hash_, says in (("range=gini:0.9:0.1", "runs backwards"), ("sort=-colour", "'colour' is not a column"),
+                            ("true=cat", "neither a class index nor a class name")):
+            browser.evaluate(f"location.hash = '{hash_}'")
+            browser.wait(f"document.getElementById('status').innerText.includes({says!r})")
+            bad = _screen(browser)
+            assert bad["error"] == "error" and "\n" not in bad["status"].strip() and not bad["cards"]
+            assert "Traceback" not in browser.evaluate("document.body.innerText")
