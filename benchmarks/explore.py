@@ -192,16 +192,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--part-rows", type=int, default=PART_ROWS, help="rows per output part file (the job's "
                    "--rows-per-file; default 1024, the job's default)")
-    p.add_argument("--workdir", help="where the runs are written (default: a temporary directory, removed)")
+    p.add_argument("--workdir", help="where the runs are written and kept, to be measured again by the same "
+                   "command (default: a temporary directory, removed)")
     args = p.parse_args()
     base = args.workdir or tempfile.mkdtemp(prefix="explore-")
     results = {"machine": machine(), "revision": git_revision(), "date": datetime.date.today().isoformat(),
                "command": "python -m benchmarks.explore " + " ".join(sys.argv[1:]), "sizes": {}}
     try:
         for rows in args.sizes:
-            root = os.path.join(base, str(rows))
+            root = os.path.join(base, f"{rows}-{args.part_rows}")
             started = time.perf_counter()
-            output = write_run(root, rows, args.part_rows)
+            if os.path.isdir(os.path.join(root, "maps")):  # a --workdir kept from an earlier run: measured again
+                output = os.path.join(root, "maps")
+            else:
+                output = write_run(root, rows, args.part_rows)
             written = time.perf_counter() - started
             load = os.getloadavg()[0]
             results["part_rows"] = args.part_rows

@@ -253,3 +253,36 @@ def test_a_person_filters_sorts_pages_and_opens_a_row(job, explorer, tmp_path):
             bad = _screen(browser)
             assert bad["error"] == "error" and "\n" not in bad["status"].strip() and not bad["cards"]
             assert "Traceback" not in browser.evaluate("document.body.innerText")
+
+
+@pytest.mark.slow
+def test_the_demos_audit_in_the_explorer_leads_to_its_shortcut(tmp_path):
+    """The demo's output and audit as a person opens them: the confirmed shortcut is shown with its picture, and
+    its link shows the class's rows."""
+    from tests.test_demo import _demo
+    from worker.demo import CLASSES, MARKED_CLASS
+
+    _, _, output = _demo(tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "jobs.view", str(output / "maps"), "--audit",
+                                str(output / "audit"), "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"http://[\d.]+:\d+/", process.stdout.readline()).group(0)
+        labels = pq.read_table(str(output / "maps"), columns=["label"])["label"].to_numpy()
+        with Browser(tmp_path / "profile") as browser:
+            browser.goto(url)
+            _settled(browser)
+            browser.evaluate("document.getElementById('tab-audit').click()")
+            browser.wait("document.querySelectorAll('#audit figure.class img').length === 6")
+            browser.wait("[...document.querySelectorAll('#audit img')].every(i => i.complete && i.naturalWidth > 0)")
+            shortcuts = browser.evaluate("[...document.querySelectorAll('#audit figure.shortcut')].map(f => "
+                                         "[f.innerText, f.querySelector('img').naturalWidth])")
+            assert [s[0].split(":")[0] for s in shortcuts] == [CLASSES[MARKED_CLASS]] and shortcuts[0][1] > 0
+            browser.screenshot(tmp_path / "audit.png")
+            browser.evaluate("document.querySelector('#audit figure.shortcut a').click()")
+            browser.wait(f"location.hash.includes('true={MARKED_CLASS}')")
+            shown = _settled(browser)
+            assert shown["status"].startswith(f"{int((labels == MARKED_CLASS).sum())} rows match")
+            assert all(f"true {CLASSES[MARKED_CLASS]}" in c["text"] for c in shown["cards"])
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
