@@ -120,7 +120,7 @@ def test_comparison_from_the_audit_of_a_job_with_masks(ray_local, job_model, tmp
     import keras
 
     depths = compare.cascade_depths(len(compare.weighted_layers(keras.saving.load_model(job_model))))
-    section = result["method_comparison"]
+    section = result.method_comparison.summary
     assert section["images"] == 3 and set(section["methods"]) == {name for name, _, _ in compare.variants()}
     for name, r in section["methods"].items():
         assert "error" not in r, name
