@@ -205,3 +205,11 @@ def test_an_untrained_models_tiny_gains_are_not_trusted(job_model):
     assert sum(g["mean"] < r["gain_floor"] for g in gains) >= 2 and max(g["mean"] for g in gains) < 1e-2
     assert not r["faithful"] and not r["trusted"]
     assert f"by {compare.MIN_GAIN:.1%} of the logit range" in section["sentence"]
+    # the report's section of a job without masks: the sentence, no localisation columns, the five charts
+    from markupsafe import escape
+
+    from worker.audit.report import render_html
+    from worker.audit.result import AuditResult, MethodComparison
+
+    page = render_html(AuditResult("maps/", {}, {}, method_comparison=MethodComparison.of(section)))
+    assert str(escape(section["sentence"])) in page and "energy in mask" not in page and page.count("<svg") == 5

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -118,10 +118,10 @@ class GroupSummary:
     clustering ((n, 16, 16) float32; None for the groups not clustered)."""
 
     count: int
-    mean_map: np.ndarray
-    var_map: np.ndarray
-    stats: dict[str, Statistic]
-    sample: np.ndarray | None = None
+    mean_map: np.ndarray = field(repr=False)
+    var_map: np.ndarray = field(repr=False)
+    stats: dict[str, Statistic] = field(repr=False)
+    sample: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,8 @@ class WorstCase:
 
     value: float
     id: str
-    grid: np.ndarray
-    image: np.ndarray | None = None
+    grid: np.ndarray = field(repr=False)
+    image: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {"value": self.value, "id": self.id}

@@ -48,7 +48,7 @@ class Cluster:
     cluster: int
     count: int
     share: float
-    mean_map: np.ndarray
+    mean_map: np.ndarray = field(repr=False)
     examples: tuple = field(default=(), repr=False)
     members: tuple[Member, ...] = field(default=(), repr=False)
 

@@ -284,7 +284,7 @@ def _methods_view(comparison) -> dict | None:
     charts.append(_svg_curves([(n, colours[n], [1.0] + [p["mean"] for p in r["cascade"]], False)
                                for n, r in done.items() if r["cascade"]],
                               "cascading randomisation: Spearman", "layers re-initialised from the top"))
-    return {"summary": section, "done": done, "colours": colours, "keys": keys, "first": first,
+    return {"summary": section, "done": done, "colours": colours, "columns": keys, "first": first,
             "localised": any("localisation" in r for r in done.values()),
             "failed": [(n, r["error"]) for n, r in section["methods"].items() if "error" in r],
             "charts": [c for c in charts if c]}

@@ -87,7 +87,7 @@ class AuditResult:
     metadata, as read from its output."""
 
     output: str
-    metadata: dict
+    metadata: dict = field(repr=False)
     groups: dict[Group, GroupSummary]
     worst: dict[str, WorstCases] = field(default_factory=dict)
     clusters: dict[Group, list] = field(default_factory=dict)
