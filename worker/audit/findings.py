@@ -136,28 +136,28 @@ def intervention_findings(probed: list) -> list[Finding]:
     the fills and its fills' intervals, and the share of the region's pixels stamped (the same in every image)."""
     out = []
     for p in probed:
-        y0, x0, y1, x1 = p.probe["box"]
+        q = p.probe
+        y0, x0, y1, x1 = q["box"]
         fills = ", ".join(f"{how}: {f['flip_rate']:.0%} vs {f['control_flip_rate']:.0%} "
-                          f"[{f['interval'][0]:+.2f}, {f['interval'][1]:+.2f}]" for how, f in p.probe["fills"].items())
-        low = min(f["interval"][0] for f in p.probe["fills"].values())
-        high = max(f["interval"][1] for f in p.probe["fills"].values())
-        severity = "high" if p.probe["shortcut"] else "medium" if p.probe["needed"] else "low"
+                          f"[{f['interval'][0]:+.2f}, {f['interval'][1]:+.2f}]" for how, f in q["fills"].items())
+        low = min(f["interval"][0] for f in q["fills"].values())
+        high = max(f["interval"][1] for f in q["fills"].values())
+        severity = "high" if q["shortcut"] else "medium" if q["needed"] else "low"
         finding = {"confirmed": "shortcut confirmed by intervention",
                    "decisive region (large)": "large region needed and sufficient (the object?)",
                    "shortcut with the object": "shortcut: a stamped artifact the class needs, with the object",
                    "needed, not sufficient": "region needed, not sufficient: part of the object (it varies)"
-                   if p.probe["images"] >= STAMP_IMAGES else "region needed, not sufficient (too few images to tell an "
-                                                       "artifact from the object)"}
-        where = "" if p.cluster is None else f"SpRAy cluster {p.cluster} ({p.probe['images']} images): "
+                   if q["images"] >= STAMP_IMAGES else
+                   "region needed, not sufficient (too few images to tell an artifact from the object)"}
+        where = "" if p.cluster is None else f"SpRAy cluster {p.cluster} ({q['images']} images): "
+        stamped = (f"{q['stamp']['stamped_share']:.0%} of its pixels the same in every image"
+                   if q["images"] >= STAMP_IMAGES else
+                   f"too few images ({q['images']} < {STAMP_IMAGES}) to tell an artifact by its stamp")
         out.append(Finding(
-            Group("true", p.probe["class"]), severity, finding.get(p.probe["verdict"], "attention without effect"),
-            f"{where}region y {y0:.2f}-{y1:.2f}, x {x0:.2f}-{x1:.2f}: flips when neutralised vs at random "
-                              f"places ({fills}); pasted into other classes it moves "
-                              f"{p.probe['sufficiency']['moved_to_class']:.0%} to the class "
-                              f"(random box {p.probe['sufficiency']['control_moved']:.0%}); "
-                              + (f"{p.probe['stamp']['stamped_share']:.0%} of its pixels the same in every image"
-                                 if p.probe["images"] >= STAMP_IMAGES else
-                                 f"too few images ({p.probe['images']} < {STAMP_IMAGES}) to tell an artifact by its stamp"),
-            box=[float(v) for v in p.probe["box"]], effect=p.probe["effect"], interval=[low, high], verdict=p.probe["verdict"],
-            shortcut=p.probe["shortcut"], stamped_share=p.probe["stamp"]["stamped_share"], cluster=p.cluster))
+            Group("true", q["class"]), severity, finding.get(q["verdict"], "attention without effect"),
+            f"{where}region y {y0:.2f}-{y1:.2f}, x {x0:.2f}-{x1:.2f}: flips when neutralised vs at random places "
+            f"({fills}); pasted into other classes it moves {q['sufficiency']['moved_to_class']:.0%} to the class "
+            f"(random box {q['sufficiency']['control_moved']:.0%}); {stamped}",
+            box=[float(v) for v in q["box"]], effect=q["effect"], interval=[low, high], verdict=q["verdict"],
+            shortcut=q["shortcut"], stamped_share=q["stamp"]["stamped_share"], cluster=p.cluster))
     return out

@@ -101,7 +101,8 @@ def shortcut_panels(probed, names=None, scale: int = 4) -> list[tuple[str, np.nd
               ("mean map, region", with_box(heat(probed.mean_map, size), box, scale))]
     for e in probed.examples[:1]:
         original = e.versions["original"]
-        panels.append((f"image: class {name(original.predicted)}", with_box(enlarge(original.image, scale), box, scale)))
+        panels.append((f"image: class {name(original.predicted)}",
+                       with_box(enlarge(original.image, scale), box, scale)))
         panels.append(("its map", with_box(enlarge(overlay(original.image, e.map), scale), box, scale)))
         for how, v in e.versions.items():
             if how != "original":

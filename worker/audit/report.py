@@ -278,8 +278,9 @@ def _methods_view(comparison) -> dict | None:
     colours = {n: COLOURS[i % len(COLOURS)] for i, n in enumerate(done)}
     keys = [f"{mode}:{how}" for how in section["baselines"] for mode in ("deletion", "insertion")]
     first = next(iter(done.values()), None)
-    charts = [_svg_curves([(n, colours[n], r["faithfulness"][k]["curve"], False) for n, r in done.items()]
-                          + ([("random order", "#777", first["faithfulness"][k]["floor_curve"], True)] if first else []),
+    floor = {k: [("random order", "#777", first["faithfulness"][k]["floor_curve"], True)] if first else []
+             for k in keys}
+    charts = [_svg_curves([(n, colours[n], r["faithfulness"][k]["curve"], False) for n, r in done.items()] + floor[k],
                           f"{k}: target logit", "share of pixels flipped, most relevant first") for k in keys]
     charts.append(_svg_curves([(n, colours[n], [1.0] + [p["mean"] for p in r["cascade"]], False)
                                for n, r in done.items() if r["cascade"]],

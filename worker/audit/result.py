@@ -123,7 +123,8 @@ class AuditResult:
             "groups": [{**g.columns(names), "count": v.count, "mean_map": v.mean_map.tolist(),
                         "stats": {k: s.to_dict() for k, s in v.stats.items()}} for g, v in self.groups.items()],
             "worst": {name: w.to_dict() for name, w in self.worst.items()},
-            "clusters": [{**g.columns(names), "clusters": [c.to_dict() for c in cs]} for g, cs in self.clusters.items()],
+            "clusters": [{**g.columns(names), "clusters": [c.to_dict() for c in cs]}
+                         for g, cs in self.clusters.items()],
             "findings": [f.to_dict(names) for f in self.findings],
             "controls": self.controls,
             "interventions": self.interventions and self.interventions.to_dict(),

@@ -56,7 +56,8 @@ from worker.job.progress import watch
 from worker.job.resources import connect
 
 
-LIBRARIES = {"scipy": "scipy", "sklearn": "scikit-learn", "skimage": "scikit-image", "jinja2": "jinja2"}  # module: distribution
+# module: distribution
+LIBRARIES = {"scipy": "scipy", "sklearn": "scikit-learn", "skimage": "scikit-image", "jinja2": "jinja2"}
 
 
 def require_libraries() -> None:
@@ -213,7 +214,7 @@ def cluster_maps(job: JobOutput, groups: dict) -> tuple[dict, dict]:
     return with_examples(groups, fitted, dict(sorted(clusters.items()))), fitted
 
 
-def model_engines(job: JobOutput, model: str | None, asked: Asked):
+def model_engines(job: JobOutput, model: str | None = None):
     """The job's engine factory for the model steps, with the model checked before any step runs it:
     (``make_engine``, None), or (None, why the steps are skipped) when the model needs an opt-in the auditor did
     not give."""
@@ -418,13 +419,13 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     clusters, fitted = cluster_maps(job, groups)
     make_engine = skipped = None
     if asked:
-        make_engine, skipped = model_engines(job, model, asked)
+        make_engine, skipped = model_engines(job, model)
         if skipped:
             echo(f"audit: {skipped}")
             asked = NONE_ASKED
     worst, worst_note = worst_images(job, worst)
-    echo(f"audit: {sum(v.count for g, v in groups.items() if g.kind == 'predicted')} maps in {len(job.files)} files "
-         f"aggregated and clustered in {time.perf_counter() - began:.1f} s")
+    echo(f"audit: {sum(v.count for g, v in groups.items() if g.kind == 'predicted')} maps in {len(job.files)} "
+         f"files aggregated and clustered in {time.perf_counter() - began:.1f} s")
     predicted = _classes_of(groups, "predicted")
     sample = sample_job_input(job, asked, _classes_of(groups, "true"), predicted)
 
