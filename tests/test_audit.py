@@ -390,3 +390,29 @@ def test_audit_of_a_job_with_string_labels(ray_local, job_model, tmp_path):
         {(names.index(n), n) if n in names else (None, n) for n in set(labels)}
     saved = json.loads((tmp_path / "report" / "audit.json").read_text())
     assert {g["class_name"] for g in saved["groups"] if g["kind"] == "true"} == set(labels)
+
+
+def test_one_sample_of_the_input_serves_every_step():
+    """The audit reads the job's input once for the controls (the first rows), the interventions and the method
+    comparison (the first rows of each class): it stops as soon as every part is there, and each step's part is
+    what it would have read alone (the beginning of a larger part)."""
+    from worker.audit.sample import Draw
+
+    labels = [0, 1, 0, 2, 1, 0, 1, 2, 0, 3, 1, 2, 0, 1]
+    read = []
+
+    def rows():
+        for i, label in enumerate(labels):
+            read.append(i)
+            yield f"r{i}", np.full((2, 2, 3), i, np.uint8), label, None
+
+    sample = Draw(rows(), first=3, per_class=3, classes=[0, 1, 2], size=(2, 2))
+    by_class = {c: [i for i, label in enumerate(labels) if label == c][:3] for c in (0, 1, 2)}
+    assert read == list(range(max(max(v) for v in by_class.values()) + 1))  # no row past the last one needed
+    assert sample.first(3).ids == ["r0", "r1", "r2"] and sample.first(3).classes is None
+    for n in (1, 2, 3):
+        part = sample.per_class(n)
+        assert part.ids == [f"r{i}" for c in (0, 1, 2) for i in by_class[c][:n]]
+        assert part.classes == [c for c in (0, 1, 2) for _ in by_class[c][:n]]
+        assert [int(im[0, 0, 0]) for im in part.images] == [int(i[1:]) for i in part.ids]
+    assert sample.per_class(3).by_class().keys() == {0, 1, 2} and sample.per_class(3).masks is None
