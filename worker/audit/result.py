@@ -139,7 +139,7 @@ class AuditResult:
     def summary(self, report_dir: str | None = None) -> dict:
         """The command line's summary of the audit: the report's folder, how many groups, the findings and, where
         the model steps were skipped, why."""
-        return {"report": report_dir, "groups": len(self.groups) + len(self.worst),
+        return {"report": report_dir, "groups": len(self.groups),
                 "findings": [f.to_dict(self.names) for f in self.findings],
                 **({"skipped": self.skipped} if self.skipped else {})}
 
