@@ -52,10 +52,10 @@ def test_audit_flags_the_marked_class(ray_local, shortcut_model, tmp_path):
     assert Group("true", MARKED) in flagged, details
     assert flagged == {Group("true", MARKED)}, (result.findings, details)
     controls = result.controls
-    assert controls["images"] == 24
-    assert set(controls["similarity_to_real"]) == {"random_class", "randomized_model", "edges"}
-    for value in controls["similarity_to_real"].values():
-        assert -1 <= value["spearman"] <= 1 and -1 <= value["ssim"] <= 1
+    assert controls.images == 24
+    assert set(controls.similarity_to_real) == {"random_class", "randomized_model", "edges"}
+    for value in controls.similarity_to_real.values():
+        assert -1 <= value.spearman <= 1 and -1 <= value.ssim <= 1
     assert "Controls" in (tmp_path / "report" / "report.html").read_text()
 
 

@@ -114,7 +114,7 @@ def view(result) -> dict:
         "skipped": result.skipped, **_lead_view(result),
         "classes": classes, "vmax": vmax, "cmax": cmax, "class_images": bool(result.class_images),
         "worst": _worst_view(result), "worst_note": result.notes.get("worst_images", ""),
-        "controls": result.controls and {**result.controls, "sentence": controls_sentence(result.controls)},
+        "controls": result.controls, "controls_sentence": result.controls and controls_sentence(result.controls),
         "methods": _methods_view(result.method_comparison),
         "interventions": _interventions_view(result.interventions),
         "clusters": _clusters_view(result, vmax), "sample_size": SAMPLE_SIZE,
@@ -242,21 +242,21 @@ def _interventions_view(section) -> dict | None:
 SAME_CLASS = 0.8  # Spearman to a random class's (or a randomised model's) map above this: the maps hardly depend on it
 
 
-def controls_sentence(controls: dict) -> str:
-    """What the controls say about this model's maps, in a sentence or two."""
-    similar = controls["similarity_to_real"]
+def controls_sentence(controls) -> str:
+    """What the :class:`~worker.audit.controls.Controls` say about this model's maps, in a sentence or two."""
+    similar = controls.similarity_to_real
     out = []
-    if not all(np.isfinite(v["spearman"]) for v in similar.values()):
+    if not all(np.isfinite(v.spearman) for v in similar.values()):
         out.append("Constant maps have no rank order: a control with only such pairs has no Spearman.")
-    if "random_class" in similar and np.isfinite(similar["random_class"]["spearman"]):
-        v = similar["random_class"]["spearman"]
+    if "random_class" in similar and np.isfinite(similar["random_class"].spearman):
+        v = similar["random_class"].spearman
         out.append(f"The maps change little with the class asked about (Spearman {v:.2f} to a random class's map): "
                    "read them as where the model sees edges and objects, not as evidence for one class."
                    if v >= SAME_CLASS else
                    f"The maps depend on the class asked about (Spearman {v:.2f} to a random class's map): "
                    "they carry some class evidence.")
-    if "randomized_model" in similar and np.isfinite(similar["randomized_model"]["spearman"]):
-        v = similar["randomized_model"]["spearman"]
+    if "randomized_model" in similar and np.isfinite(similar["randomized_model"].spearman):
+        v = similar["randomized_model"].spearman
         out.append(f"A model with randomised weights gives much the same maps (Spearman {v:.2f}): they show the "
                    "image's structure more than what this model learnt."
                    if v >= SAME_CLASS else

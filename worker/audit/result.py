@@ -9,7 +9,7 @@ Each part is made once, by the step that computes it, and never changed after:
   where the input could be read);
 * ``clusters``: {group: [:class:`~worker.audit.clusters.Cluster`]} (SpRAy);
 * ``findings``: [:class:`~worker.audit.findings.Finding`], high severity first;
-* ``controls`` (:func:`~worker.audit.controls.run_controls`'s numbers), ``interventions``
+* ``controls`` (:class:`~worker.audit.controls.Controls`), ``interventions``
   (:class:`Interventions`) and ``method_comparison`` (:class:`MethodComparison`), None where not run;
 * ``class_images``: {class: its mean input image}; ``skipped``: why the model steps did not run (None when they
   did or were not asked for); ``notes``: what the report says of a part it cannot show.
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from worker.audit.aggregate import Group, GroupSummary, WorstCases
+from worker.audit.controls import Controls
 from worker.audit.findings import Finding
 from worker.audit.intervene import ProbedRegion
 
@@ -92,7 +93,7 @@ class AuditResult:
     worst: dict[str, WorstCases] = field(default_factory=dict)
     clusters: dict[Group, list] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
-    controls: dict | None = None
+    controls: Controls | None = None
     interventions: Interventions | None = None
     method_comparison: MethodComparison | None = None
     class_images: dict = field(default_factory=dict, repr=False)
@@ -126,7 +127,7 @@ class AuditResult:
             "clusters": [{**g.columns(names), "clusters": [c.to_dict() for c in cs]}
                          for g, cs in self.clusters.items()],
             "findings": [f.to_dict(names) for f in self.findings],
-            "controls": self.controls,
+            "controls": self.controls and self.controls.to_dict(),
             "interventions": self.interventions and self.interventions.to_dict(),
             "method_comparison": self.method_comparison and self.method_comparison.to_dict(),
             "skipped": self.skipped,

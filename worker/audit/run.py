@@ -14,7 +14,7 @@ Each step returns its part; :func:`run_audit` puts them in an :class:`~worker.au
 
 Example:
     >>> result = run_audit("maps/", "report/", controls=16)  # doctest: +SKIP
-    >>> result.findings[0].finding, result.controls["similarity_to_real"]  # doctest: +SKIP
+    >>> result.findings[0].finding, result.controls.similarity_to_real["edges"].spearman  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from worker.audit.aggregate import (
 )
 from worker.audit.clusters import Cluster, Member, assign, cluster_groups, with_examples
 from worker.audit.compare import compare_methods as compare_methods_on
-from worker.audit.controls import run_controls
+from worker.audit.controls import Controls, run_controls
 from worker.audit.findings import findings, intervention_findings
 from worker.audit.findings import order as finding_order
 from worker.audit.intervene import FILLS, PLACEMENTS, Example, ProbedRegion, Version, fill, probe_region
@@ -268,7 +268,7 @@ def worst_images(job: JobOutput, worst: dict) -> tuple[dict, str | None]:
             for name, v in worst.items()}, None
 
 
-def control_maps(make_engine, job: JobOutput, sample: Draw, n: int) -> dict:
+def control_maps(make_engine, job: JobOutput, sample: Draw, n: int) -> Controls:
     """The control step (:func:`~worker.audit.controls.run_controls`) on the sample's first ``n`` images."""
     return run_controls(make_engine, sample.first(n).images, safe_mode=not job.config.allow_unsafe_deserialization)
 
@@ -433,7 +433,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     if asked.controls:
         tick = time.perf_counter()
         controlled = control_maps(make_engine, job, sample, asked.controls)
-        echo(f"audit: controls on {controlled['images']} images in {time.perf_counter() - tick:.1f} s")
+        echo(f"audit: controls on {controlled.images} images in {time.perf_counter() - tick:.1f} s")
     if asked.interventions:
         probed, clusters = intervene(make_engine, job, groups, clusters, fitted, sample, asked.interventions)
         echo(f"audit: interventions on {len(probed.regions)} regions in {probed.seconds} s: {probed.verdicts()}")

@@ -56,7 +56,7 @@ target {{ card.target }}; model {{ fingerprint }}&hellip;</p>
 {%- if looks %}
 <p>Where the maps look (not tested): {{ looks|join("; ") }}{% if looks_more %} and {{ looks_more }} more{% endif %} (<a href=#findings>all findings</a>).</p>
 {%- endif %}
-{%- if controls %}<p>{{ controls.sentence }}</p>{% endif %}
+{%- if controls %}<p>{{ controls_sentence }}</p>{% endif %}
 
 <h2 id=classes>Classes</h2>
 {%- if not classes %}<p>no classes</p>
@@ -71,7 +71,7 @@ over it, at the input's resolution; the row id names it in the output. {{ worst_
 
 <h2 id=controls>Controls</h2>
 {%- if not controls %}<p>{% if skipped %}skipped: the model was not run (see above){% else %}not run (audit --controls N){% endif %}</p>
-{%- else %}<p class=answer>{{ controls.sentence }}</p>
+{%- else %}<p class=answer>{{ controls_sentence }}</p>
 <p>{{ controls.images }} images; extra cost: {{ controls.extra_model_cost }}. Similarity of the real maps to each control (guided backprop is known to reconstruct edges and to pass the model-randomisation test poorly: Adebayo et al. 2018).</p>
 <table><tr><th>control</th><th>Spearman</th><th>SSIM</th></tr>
 {%- for name, v in controls.similarity_to_real.items() %}<tr><td>{{ name }}</td><td>{{ v.spearman|fmt(".3f") }}</td><td>{{ v.ssim|fmt(".3f") }}</td></tr>{% endfor %}</table>
