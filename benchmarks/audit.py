@@ -100,7 +100,6 @@ def one(output: str, report: str, interventions: int) -> None:
     """The child: one audit, its seconds and this process's peak RSS before and after, as a JSON line."""
     from benchmarks.common import local_ray
     from worker.audit import run_audit
-    from worker.audit.aggregate import Group
 
     local_ray()
     before = memory_mb()
@@ -108,14 +107,13 @@ def one(output: str, report: str, interventions: int) -> None:
     with PeakSampler(memory_mb, 0.05) as sampler:
         result = run_audit(output, report, interventions=interventions)
     seconds = time.perf_counter() - start
-    section = result.get("interventions") or {}
+    section = result.interventions
+    regions = section.regions if section else []
     print(json.dumps({"seconds": seconds, "baseline_mb": before["rss"], "peak_mb": sampler.peak["rss"],
                       "before": before, "peak": sampler.peak, "after": memory_mb(),
-                      "rows": sum(v["count"] for g, v in result["groups"].items()
-                                  if isinstance(g, Group) and g.kind == "predicted"),
-                      "regions": len(section.get("regions", [])),
-                      "confirmed": sum(r["confirmed"] for r in section.get("regions", [])),
-                      "intervention_seconds": section.get("seconds")}))
+                      "rows": result.rows, "regions": len(regions),
+                      "confirmed": sum(bool(r.probe["confirmed"]) for r in regions),
+                      "intervention_seconds": section.seconds if section else None}))
 
 
 def child(output, report, interventions=0) -> dict:

@@ -14,17 +14,20 @@ import pytest
 
 FIRST_SCREEN = (1366, 768)  # a laptop's screen
 
-# after load: the images and whether each decoded, the page's width against the window's, and the box of the
-# lead (the confirmed findings) and of its pictures
+# after load: the images and whether each decoded, the page's width against the window's, the box of the
+# lead (the confirmed findings) and of its pictures, and the skipped model steps' line (its box and the text it
+# shows) with the number of sections that point to it
 CHECK = """<script>addEventListener("load", () => {
   const images = [...document.images], lead = document.querySelector(".lead");
-  const answer = document.getElementById("answer");
+  const answer = document.getElementById("answer"), skipped = document.getElementById("skipped");
   const box = e => { const r = e.getBoundingClientRect(); return [r.top, r.bottom, r.left, r.right]; };
   document.body.setAttribute("data-check", JSON.stringify({
     images: images.length, broken: images.filter(i => !i.complete || i.naturalWidth === 0).length,
     scroll_width: document.documentElement.scrollWidth, width: innerWidth, height: innerHeight,
     answer: answer && box(answer), lead: lead && box(lead),
-    lead_images: lead ? [...lead.querySelectorAll("img")].map(i => [...box(i), i.naturalWidth]) : []}));
+    lead_images: lead ? [...lead.querySelectorAll("img")].map(i => [...box(i), i.naturalWidth]) : [],
+    skipped: skipped && box(skipped), skipped_text: skipped && skipped.innerText,
+    not_run: [...document.querySelectorAll("p")].filter(p => p.innerText.startsWith("skipped: the model")).length}));
 });</script>"""
 
 

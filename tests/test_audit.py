@@ -43,16 +43,16 @@ def test_merged_partials_equal_one_pass():
     assert whole.keys() == merged.keys()
     for g in whole:
         if isinstance(g, Worst):  # the worst cases merge to the same rows
-            assert [w["id"] for w in whole[g]["worst"]] == [w["id"] for w in merged[g]["worst"]]
+            assert [w.id for w in whole[g].worst] == [w.id for w in merged[g].worst]
             continue
-        assert whole[g]["count"] == merged[g]["count"]
-        np.testing.assert_allclose(merged[g]["mean_map"], whole[g]["mean_map"], rtol=1e-10)
-        np.testing.assert_allclose(merged[g]["var_map"], whole[g]["var_map"], rtol=1e-8, atol=1e-15)
-        for name, s in whole[g]["stats"].items():
-            assert merged[g]["stats"][name]["mean"] == pytest.approx(s["mean"])
+        assert whole[g].count == merged[g].count
+        np.testing.assert_allclose(merged[g].mean_map, whole[g].mean_map, rtol=1e-10)
+        np.testing.assert_allclose(merged[g].var_map, whole[g].var_map, rtol=1e-8, atol=1e-15)
+        for name, s in whole[g].stats.items():
+            assert merged[g].stats[name].mean == pytest.approx(s.mean)
     # and the merged mean map is the plain mean of the downsampled maps of that class
     rows = table["label"].to_numpy() == 1
-    np.testing.assert_allclose(whole[Group("true", 1)]["mean_map"], downsample(maps[rows].astype(np.float16)).mean(0),
+    np.testing.assert_allclose(whole[Group("true", 1)].mean_map, downsample(maps[rows].astype(np.float16)).mean(0),
                                rtol=1e-6)
     assert Moments.of(np.arange(6.0).reshape(6, 1)).merge(Moments.of(np.zeros((0, 1)) + 1)).count == 6
 
@@ -71,7 +71,7 @@ def test_findings_flag_the_planted_class_only():
     labels = np.repeat([0, 1], 20)
     maps[labels == 1, :3, :3] += 5.0  # class 1 looks at a corner mark
     result = merge_partials(partial_aggregates(_output_table(maps, labels, labels), "label"))
-    flagged = {(Group.of(f), f["finding"]) for f in findings(result)}
+    flagged = {(f.group, f.finding) for f in findings(result)}
     assert (Group("true", 1), "border-heavy") in flagged and (Group("true", 1), "off-centre") in flagged
     assert not any(group.cls == 0 for group, _ in flagged)
 
@@ -84,24 +84,34 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
     run(JobConfig(model=job_model, input=str(tmp_path / "d.parquet"), output=str(tmp_path / "out"),
                   preprocessing="scale01", label_column="label", batch_size=8), echo=lambda *_: None)
     result = run_audit(str(tmp_path / "out"), str(tmp_path / "report"))
-    assert sum(v["count"] for g, v in result["groups"].items() if _true(g)) == 40
+    assert sum(v.count for g, v in result.groups.items() if _true(g)) == 40 == result.rows
     page = (tmp_path / "report" / "report.html").read_text()
-    classes = [g for g in result["groups"] if _true(g)]
-    worst = result["groups"][Worst("border_enrichment")]["worst"]
-    assert len(worst) == 6 and [w["value"] for w in worst] == sorted((w["value"] for w in worst), reverse=True)
+    classes = [g for g in result.groups if _true(g)]
+    worst = result.worst["border_enrichment"].worst
+    assert len(worst) == 6 and [w.value for w in worst] == sorted((w.value for w in worst), reverse=True)
     # per class its mean image, mean map, contrast and mean map on the image; 6 worst cases of 2 statistics, each
     # as its image and its map on it
     assert page.count("data:image/png;base64,") == 4 * len(classes) + 2 * 6 * 2
-    assert worst[0]["id"] in page
+    assert worst[0].id in page
     for w in worst:  # each worst case beside its own input image, found by its row id
-        np.testing.assert_array_equal(w["image"], images[int(w["id"].split("#")[1])])
+        np.testing.assert_array_equal(w.image, images[int(w.id.split("#")[1])])
     (tmp_path / "d.parquet").unlink()  # an output outlives its input: the audit still runs, without the images
     again = run_audit(str(tmp_path / "out"), str(tmp_path / "report-2"))
-    assert "cannot be read" in again["worst_images"]
-    assert not any("image" in w for w in again["groups"][Worst("border_enrichment")]["worst"])
-    assert result["metadata"]["model"]["fingerprint"] in page
-    assert (tmp_path / "report" / "audit.json").exists()
+    assert "cannot be read" in again.notes["worst_images"] and "cannot be read" in \
+        (tmp_path / "report-2" / "report.html").read_text()
+    assert all(w.image is None for w in again.worst["border_enrichment"].worst)
+    assert result.metadata["model"]["fingerprint"] in page
+    import json
+
     import pyarrow.parquet as pq
+
+    saved = json.loads((tmp_path / "report" / "audit.json").read_text())  # audit.json is the result's to_dict
+    assert saved == json.loads(result.to_json()) and saved["skipped"] is None
+    # read by audit.json's keys, as callers of the earlier dict result do; the command line's summary
+    assert result["findings"] == saved["findings"] and "controls" not in result and result.get("skipped") is None
+    assert result.summary("r") == {"report": "r", "groups": len(result.groups), "findings": saved["findings"]}
+    assert [w["id"] for w in saved["worst"]["border_enrichment"]["worst"]] == [w.id for w in worst]
+    assert sum(g["count"] for g in saved["groups"] if g["kind"] == "true") == 40
 
     classes = pq.read_table(str(tmp_path / "report" / "classes.parquet"))
     true_rows = classes.filter(pa.compute.equal(classes["kind"], "true"))
@@ -113,7 +123,7 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
 
 def test_clusters_find_the_planted_subgroup_out_of_core():
     from worker.audit.aggregate import assignment_partials, merge_assignments
-    from worker.audit.clusters import add_cluster_examples, cluster_groups
+    from worker.audit.clusters import cluster_groups, with_examples
 
     rng = np.random.default_rng(2)
     n = 300
@@ -127,18 +137,19 @@ def test_clusters_find_the_planted_subgroup_out_of_core():
     table = _output_table(maps, labels, labels)
     blocks = [table.slice(i, 64) for i in range(0, n, 64)]
     merged = merge_partials(pa.concat_tables([partial_aggregates(b, "label") for b in blocks]))
-    assert len(merged[Group("true", 0)]["sample"]) == n  # below the sample size: everything sampled
+    assert len(merged[Group("true", 0)].sample) == n  # below the sample size: everything sampled
     fitted = cluster_groups(merged)[Group("true", 0)]
     assert fitted.k == 2
     centroids = {Group("true", 0): fitted.centroids.tolist()}
     assigned = merge_assignments(pa.concat_tables([assignment_partials(b, centroids, "label") for b in blocks]))
-    sizes = sorted(c["count"] for c in assigned[Group("true", 0)])
+    sizes = sorted(c.count for c in assigned[Group("true", 0)])
     assert sizes == sorted([int(shortcut.sum()), int(n - shortcut.sum())])
-    add_cluster_examples(merged, {Group("true", 0): fitted}, assigned)
-    small = min(assigned[Group("true", 0)], key=lambda c: c["count"])
-    assert len(small["examples"]) == 3 and all(e[:3, -3:].sum() > 0.5 for e in small["examples"])
-    flagged = [f for f in findings(merged, assigned) if f["finding"] == "small cluster looks elsewhere"]
-    assert len(flagged) == 1 and Group.of(flagged[0]) == Group("true", 0)
+    shown = with_examples(merged, {Group("true", 0): fitted}, assigned)
+    small = min(shown[Group("true", 0)], key=lambda c: c.count)
+    assert len(small.examples) == 3 and all(e[:3, -3:].sum() > 0.5 for e in small.examples)
+    assert all(not c.examples for c in assigned[Group("true", 0)])  # a new value: what was assigned is unchanged
+    flagged = [f for f in findings(merged, assigned) if f.finding == "small cluster looks elsewhere"]
+    assert len(flagged) == 1 and flagged[0].group == Group("true", 0)
 
 
 def test_report_renders_in_headless_chromium(tmp_path):
@@ -149,6 +160,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     from PIL import Image
 
     from worker.audit.report import write_report
+    from worker.audit.result import AuditResult
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -160,9 +172,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
     maps[:, 12:20, 12:20] += 2.0
     labels = np.repeat([0, 1, 2], 10)
     merged = merge_partials(partial_aggregates(_output_table(maps, labels, labels), "label"))
-    write_report({"output": "maps/", "groups": merged, "clusters": {}, "findings": findings(merged),
-                  "metadata": {"model": {"fingerprint": "sha256:abc"}, "method": "guided_backprop"}},
-                 str(tmp_path / "report"))
+    groups = {g: v for g, v in merged.items() if isinstance(g, Group)}
+    write_report(AuditResult("maps/", {"model": {"fingerprint": "sha256:abc"}, "method": "guided_backprop"}, groups,
+                             findings=findings(groups)), str(tmp_path / "report"))
     shot = tmp_path / "shot.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -238,25 +250,25 @@ def test_merged_results_equal_numpy_on_the_raw_maps(shape, monkeypatch):
     assert set(merged) == set(groups) | {Worst(name) for name in aggregate.WORST if name in stats}
     for g, rows in groups.items():
         rows = np.asarray(rows)
-        assert merged[g]["count"] == len(rows)
-        np.testing.assert_allclose(merged[g]["mean_map"], grids[rows].mean(0), rtol=1e-10, atol=1e-18)
-        np.testing.assert_allclose(merged[g]["var_map"], grids[rows].var(0), rtol=1e-8, atol=1e-18)
-        for name, s in merged[g]["stats"].items():
+        assert merged[g].count == len(rows)
+        np.testing.assert_allclose(merged[g].mean_map, grids[rows].mean(0), rtol=1e-10, atol=1e-18)
+        np.testing.assert_allclose(merged[g].var_map, grids[rows].var(0), rtol=1e-8, atol=1e-18)
+        for name, s in merged[g].stats.items():
             values = np.asarray(stats[name], np.float64)[rows]
             values = values[np.isfinite(values)]
-            assert s["n"] == len(values)
-            assert s["mean"] == pytest.approx(values.mean(), rel=1e-12)
-            assert s["std"] == pytest.approx(values.std(), rel=1e-9)
+            assert s.n == len(values)
+            assert s.mean == pytest.approx(values.mean(), rel=1e-12)
+            assert s.std == pytest.approx(values.std(), rel=1e-9)
         if g.kind == "true":
             chosen = rows[np.argsort(keys[rows])[:40]]
-            np.testing.assert_allclose(merged[g]["sample"], grids[chosen].astype(np.float32), rtol=1e-6)
+            np.testing.assert_allclose(merged[g].sample, grids[chosen].astype(np.float32), rtol=1e-6)
         else:
-            assert "sample" not in merged[g]
+            assert merged[g].sample is None
     for name, direction in ((k, v) for k, v in aggregate.WORST.items() if k in stats):
         values = np.asarray(stats[name], np.float64)
         finite = np.flatnonzero(np.isfinite(values))
         order = finite[np.argsort(-values[finite] if direction == "high" else values[finite], kind="stable")][:6]
-        assert [w["id"] for w in merged[Worst(name)]["worst"]] == [ids[i] for i in order]
+        assert [w.id for w in merged[Worst(name)].worst] == [ids[i] for i in order]
 
 
 def test_vectorised_keys_and_members_equal_the_per_row_ones():
@@ -330,7 +342,7 @@ def test_aggregation_leaves_no_consumed_block_in_the_store(ray_local, tmp_path):
         finally:
             stop.set()
             sampler.join()
-        assert sum(v["count"] for g, v in merged.items() if _true(g)) == len(some) * rows
+        assert sum(v.count for g, v in merged.items() if _true(g)) == len(some) * rows
         del merged
         gc.collect()
         deadline = time.time() + 10  # the store frees an object once its last reference is gone: a moment later
@@ -366,13 +378,13 @@ def test_audit_of_a_job_with_string_labels(ray_local, job_model, tmp_path):
                   preprocessing="scale01", label_column="label", batch_size=8,
                   extra_metadata={"class_names": names}), echo=lambda *_: None)
     result = run_audit(str(tmp_path / "out"), str(tmp_path / "report"))
-    true = {g.cls: v["count"] for g, v in result["groups"].items() if _true(g)}
+    true = {g.cls: v.count for g, v in result.groups.items() if _true(g)}
     expected = {names.index(n) if n in names else n: labels.count(n) for n in set(labels)}
     assert true == expected and "unsure" in true
-    kinds = {g.kind for g in result["groups"] if isinstance(g, Group) and g.cls == "unsure"}
+    kinds = {g.kind for g in result.groups if g.cls == "unsure"}
     assert kinds == {"true"}  # a name of no class: neither correct nor wrong
-    correct = sum(v["count"] for g, v in result["groups"].items() if isinstance(g, Group) and g.kind == "correct")
-    wrong = sum(v["count"] for g, v in result["groups"].items() if isinstance(g, Group) and g.kind == "wrong")
+    correct = sum(v.count for g, v in result.groups.items() if g.kind == "correct")
+    wrong = sum(v.count for g, v in result.groups.items() if g.kind == "wrong")
     assert correct + wrong == 30 - labels.count("unsure")
     page = (tmp_path / "report" / "report.html").read_text()
     assert "true: 3 (three)" in page and "true: unsure" in page
@@ -381,3 +393,29 @@ def test_audit_of_a_job_with_string_labels(ray_local, job_model, tmp_path):
         {(names.index(n), n) if n in names else (None, n) for n in set(labels)}
     saved = json.loads((tmp_path / "report" / "audit.json").read_text())
     assert {g["class_name"] for g in saved["groups"] if g["kind"] == "true"} == set(labels)
+
+
+def test_one_sample_of_the_input_serves_every_step():
+    """The audit reads the job's input once for the controls (the first rows), the interventions and the method
+    comparison (the first rows of each class): it stops as soon as every part is there, and each step's part is
+    what it would have read alone (the beginning of a larger part)."""
+    from worker.audit.sample import Draw
+
+    labels = [0, 1, 0, 2, 1, 0, 1, 2, 0, 3, 1, 2, 0, 1]
+    read = []
+
+    def rows():
+        for i, label in enumerate(labels):
+            read.append(i)
+            yield f"r{i}", np.full((2, 2, 3), i, np.uint8), label, None
+
+    sample = Draw(rows(), first=3, per_class=3, classes=[0, 1, 2], size=(2, 2))
+    by_class = {c: [i for i, label in enumerate(labels) if label == c][:3] for c in (0, 1, 2)}
+    assert read == list(range(max(max(v) for v in by_class.values()) + 1))  # no row past the last one needed
+    assert sample.first(3).ids == ["r0", "r1", "r2"] and sample.first(3).classes is None
+    for n in (1, 2, 3):
+        part = sample.per_class(n)
+        assert part.ids == [f"r{i}" for c in (0, 1, 2) for i in by_class[c][:n]]
+        assert part.classes == [c for c in (0, 1, 2) for _ in by_class[c][:n]]
+        assert [int(im[0, 0, 0]) for im in part.images] == [int(i[1:]) for i in part.ids]
+    assert sample.per_class(3).by_class().keys() == {0, 1, 2} and sample.per_class(3).masks is None

@@ -117,7 +117,7 @@ def _planted_shortcuts_are_confirmed_and_the_report_shows_them(tmp_path_factory)
     assert used, f"training left every mark unlearnt, so nothing is tested: {moves}"
     result = _audit(tmp_path, path, test_x, test_y, "marked")
 
-    probed = result["interventions"]["regions"]
+    probed = [p.to_dict() for p in result.interventions.regions]  # the numbers, as audit.json holds them
     confirmed = {p["class"]: p for p in probed if p["confirmed"]}
     summary = [(p["class"], p["verdict"], [round(v, 2) for v in p["box"]], round(p["effect"], 2)) for p in probed]
     print("mark alone moves", moves, "regions", *summary, sep="\n")
@@ -160,7 +160,7 @@ def test_a_clean_model_gets_no_confirmed_shortcut(ray_local, tmp_path_factory):
     train_small_cnn(images[400:], labels[400:], classes=10, epochs=8, seed=1).save(path)
     artifact = {6: ((slice(1, 6), slice(26, 31)), (0, 0, 255))}  # visible, on one class, never seen in training
     result = _audit(tmp_path, path, _mark(images[:400], labels[:400], artifact), labels[:400], "clean")
-    probed = result["interventions"]["regions"]
+    probed = [p.to_dict() for p in result.interventions.regions]  # the numbers, as audit.json holds them
     summary = [(p["class"], p["verdict"], [round(v, 2) for v in p["box"]], round(p["stamp"]["stamped_share"], 2))
                for p in probed]
     print("regions", *summary, sep="\n")
@@ -194,7 +194,7 @@ def _marks_needed_with_the_object_are_shortcuts(tmp_path_factory):
     assert needed, f"training made no mark needed-with-the-object, so nothing is tested: {dependence}"
 
     result = _audit(tmp_path, path, test_x, test_y, "with-object")
-    probed = result["interventions"]["regions"]
+    probed = [p.to_dict() for p in result.interventions.regions]  # the numbers, as audit.json holds them
     summary = [(p["class"], p["cluster"], p["verdict"], [round(v, 2) for v in p["box"]], round(p["effect"], 2),
                 round(p["sufficiency"]["moved_to_class"], 2), round(p["stamp"]["stamped_share"], 2)) for p in probed]
     print("dependence", dependence, "regions", *summary, sep="\n")

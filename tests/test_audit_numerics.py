@@ -111,10 +111,10 @@ def test_statistics_std_survives_a_large_mean():
                       "entropy": np.where(np.arange(n) % 5 == 0, np.nan, rng.random(n))})
     merged = merge_partials(pa.concat_tables([partial_aggregates(table.slice(a, 16), "label")
                                               for a in range(0, n, 16)]))
-    stats = merged[Group("true", 0)]["stats"]
-    assert stats["mass"]["std"] == pytest.approx(mass.std(), rel=1e-6)
-    assert stats["entropy"]["n"] == n - 13
-    assert stats["entropy"]["std"] == pytest.approx(np.nanstd(table["entropy"].to_numpy(zero_copy_only=False)),
+    stats = merged[Group("true", 0)].stats
+    assert stats["mass"].std == pytest.approx(mass.std(), rel=1e-6)
+    assert stats["entropy"].n == n - 13
+    assert stats["entropy"].std == pytest.approx(np.nanstd(table["entropy"].to_numpy(zero_copy_only=False)),
                                                     rel=1e-9)
 
 

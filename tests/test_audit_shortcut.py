@@ -46,17 +46,16 @@ def test_audit_flags_the_marked_class(ray_local, shortcut_model, tmp_path):
     run(JobConfig(model=model, input=str(tmp_path / "test.parquet"), output=str(tmp_path / "maps"),
                   preprocessing="scale01", label_column="label", batch_size=16), echo=lambda *_: None)
     result = run_audit(str(tmp_path / "maps"), str(tmp_path / "report"), controls=24)
-    flagged = {Group.of(f) for f in result["findings"] if f["kind"] == "true"}
-    details = {g: (round(v["stats"]["border_enrichment"]["mean"], 2), round(v["stats"]["com_y"]["mean"], 2),
-                   round(v["stats"]["com_x"]["mean"], 2)) for g, v in result["groups"].items()
-               if isinstance(g, Group) and g.kind == "true"}
+    flagged = {f.group for f in result.findings if f.group.kind == "true"}
+    details = {g: (round(v.stats["border_enrichment"].mean, 2), round(v.stats["com_y"].mean, 2),
+                   round(v.stats["com_x"].mean, 2)) for g, v in result.groups.items() if g.kind == "true"}
     assert Group("true", MARKED) in flagged, details
-    assert flagged == {Group("true", MARKED)}, (result["findings"], details)
-    controls = result["controls"]
-    assert controls["images"] == 24
-    assert set(controls["similarity_to_real"]) == {"random_class", "randomized_model", "edges"}
-    for value in controls["similarity_to_real"].values():
-        assert -1 <= value["spearman"] <= 1 and -1 <= value["ssim"] <= 1
+    assert flagged == {Group("true", MARKED)}, (result.findings, details)
+    controls = result.controls
+    assert controls.images == 24
+    assert set(controls.similarity_to_real) == {"random_class", "randomized_model", "edges"}
+    for value in controls.similarity_to_real.values():
+        assert -1 <= value.spearman <= 1 and -1 <= value.ssim <= 1
     assert "Controls" in (tmp_path / "report" / "report.html").read_text()
 
 

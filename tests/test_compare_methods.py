@@ -2,11 +2,11 @@
 here; parity with xplique's Deletion and Insertion; the comparison from run_audit on a job's output with masks
 and on a keras.applications model."""
 
-import html
 import importlib.util
 
 import numpy as np
 import pytest
+from markupsafe import escape
 
 from worker.audit import compare
 
@@ -120,7 +120,7 @@ def test_comparison_from_the_audit_of_a_job_with_masks(ray_local, job_model, tmp
     import keras
 
     depths = compare.cascade_depths(len(compare.weighted_layers(keras.saving.load_model(job_model))))
-    section = result["method_comparison"]
+    section = result.method_comparison.summary
     assert section["images"] == 3 and set(section["methods"]) == {name for name, _, _ in compare.variants()}
     for name, r in section["methods"].items():
         assert "error" not in r, name
@@ -137,7 +137,7 @@ def test_comparison_from_the_audit_of_a_job_with_masks(ray_local, job_model, tmp
             assert row["value"] == pytest.approx(np.trapezoid(row["curve"], dx=1 / 16))
     assert len(start) == 3 and all(len(v) == 1 for v in start.values())
     page = (tmp_path / "report" / "report.html").read_text()
-    assert "Which map to trust" in page and html.escape(section["sentence"]) in page and page.count("<svg") == 5
+    assert "Which map to trust" in page and escape(section["sentence"]) in page and page.count("<svg") == 5
     from tests.browser import render
 
     shown = render(tmp_path / "report" / "report.html", tmp_path)  # the table and curves fit a laptop's window
@@ -205,3 +205,9 @@ def test_an_untrained_models_tiny_gains_are_not_trusted(job_model):
     assert sum(g["mean"] < r["gain_floor"] for g in gains) >= 2 and max(g["mean"] for g in gains) < 1e-2
     assert not r["faithful"] and not r["trusted"]
     assert f"by {compare.MIN_GAIN:.1%} of the logit range" in section["sentence"]
+    # the report's section of a job without masks: the sentence, no localisation columns, the five charts
+    from worker.audit.report import render_html
+    from worker.audit.result import AuditResult, MethodComparison
+
+    page = render_html(AuditResult("maps/", {}, {}, method_comparison=MethodComparison.of(section)))
+    assert escape(section["sentence"]) in page and "energy in mask" not in page and page.count("<svg") == 5

@@ -2,7 +2,10 @@
 
 import numpy as np
 
-from worker.audit.aggregate import Group
+from dataclasses import replace
+
+from worker.audit.aggregate import Group, GroupSummary
+from worker.audit.clusters import Cluster
 from worker.audit.localise import candidates, overlap, regions
 
 GRID = 16
@@ -21,11 +24,11 @@ def _groups():
     """Class 0: most images look at the centre; a fifth (cluster 1) at a mark in the top-right corner, which
     the class's mean shows at a fifth of the centre's strength -- under the regions' half-peak threshold."""
     centre, mark = _grid(c=(8, 8, 1.0)), _grid(m=(1, 14, 1.0))
-    groups = {TRUE_0: {"count": 100, "mean_map": 0.8 * centre + 0.2 * mark}}
+    empty = np.zeros((GRID, GRID))
+    groups = {TRUE_0: GroupSummary(100, 0.8 * centre + 0.2 * mark, empty, {})}
     for cls in (1, 2):
-        groups[Group("true", cls)] = {"count": 100, "mean_map": _grid(o=(12, 3 + cls, 1.0))}
-    clusters = [{"cluster": 0, "count": 80, "share": 0.8, "mean_map": centre},
-                {"cluster": 1, "count": 20, "share": 0.2, "mean_map": mark}]
+        groups[Group("true", cls)] = GroupSummary(100, _grid(o=(12, 3 + cls, 1.0)), empty, {})
+    clusters = [Cluster(0, 80, 0.8, centre), Cluster(1, 20, 0.2, mark)]
     return groups, clusters
 
 
@@ -48,7 +51,7 @@ def test_a_mark_on_part_of_a_class_is_found_through_its_cluster():
 
 def test_small_clusters_and_single_clusters_add_nothing():
     groups, clusters = _groups()
-    small = [{**c, "share": 0.05} if c["cluster"] == 1 else c for c in clusters]
+    small = [replace(c, share=0.05) if c.cluster == 1 else c for c in clusters]
     assert all(c is None for c, _ in candidates(groups, TRUE_0, small))
     assert all(c is None for c, _ in candidates(groups, TRUE_0, clusters[:1]))
     assert all(c is None for c, _ in candidates(groups, TRUE_0, None))
@@ -81,11 +84,11 @@ def test_a_cluster_region_is_probed_on_the_images_whose_maps_fall_in_it():
         centroids = np.stack([near, far] if members_of == 0 else [far, near])
         fitted = {TRUE_0: Clustering(np.zeros(0, int), 2, np.zeros(0), centroids)}
         probed = _interventions(groups, {TRUE_0: clusters}, fitted, engine, samples)
-        from_cluster = [p for p in probed if p["cluster"] is not None]
+        from_cluster = [p for p in probed if p.cluster is not None]
         if expected is None:  # every map in cluster 0: cluster 1's region has no images, so it is not probed
             assert not from_cluster and len(samples[0]) >= MIN_IMAGES
         else:
-            assert [(p["class"], p["cluster"], p["images"]) for p in from_cluster] == [(0, 1, expected)]
-            assert _holds(from_cluster[0]["box"], 1, 14)
-            assert from_cluster[0]["mean_map"] is clusters[1]["mean_map"]
-        assert {p["class"] for p in probed} == {0}
+            assert [(p.cls, p.cluster, p.probe["images"]) for p in from_cluster] == [(0, 1, expected)]
+            assert _holds(from_cluster[0].box, 1, 14)
+            assert from_cluster[0].mean_map is clusters[1].mean_map
+        assert {p.cls for p in probed} == {0}

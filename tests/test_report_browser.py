@@ -9,8 +9,9 @@ import numpy as np
 from tests.browser import render
 from worker.audit.aggregate import Group, merge_partials, partial_aggregates
 from worker.audit.findings import findings, intervention_findings
-from worker.audit.intervene import FILLS, fill, probe_region
+from worker.audit.intervene import FILLS, Example, ProbedRegion, Version, fill, probe_region
 from worker.audit.report import write_report
+from worker.audit.result import AuditResult, Interventions
 from worker.data.schema import map_column
 from worker.data.stats import map_statistics
 
@@ -25,7 +26,7 @@ def predict(images):
     return logits
 
 
-def _result():
+def _result(**parts) -> AuditResult:
     import pyarrow as pa
 
     rng = np.random.default_rng(0)
@@ -41,24 +42,23 @@ def _result():
     table = pa.table({"id": [f"d.parquet#{i}" for i in range(36)], "label": labels, "predicted_class": labels,
                       "map": map_column(maps.astype(np.float16), np.ones(36, bool), maps.shape[1:]),
                       "error": pa.nulls(36, pa.string()), **stats})
-    merged = merge_partials(partial_aggregates(table, "label"))
+    groups = {g: v for g, v in merge_partials(partial_aggregates(table, "label")).items() if isinstance(g, Group)}
     region = {"box": (0.0, 0.0, 0.25, 0.25), "share": 1.0}
     ones, others = images[labels == 1], images[labels != 1]
     probed = probe_region(predict, 1, region, ones, others)
     box = tuple(probed["pixels"])
     versions = {"original": ones[:1], **{how: fill(ones[:1], box, how, ones.mean(0).astype(np.uint8), others,
                                                    np.random.default_rng(1)) for how in FILLS}}
-    probed.update(cluster=None, share=1.0, mean_image=ones.mean(0).astype(np.uint8),
-                  mean_map=merged[Group("true", 1)]["mean_map"],
-                  examples=[{"map": maps[labels == 1][0], "versions": {
-                      name: {"image": v[0], "predicted": int(predict(v).argmax()), "logit": float(predict(v)[0, 1])}
-                      for name, v in versions.items()}}])
-    assert probed["verdict"] == "confirmed", probed["verdict"]
-    return {"output": "maps/", "groups": merged, "clusters": {},
-            "findings": findings(merged) + intervention_findings([probed]),
-            "interventions": {"images_per_class": 12, "regions": [probed], "seconds": 0.1, "cost": "small"},
-            "class_images": {c: images[labels == c].mean(0).astype(np.uint8) for c in range(3)},
-            "metadata": {"model": {"fingerprint": "sha256:abc"}, "method": "guided_backprop", "target": "predicted"}}
+    example = Example(maps[labels == 1][0], {name: Version(v[0], int(predict(v).argmax()), float(predict(v)[0, 1]))
+                                             for name, v in versions.items()})
+    region = ProbedRegion(probed, None, 1.0, ones.mean(0).astype(np.uint8), groups[Group("true", 1)].mean_map,
+                          (example,))
+    assert region.verdict == "confirmed", region.verdict
+    return AuditResult("maps/", {"model": {"fingerprint": "sha256:abc"}, "method": "guided_backprop",
+                                 "target": "predicted"}, groups,
+                       findings=findings(groups) + intervention_findings([region]),
+                       interventions=Interventions(12, [region], 0.1, "small"),
+                       class_images={c: images[labels == c].mean(0).astype(np.uint8) for c in range(3)}, **parts)
 
 
 def test_the_first_screen_holds_the_confirmed_shortcut_with_its_pictures(tmp_path):
@@ -73,3 +73,22 @@ def test_the_first_screen_holds_the_confirmed_shortcut_with_its_pictures(tmp_pat
     assert len(pictures) >= 5 and all(b <= page["height"] and w > 0 for _, b, _, _, w in pictures), pictures
     html = (tmp_path / "report" / "report.html").read_text()
     assert "Shortcut confirmed: class 1" in html and "One colour scale for all mean maps" in html
+
+
+def test_a_skipped_model_step_is_on_the_first_screen(tmp_path):
+    """When the model needs an opt-in the auditor did not give, the one line that says so is shown at the top of
+    the page, and the sections of the steps it skipped point to it."""
+    from dataclasses import replace
+
+    why = ("controls, interventions and method comparison skipped: the model's Lambda layer runs Python code; "
+           "pass --allow-unsafe-deserialization to run it")
+    result = replace(_result(skipped=why), interventions=None,
+                     findings=[f for f in _result().findings if f.verdict is None])
+    write_report(result, str(tmp_path / "report"))
+    page = render(tmp_path / "report" / "report.html", tmp_path)
+    top, bottom, _, right = page["skipped"]
+    assert 0 < top and bottom <= page["height"] and right <= page["width"], page  # seen without scrolling
+    assert page["skipped_text"] == "Model steps not run. " + why, page
+    assert page["not_run"] == 3, page  # controls, methods and interventions each point to it
+    saved = (tmp_path / "report" / "audit.json").read_text()
+    assert why in saved

@@ -270,21 +270,20 @@ def run_demo(output: str = "demo_output", images: int = 3300, held_out: int = 90
 
     audit = run_audit(os.path.join(output, "maps"), os.path.join(output, "audit"), controls=controls,
                       interventions=interventions, echo=echo)
-    probed = audit.get("interventions", {}).get("regions", [])
-    confirmed = [p for p in probed if p["verdict"] == "confirmed" or p.get("shortcut")]  # either shortcut verdict
-    planted = [p for p in confirmed
-               if p["verdict"] == "confirmed" and p["class"] == MARKED_CLASS and _planted(p["box"])]
+    probed = audit.interventions.regions if audit.interventions else []
+    confirmed = [p for p in probed if p.verdict == "confirmed" or p.shortcut]  # either shortcut verdict
+    planted = [p for p in confirmed if p.verdict == "confirmed" and p.cls == MARKED_CLASS and _planted(p.box)]
     if planted:
-        shortcut_figure(planted[0], CLASSES, os.path.join(output, "overlays", "shortcut.png"))
+        Image.fromarray(shortcut_figure(planted[0], CLASSES)).save(os.path.join(output, "overlays", "shortcut.png"))
     summary.update({
         "held_out_accuracy": round(accuracy, 4),
         "overlays": os.path.join(output, "overlays"),
         "audit_report": os.path.join(output, "audit", "report.html"),
-        "audit_findings": len(audit["findings"]),
+        "audit_findings": len(audit.findings),
         "planted_shortcut": {"class": MARKED_CLASS, "name": CLASSES[MARKED_CLASS], "pixels": list(MARK_BOX),
                              "confirmed": bool(planted)},
-        "shortcuts": [{"class": p["class"], "verdict": p["verdict"], "box": [round(v, 3) for v in p["box"]],
-                       "cluster": p.get("cluster"), "effect": round(p["effect"], 3)} for p in confirmed],
+        "shortcuts": [{"class": p.cls, "verdict": p.verdict, "box": [round(v, 3) for v in p.box],
+                       "cluster": p.cluster, "effect": round(p.probe["effect"], 3)} for p in confirmed],
         "demo_seconds": round(time.perf_counter() - started, 1),
     })
     others = [p for p in confirmed if p not in planted]

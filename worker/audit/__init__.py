@@ -1,14 +1,14 @@
 """The audit of a job's output: aggregates, clusters, findings, controls and the report.  Reads what the job
 wrote (its run record included); the job knows nothing of it.
 
-    >>> from worker.audit import run_audit
-    >>> callable(run_audit)
-    True
+    >>> from worker.audit import AuditResult, run_audit
+    >>> callable(run_audit), AuditResult.__name__
+    (True, 'AuditResult')
 """
 
 import importlib
 
-_EXPORTS = {"run_audit": "worker.audit.run"}
+_EXPORTS = {"run_audit": "worker.audit.run", "AuditResult": "worker.audit.result"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -18,11 +18,12 @@ Examples:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+from worker.audit.clusters import Cluster
 from worker.data.schema import maps_to_numpy
 from worker.data.stats import MASK_COLUMNS, STAT_COLUMNS, magnitude
 
@@ -95,6 +96,57 @@ class Worst:
     """The rows worst on one statistic (its merged worst cases are keyed by this)."""
 
     statistic: str
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A statistic column's merged ``mean`` and (population) ``std`` over its ``n`` finite values (NaN without
+    any)."""
+
+    mean: float
+    std: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "n": self.n}
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """A group's merged aggregates: its ``count`` of maps, their 16 x 16 ``mean_map`` and ``var_map`` (each map
+    L1-normalised), every statistic column's :class:`Statistic`, and the uniform ``sample`` of its maps kept for
+    clustering ((n, 16, 16) float32; None for the groups not clustered)."""
+
+    count: int
+    mean_map: np.ndarray = field(repr=False)
+    var_map: np.ndarray = field(repr=False)
+    stats: dict[str, Statistic] = field(repr=False)
+    sample: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class WorstCase:
+    """One of the rows worst on a statistic: its ``value``, row ``id``, downsampled map ``grid`` and, once the
+    audit has read it back, the input ``image`` (None when the input cannot be read)."""
+
+    value: float
+    id: str
+    grid: np.ndarray = field(repr=False)
+    image: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "id": self.id}
+
+
+@dataclass(frozen=True)
+class WorstCases:
+    """The :data:`WORST_K` rows worst on one statistic, worst first; ``direction`` "high" or "low"."""
+
+    direction: str
+    worst: list[WorstCase]
+
+    def to_dict(self) -> dict:
+        return {"direction": self.direction, "worst": [w.to_dict() for w in self.worst]}
 
 
 def _group_of(kind: str, index, name):
@@ -346,8 +398,8 @@ def sample_caps(merged: dict) -> dict[Group, float]:
 
 def merge_partials(partials, on_caps=None) -> dict:
     """Partial rows (a table, or an iterable of tables streamed one at a time, so the driver holds only the
-    merged state) -> {:class:`Group`: {"count", "mean_map", "var_map", "stats": {name: {mean, std, n}}, "sample"}},
-    and {:class:`Worst`: {"worst": [{value, id, grid}], "direction"}}; groups in order, then the worst cases.
+    merged state) -> {:class:`Group`: :class:`GroupSummary`} and {:class:`Worst`: :class:`WorstCases`}; groups in
+    order, then the worst cases.
 
     What is kept is copied out of each table (no view pins a block's buffers) and is bounded by the groups:
     moments, :data:`SAMPLE_SIZE` sampled maps and :data:`WORST_K` worst cases each. ``on_caps``, if
@@ -393,17 +445,15 @@ def merge_partials(partials, on_caps=None) -> dict:
     result = {}
     for group, entry in sorted(merged.items(), key=lambda kv: (isinstance(kv[0], Worst), _order(kv[0]))):
         if "worst" in entry:
-            result[group] = entry
+            result[group] = WorstCases(entry["direction"], [WorstCase(**w) for w in entry["worst"]])
             continue
         m = entry["moments"]
         stats = {}
         for name, moments in entry["stats"].items():
             n = int(moments.count)
-            stats[name] = {"mean": float(moments.mean) if n else float("nan"),
-                           "std": float(np.sqrt(moments.variance)), "n": n}
-        result[group] = {"count": m.count, "mean_map": m.mean, "var_map": m.variance, "stats": stats}
-        if "sample" in entry:
-            result[group]["sample"] = entry["sample"][1]
+            stats[name] = Statistic(float(moments.mean) if n else float("nan"), float(np.sqrt(moments.variance)), n)
+        result[group] = GroupSummary(int(m.count), m.mean, m.variance, stats,
+                                     entry["sample"][1] if "sample" in entry else None)
     return result
 
 
@@ -427,7 +477,7 @@ def assignment_partials(table: pa.Table, centroids: dict, label_column: str | No
 
 
 def merge_assignments(partials) -> dict:
-    """{:class:`Group`: [{"cluster", "count", "share", "mean_map"}]} over all rows (a table or an iterable of
+    """{:class:`Group`: [:class:`~worker.audit.clusters.Cluster`]} over all rows (a table or an iterable of
     tables)."""
     totals: dict[tuple, list] = {}
     for table in ([partials] if isinstance(partials, pa.Table) else partials):
@@ -439,11 +489,8 @@ def merge_assignments(partials) -> dict:
             acc = totals.setdefault((_group_of(kind, index, name), c), [0, np.zeros(CELLS)])
             acc[0] += n
             acc[1] += grid
-    out: dict[Group, list] = {}
+    found: dict[Group, list] = {}
     for (g, c), (n, grid) in sorted(totals.items(), key=lambda kv: (kv[0][0]._order(), kv[0][1])):
-        out.setdefault(g, []).append({"cluster": c, "count": n, "mean_map": (grid / n).reshape(GRID, GRID)})
-    for clusters in out.values():
-        total = sum(c["count"] for c in clusters)
-        for c in clusters:
-            c["share"] = c["count"] / total
-    return out
+        found.setdefault(g, []).append((c, n, (grid / n).reshape(GRID, GRID)))
+    return {g: [Cluster(c, n, n / sum(n for _, n, _ in parts), mean_map) for c, n, mean_map in parts]
+            for g, parts in found.items()}

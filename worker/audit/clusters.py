@@ -18,7 +18,7 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -29,6 +29,31 @@ class Clustering:
     k: int
     eigenvalues: np.ndarray
     centroids: np.ndarray  # (k, d) in the input space, for assigning every other map
+
+
+@dataclass(frozen=True)
+class Member:
+    """A typical member of a cluster shown as an input ``image`` (H, W, 3 uint8) with its full-resolution ``map``."""
+
+    image: np.ndarray
+    map: np.ndarray
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """One SpRAy cluster of a group: its index, ``count`` of maps assigned to it over every row, ``share`` of the
+    group, and ``mean_map`` (16 x 16); ``examples``: the sampled maps nearest its centroid (16 x 16 grids);
+    ``members``: its most typical sampled input images with their maps (with interventions)."""
+
+    cluster: int
+    count: int
+    share: float
+    mean_map: np.ndarray = field(repr=False)
+    examples: tuple = field(default=(), repr=False)
+    members: tuple[Member, ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict:
+        return {"cluster": self.cluster, "count": self.count, "share": self.share, "mean_map": self.mean_map.tolist()}
 
 
 def affinity(x: np.ndarray, neighbours: int = 10):
@@ -82,19 +107,27 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def cluster_groups(groups: dict, seed: int = 0) -> dict:
-    """SpRAy on each group's sample: {group: Clustering} for groups with enough sampled maps."""
-    return {g: spectral_clusters(v["sample"].reshape(len(v["sample"]), -1), seed=seed)
-            for g, v in groups.items() if "sample" in v and len(v["sample"]) >= 20}
+    """SpRAy on each group's sample (a :class:`~worker.audit.aggregate.GroupSummary`'s ``sample``):
+    {group: Clustering} for groups with enough sampled maps."""
+    return {g: spectral_clusters(v.sample.reshape(len(v.sample), -1), seed=seed)
+            for g, v in groups.items() if getattr(v, "sample", None) is not None and len(v.sample) >= 20}
 
 
-def add_cluster_examples(groups: dict, fitted: dict, clusters: dict, per_cluster: int = 3) -> None:
-    """Attach to each cluster the sampled maps nearest its centroid (its most typical members)."""
+def with_examples(groups: dict, fitted: dict, clusters: dict, per_cluster: int = 3) -> dict:
+    """``clusters`` ({group: [Cluster]}) with each cluster's ``examples``: the sampled maps nearest its centroid
+    (its most typical members)."""
+    out = {}
     for group, found in clusters.items():
         if group not in fitted or fitted[group].k < 2:
+            out[group] = found
             continue
-        sample = groups[group]["sample"].reshape(len(groups[group]["sample"]), -1)
+        sample = groups[group].sample.reshape(len(groups[group].sample), -1)
+        side = int(np.sqrt(sample.shape[1]))
         centroids = fitted[group].centroids
+        out[group] = []
         for c in found:
-            members = np.flatnonzero(fitted[group].labels == c["cluster"])
-            distance = ((sample[members] - centroids[c["cluster"]]) ** 2).sum(1)
-            c["examples"] = [sample[i].reshape(int(np.sqrt(sample.shape[1])), -1) for i in members[np.argsort(distance)[:per_cluster]]]
+            members = np.flatnonzero(fitted[group].labels == c.cluster)
+            distance = ((sample[members] - centroids[c.cluster]) ** 2).sum(1)
+            out[group].append(replace(c, examples=tuple(sample[i].reshape(side, -1)
+                                                        for i in members[np.argsort(distance)[:per_cluster]])))
+    return out

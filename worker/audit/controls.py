@@ -18,6 +18,8 @@ Examples:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from worker.data.stats import map_statistics
@@ -65,13 +67,43 @@ def sobel_edges(images: np.ndarray) -> np.ndarray:
                      for g in grey]) if len(grey) else grey
 
 
-def _similarity(maps: np.ndarray, control: np.ndarray) -> dict:
+@dataclass(frozen=True)
+class Similarity:
+    """How alike the real maps and a control's are: the mean ``spearman`` over the ``ranked`` pairs that have a rank
+    order (NaN with none), and the mean ``ssim``."""
+
+    spearman: float
+    ssim: float
+    ranked: int
+
+    def to_dict(self) -> dict:
+        return {"spearman": self.spearman, "ssim": self.ssim, "ranked": self.ranked}
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The sanity controls on ``images`` sampled images: the ``extra_model_cost`` in words, each control's
+    :class:`Similarity` to the real maps (``similarity_to_real``: ``random_class``, ``randomized_model`` where the
+    model is a Keras model, ``edges``), and the mean map ``statistics`` of the real maps and of each control."""
+
+    images: int
+    extra_model_cost: str
+    similarity_to_real: dict[str, Similarity]
+    statistics: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "extra_model_cost": self.extra_model_cost,
+                "similarity_to_real": {k: v.to_dict() for k, v in self.similarity_to_real.items()},
+                "statistics": self.statistics}
+
+
+def _similarity(maps: np.ndarray, control: np.ndarray) -> Similarity:
     """Mean Spearman (over the pairs that have a rank order: ``ranked`` of them) and mean SSIM of maps to a
     control."""
     rho = spearman(maps, control)
     ranked = np.isfinite(rho)
-    return {"spearman": float(rho[ranked].mean()) if ranked.any() else float("nan"),
-            "ssim": float(np.mean(ssim(maps, control))), "ranked": int(ranked.sum())}
+    return Similarity(float(rho[ranked].mean()) if ranked.any() else float("nan"), float(np.mean(ssim(maps, control))),
+                      int(ranked.sum()))
 
 
 def randomized_copy(model, seed: int = 0, safe_mode: bool = True):
@@ -93,7 +125,7 @@ def randomized_copy(model, seed: int = 0, safe_mode: bool = True):
         return keras.models.clone_model(model)
 
 
-def run_controls(make_engine, images: np.ndarray, seed: int = 0, safe_mode: bool = True) -> dict:
+def run_controls(make_engine, images: np.ndarray, seed: int = 0, safe_mode: bool = True) -> Controls:
     """Real maps vs random-class, randomised-model and edge controls on ``images`` (uint8, N x H x W x 3).
 
     ``make_engine(source=None, **overrides)`` builds the engine the maps were made with (the job's method and
@@ -120,10 +152,5 @@ def run_controls(make_engine, images: np.ndarray, seed: int = 0, safe_mode: bool
     maps = real.as_float32()[:, 0]
     stats = {name: {k: float(np.nanmean(v)) for k, v in map_statistics(m).items()}
              for name, m in {"real": maps, **controls}.items()}
-    return {
-        "images": int(len(images)),
-        "extra_model_cost": f"{2 if 'randomized_model' in controls else 1} extra guided passes per sampled image "
-                            "and one model rebuild",
-        "similarity_to_real": {name: _similarity(maps, m) for name, m in controls.items()},
-        "statistics": stats,
-    }
+    return Controls(int(len(images)), f"{2 if 'randomized_model' in controls else 1} extra guided passes per sampled "
+                    "image and one model rebuild", {name: _similarity(maps, m) for name, m in controls.items()}, stats)

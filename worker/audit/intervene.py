@@ -37,6 +37,8 @@ Examples:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from worker.audit.localise import pixel_box
@@ -49,6 +51,64 @@ BOOTSTRAP = 1000
 STAMP_SPREAD = 0.2  # a stamped pixel varies at most this much of the class's mean spread over the image
 STAMPED_SHARE = 0.1  # a stamped region has at least this share of its pixels stamped
 STAMP_IMAGES = 20  # ... measured on at least this many images
+
+
+@dataclass(frozen=True)
+class Version:
+    """An image as the model saw it (original, or after a fill): the ``image``, the model's ``predicted`` class and
+    the probed class's ``logit``."""
+
+    image: np.ndarray
+    predicted: int
+    logit: float
+
+
+@dataclass(frozen=True)
+class Example:
+    """One of a class's images with its ``map``, and its :class:`Version` s: ``original`` and one per fill."""
+
+    map: np.ndarray
+    versions: dict[str, Version]
+
+
+@dataclass(frozen=True)
+class ProbedRegion:
+    """A region probed on a class (or one of its SpRAy clusters): ``probe``, the numbers of
+    :func:`probe_region` (as audit.json holds them); the SpRAy ``cluster`` it came from (None: the class's own
+    region) and its ``share`` of the contrast; what the report shows beside the numbers: the images' mean
+    (``mean_image``), the class's or cluster's ``mean_map``, and :class:`Example` s."""
+
+    probe: dict
+    cluster: int | None
+    share: float
+    mean_image: np.ndarray = field(repr=False)
+    mean_map: np.ndarray = field(repr=False)
+    examples: tuple[Example, ...] = field(default=(), repr=False)
+
+    @property
+    def cls(self) -> int:
+        return self.probe["class"]
+
+    @property
+    def verdict(self) -> str:
+        return self.probe["verdict"]
+
+    @property
+    def box(self) -> list:
+        """The region in [0, 1] image fractions (y0, x0, y1, x1)."""
+        return self.probe["box"]
+
+    @property
+    def pixels(self) -> tuple:
+        """The region in pixels of the model's input (y0, x0, y1, x1)."""
+        return tuple(self.probe["pixels"])
+
+    @property
+    def shortcut(self) -> bool:
+        return bool(self.probe["shortcut"])
+
+    def to_dict(self) -> dict:
+        return {**self.probe, "cluster": self.cluster, "share": self.share}
 
 
 def bootstrap_interval(values: np.ndarray, seed: int = 0, level: float = 0.95) -> tuple[float, float]:

@@ -26,11 +26,11 @@ MARGIN_CELLS = 1  # a region's box grows by this many cells on every side
 
 
 def contrast(groups: dict, key: Group, mean_map: np.ndarray | None = None) -> np.ndarray:
-    """A group's mean map (or ``mean_map``, e.g. one of its SpRAy clusters') minus the count-weighted mean map
+    """A group's (``groups``: {Group: GroupSummary}) mean map (or ``mean_map``, e.g. one of its SpRAy clusters') minus the count-weighted mean map
     of the other groups of its kind."""
-    own = groups[key]["mean_map"] if mean_map is None else mean_map
-    others = [(v["count"], v["mean_map"]) for g, v in groups.items()
-              if isinstance(g, Group) and g.kind == key.kind and g != key and v.get("count")]
+    own = groups[key].mean_map if mean_map is None else mean_map
+    others = [(v.count, v.mean_map) for g, v in groups.items()
+              if isinstance(g, Group) and g.kind == key.kind and g != key and v.count]
     if not others:
         return np.zeros_like(own)
     total = sum(n for n, _ in others)
@@ -68,7 +68,7 @@ def overlap(a: tuple, b: tuple) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def candidates(groups: dict, key: Group, clusters: list[dict] | None = None, min_share: float = 0.1,
+def candidates(groups: dict, key: Group, clusters: list | None = None, min_share: float = 0.1,
                same: float = 0.5) -> list[tuple[int | None, dict]]:
     """The regions to probe for a group: ``(None, region)`` for the group's own, then ``(cluster, region)`` for
     each SpRAy cluster holding at least ``min_share`` of the group, for its regions that overlap none found
@@ -76,11 +76,11 @@ def candidates(groups: dict, key: Group, clusters: list[dict] | None = None, min
     its cluster's mean map shows it."""
     found = [(None, r) for r in regions(contrast(groups, key))]
     for c in clusters if clusters and len(clusters) > 1 else []:
-        if c["share"] < min_share:
+        if c.share < min_share:
             continue
-        for r in regions(contrast(groups, key, c["mean_map"])):
+        for r in regions(contrast(groups, key, c.mean_map)):
             if all(overlap(r["box"], seen["box"]) < same for _, seen in found):
-                found.append((c["cluster"], r))
+                found.append((c.cluster, r))
     return found
 
 

@@ -63,14 +63,14 @@ def png64(picture: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def flip_chart(probed: dict, width: int = 256, height: int = 192) -> np.ndarray:
+def flip_chart(probed, width: int = 256, height: int = 192) -> np.ndarray:
     """Bars: for each fill, the share of correctly classified images that leave the class when the region is
     neutralised (red) against the same fill at random places (grey); then the region pasted into other
     classes' images: the share moved to the class (red) against a random box (grey)."""
     from PIL import Image, ImageDraw
 
-    pairs = [(how, f["flip_rate"], f["control_flip_rate"]) for how, f in probed["fills"].items()]
-    s = probed["sufficiency"]
+    pairs = [(how, f["flip_rate"], f["control_flip_rate"]) for how, f in probed.probe["fills"].items()]
+    s = probed.probe["sufficiency"]
     pairs.append(("pasted", s["moved_to_class"], s["control_moved"]))
     picture = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(picture)
@@ -88,33 +88,31 @@ def flip_chart(probed: dict, width: int = 256, height: int = 192) -> np.ndarray:
     return np.asarray(picture)
 
 
-def shortcut_panels(probed: dict, names=None, scale: int = 4) -> list[tuple[str, np.ndarray]]:
-    """A probed region (:func:`worker.audit.intervene.probe_region`, with the audit's mean image, mean map and
+def shortcut_panels(probed, names=None, scale: int = 4) -> list[tuple[str, np.ndarray]]:
+    """A probed region (a :class:`~worker.audit.intervene.ProbedRegion`: its numbers, mean image, mean map and
     examples) as captioned pictures: the region on the mean image and on the mean map, one image and its map,
     the same image after each fill with the model's class, and the flip rates against random placement."""
     def name(c: int) -> str:
         return f"{c} ({names[c]})" if names and 0 <= c < len(names) else str(c)
 
-    box = tuple(probed["pixels"])
-    size = probed["mean_image"].shape[0] * scale
-    panels = [("mean image, region", with_box(enlarge(probed["mean_image"], scale), box, scale)),
-              ("mean map, region", with_box(heat(probed["mean_map"], size), box, scale))]
-    for e in probed.get("examples", [])[:1]:
-        versions = e["versions"]
-        original = versions["original"]
-        panels.append((f"image: class {name(original['predicted'])}",
-                       with_box(enlarge(original["image"], scale), box, scale)))
-        panels.append(("its map", with_box(enlarge(overlay(original["image"], e["map"]), scale), box, scale)))
-        for how, v in versions.items():
+    box = probed.pixels
+    size = probed.mean_image.shape[0] * scale
+    panels = [("mean image, region", with_box(enlarge(probed.mean_image, scale), box, scale)),
+              ("mean map, region", with_box(heat(probed.mean_map, size), box, scale))]
+    for e in probed.examples[:1]:
+        original = e.versions["original"]
+        panels.append((f"image: class {name(original.predicted)}",
+                       with_box(enlarge(original.image, scale), box, scale)))
+        panels.append(("its map", with_box(enlarge(overlay(original.image, e.map), scale), box, scale)))
+        for how, v in e.versions.items():
             if how != "original":
-                panels.append((f"{how} fill: class {name(v['predicted'])}",
-                               with_box(enlarge(v["image"], scale), box, scale)))
+                panels.append((f"{how} fill: class {name(v.predicted)}", with_box(enlarge(v.image, scale), box, scale)))
     panels.append(("flip rate", flip_chart(probed, height=size)))
     return panels
 
 
-def shortcut_figure(probed: dict, names, path: str, scale: int = 3) -> None:
-    """:func:`shortcut_panels` side by side with their captions under a title line, saved as a PNG."""
+def shortcut_figure(probed, names, scale: int = 3) -> np.ndarray:
+    """:func:`shortcut_panels` side by side with their captions under a title line, one uint8 RGB picture."""
     from PIL import Image, ImageDraw
 
     panels = shortcut_panels(probed, names, scale)
@@ -123,11 +121,11 @@ def shortcut_figure(probed: dict, names, path: str, scale: int = 3) -> None:
     width = sum(p.shape[1] for _, p in panels) + gap * (len(panels) + 1)
     figure = Image.new("RGB", (width, title + height + caption + gap), "white")
     draw = ImageDraw.Draw(figure)
-    cls = probed["class"]
+    cls = probed.cls
     draw.text((gap, 4), f"confirmed shortcut: class {cls} ({names[cls]}) relies on the boxed region", fill="black")
     x = gap
     for text, picture in panels:
         figure.paste(Image.fromarray(picture), (x, title))
         draw.text((x, title + height + 2), text, fill="black")
         x += picture.shape[1] + gap
-    figure.save(path)
+    return np.asarray(figure)
