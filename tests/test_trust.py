@@ -9,6 +9,7 @@ what they say.  Opt-ins recorded in a job's output are never acted on by whoever
 """
 
 import gc
+import html
 import json
 import os
 from pathlib import Path
@@ -360,10 +361,11 @@ def test_audit_of_a_received_output_does_not_run_a_side_effect_model(received, a
     result = run_audit(received, str(tmp_path / "report"), controls=2, interventions=2, compare_methods=1,
                        model=path, echo=lines.append)
     skipped = [line for line in lines if "skipped" in line]
-    assert len(skipped) == 1 and skipped[0] == "audit: " + result["skipped"]
-    _one_line_refusal(result["skipped"], OP_TYPE[kind])
-    assert "controls" not in result and "method_comparison" not in result
-    assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "report" / "audit.json").exists()
+    assert len(skipped) == 1 and skipped[0] == "audit: " + result.skipped
+    _one_line_refusal(result.skipped, OP_TYPE[kind])
+    assert result.controls is None and result.method_comparison is None and result.interventions is None
+    assert (tmp_path / "report" / "audit.json").exists()
+    assert html.escape(result.skipped, quote=False) in (tmp_path / "report" / "report.html").read_text()
     _untouched(kind, canary)
 
 

@@ -118,8 +118,7 @@ def main(argv=None) -> int:
                                compare_methods=args.compare_methods,
                                allow_unsafe_deserialization=args.allow_unsafe_deserialization,
                                allow_side_effects=args.allow_side_effects)
-            summary = {"report": args.report, "groups": len(result["groups"]), "findings": result["findings"],
-                       **({"skipped": result["skipped"]} if result.get("skipped") else {})}
+            summary = result.summary(args.report)
         elif args.command == "view":
             return view(args)
         elif args.command == "scheduled":

@@ -6,7 +6,7 @@ image, mean map and contrast, worst cases, controls, the comparison of methods, 
 finding and the run card.  The renderers return text and tables; :func:`write_report` is the one place that
 writes files.  Pictures: :mod:`worker.audit.pictures`.
 
-Example:
+Examples:
     >>> from worker.audit.result import AuditResult
     >>> page = render_html(AuditResult("maps/", {}, {}, skipped="controls skipped: the model needs an opt-in"))
     >>> "Model steps not run." in page and "the model needs an opt-in" in page

@@ -14,7 +14,7 @@ Each part is made once, by the step that computes it, and never changed after:
 * ``class_images``: {class: its mean input image}; ``skipped``: why the model steps did not run (None when they
   did or were not asked for); ``notes``: what the report says of a part it cannot show.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> from worker.audit.aggregate import Group, GroupSummary
     >>> result = AuditResult("maps/", {"class_names": ["cat", "dog"]},
@@ -143,24 +143,6 @@ class AuditResult:
         return {"report": report_dir, "groups": len(self.groups),
                 "findings": [f.to_dict(self.names) for f in self.findings],
                 **({"skipped": self.skipped} if self.skipped else {})}
-
-    # -- read-only access by audit.json's keys, for callers written against the earlier dict result ------------
-    def __getitem__(self, key: str):
-        """A part as audit.json holds it (``result["findings"]``: the findings' dicts); KeyError where the part is
-        absent (a step not run). New code reads the attributes."""
-        if key not in self:
-            raise KeyError(key)
-        return self.to_dict()[key]
-
-    def __contains__(self, key: str) -> bool:
-        return key in _PARTS and getattr(self, key) is not None
-
-    def get(self, key: str, default=None):
-        return self[key] if key in self else default
-
-
-_PARTS = ("output", "groups", "worst", "clusters", "findings", "controls", "interventions", "method_comparison",
-          "skipped")
 
 
 def _plain(value):

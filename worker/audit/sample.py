@@ -2,7 +2,7 @@
 controls, the interventions, the method comparison and the classes' mean images, and the worst cases' own rows
 by id (:func:`images_by_id`).
 
-Example:
+Examples:
     >>> sample = Draw([("a", np.zeros((2, 2, 3), np.uint8), 0, None), ("b", np.ones((2, 2, 3), np.uint8), 1, None),
     ...                ("c", np.ones((2, 2, 3), np.uint8), 0, None)], first=2, per_class=1, classes=[0, 1], size=(2, 2))
     >>> sample.first(2).ids, sample.per_class(1).ids, sample.per_class(1).classes

@@ -3,7 +3,7 @@ view it builds of an :class:`~worker.audit.result.AuditResult`: every value esca
 base64 PNGs, numbers formatted with the ``fmt`` filter (a Python format spec: ``{{ share|fmt(".0%") }}``) and tested
 with ``is finite``.
 
-Example:
+Examples:
     >>> import jinja2
     >>> jinja2.Environment().parse(PAGE) is not None  # it parses
     True
