@@ -128,7 +128,6 @@ def test_slices_match_the_reference_over_the_whole_table(job):
     ({"range": "gini:0.9:0.1"}, "runs backwards"),
     ({"range": "id:1:2"}, "'id' is not numeric"),
     ({"true": "cat"}, "neither a class index nor a class name; the classes are"),
-    ({"cluster": "1"}, "needs the audit"),
     ({"offset": "-4"}, "not a whole number"),
     ({"colour": "red"}, "unknown query key"),
 ])

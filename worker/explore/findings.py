@@ -29,8 +29,6 @@ def finding_slice(finding: dict) -> str:
     kind, cls = finding.get("kind"), finding.get("class_index")
     key = {"true": "true", "predicted": "predicted"}.get(kind, "true")
     parts = [f"{key}={cls}"] if cls is not None else []
-    if finding.get("cluster") is not None and key == "true":
-        parts.append(f"cluster={finding['cluster']}")
     stat = next((v for k, v in SHOWN_BY.items() if str(finding.get("finding", "")).startswith(k)), None)
     if stat:
         parts.append(f"sort=-{stat}")
@@ -94,6 +92,5 @@ class Audit:
             shortcuts.append({"class_name": names.get(cls, str(cls)), "verdict": region.get("verdict"),
                               "box": region.get("box"), "effect": region.get("effect"),
                               "picture": _mean_map(grid, box) if grid is not None else None,
-                              "slice": finding_slice({"kind": "true", "class_index": cls,
-                                                      "cluster": region.get("cluster")})})
+                              "slice": finding_slice({"kind": "true", "class_index": cls})})
         return {"classes": classes, "findings": findings, "shortcuts": shortcuts}

@@ -12,7 +12,7 @@ store, in two passes:
 
 Examples:
     >>> Slice.from_query({"true": "3", "correct": "false", "sort": "-border_mass", "limit": "50"})
-    Slice(true='3', predicted=None, target=None, correct=False, errors=None, file=None, cluster=None, ranges=(), sort='border_mass', descending=True, offset=0, limit=50)
+    Slice(true='3', predicted=None, target=None, correct=False, errors=None, file=None, ranges=(), sort='border_mass', descending=True, offset=0, limit=50)
     >>> Slice.from_query({"range": "gini:0.9:0.2"})
     Traceback (most recent call last):
     ...
@@ -92,7 +92,6 @@ class Slice:
     correct: bool | None = None  # predicted == true
     errors: bool | None = None  # True: only rows with an error; False: only rows with a map
     file: str | None = None  # the input file a row came from (derived ids: ``<file>#<row>``)
-    cluster: int | None = None  # the row's SpRAy cluster in its true class (needs the audit, and ``true``)
     ranges: tuple[Range, ...] = ()
     sort: str | None = None  # a numeric column; None: the output's own order
     descending: bool = True
@@ -113,8 +112,6 @@ class Slice:
             values["correct"] = _flag("correct", one["correct"])
         if one.get("error"):
             values["errors"] = _flag("error", one["error"])
-        if one.get("cluster"):
-            values["cluster"] = _whole("cluster", one["cluster"], 0, 10_000)
         ranges = query.get("range") or []
         values["ranges"] = tuple(_range(r) for r in ([ranges] if isinstance(ranges, str) else ranges) if r)
         if one.get("sort"):
@@ -261,21 +258,14 @@ class Output:
 
     # -- answering -----------------------------------------------------------------------------------------------
 
-    def page(self, s: Slice, clusters=None) -> Page:
-        """The rows of ``s`` on its page. ``clusters`` (ids -> cluster, from the audit) answers ``cluster=``."""
+    def page(self, s: Slice) -> Page:
+        """The rows of ``s`` on its page."""
         import time
 
         started = time.perf_counter()
         where = self.expression(s)
         if s.sort is not None:
             self._column(s.sort, "sort:")
-        if s.cluster is not None:
-            if clusters is None:
-                raise QueryError("cluster= needs the audit: start the explorer with --audit REPORT_DIR")
-            if s.true is None:
-                raise QueryError("cluster= numbers a true class's clusters: give true= as well")
-            members = clusters(self._label_value(s.true), s.cluster)
-            where = pc.field("id").isin(members) if where is None else where & pc.field("id").isin(members)
         total, chosen = self._scan(where, s)
         rows = self._rows(chosen[s.offset:s.offset + s.limit])
         return Page(total, s.offset, rows, time.perf_counter() - started)
