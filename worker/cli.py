@@ -51,6 +51,9 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--smooth", type=int, default=0, help="SmoothGrad: average over N noisy copies per image")
     m.add_argument("--noise", type=float, default=0.15,
                    help="SmoothGrad noise, a fraction of each image's input span (default 0.15)")
+    m.add_argument("--pass-images", type=int, default=0,
+                   help="most model inputs one compiled pass differentiates, SmoothGrad copies and top-k targets "
+                        "counted (0: the batch size)")
     m.add_argument("--target", default="predicted",
                    help="predicted | label | class:K | top:K | layer:NAME[:CHANNEL]")
     m.add_argument("--score", default="logits", choices=SCORES)

@@ -57,6 +57,7 @@ class MapOptions:
     relu_policy: str = "error"
     smooth: int = 0  # SmoothGrad: noisy copies per image, averaged (0: off)
     noise: float = 0.15  # SmoothGrad's noise, a fraction of each image's input span
+    pass_images: int = 0  # most model inputs one compiled pass differentiates, SmoothGrad copies and top-k targets counted (0: batch size)
     cam_layer: str | None = None  # Grad-CAM's layer (default: the last convolutional activation)
     activations: str = "relu"  # "all": guided/Deconvnet rules for swish, GELU, hard-swish, ELU, ... too
 
@@ -76,6 +77,8 @@ class EngineOptions(MapOptions):
         Target.parse(self.target)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.pass_images < 0:
+            raise ValueError(f"pass_images must be >= 0 (0: the batch size), got {self.pass_images}")
         choose("preprocessing preset", self.preprocessing, PRESETS)
         check_choices(reduction=self.reduction, map_dtype=self.map_dtype, score=self.score,
                       precision=self.precision, relu_policy=self.relu_policy, activations=self.activations)
