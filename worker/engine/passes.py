@@ -51,7 +51,7 @@ def plan_passes(batch_size: int, smooth: int, targets: int, bound: int) -> PassP
     at most ``bound`` inputs (one image with one copy and one target when the bound is smaller than that)."""
     if bound < 1:
         raise ValueError(f"pass_images must be >= 1, got {bound}")
-    t = _balanced(targets, bound)
+    t = _balanced(targets, bound // 2 if smooth else bound)  # SmoothGrad needs 2 inputs: the clean one and a copy
     per_image = max(1, bound // t)
     c = _balanced(smooth, per_image - 1) if smooth else 0
     b = max(1, min(batch_size, per_image // (1 + c)))
