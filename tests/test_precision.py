@@ -1,0 +1,58 @@
+"""Lower precision end to end: the job's row errors for maps that are not maps, its fidelity figure; and the
+keras.applications families in float16 and bfloat16 on both engine paths (slow, rotated)."""
+
+import json
+
+import keras
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests import jobdata
+from tests.conftest import ENGINE_PATHS, assert_path
+from worker import GuidedBackprop
+from worker.engine.precision import FIDELITY_BAR, map_cosines
+from worker.job import JobConfig, run
+
+
+def _gated_model(threshold: float):
+    """32x32x3 -> one ReLU unit of the images' summed brightness less ``threshold`` -> 2 logits: a darker image
+    leaves the ReLU off, so its guided map is exactly zero while its score still depends on the image."""
+    inputs = keras.Input((32, 32, 3))
+    unit = keras.layers.Dense(1, activation="relu", kernel_initializer=keras.initializers.Constant(1e-3),
+                              bias_initializer=keras.initializers.Constant(-threshold))(keras.layers.Flatten()(inputs))
+    out = keras.layers.Dense(2, kernel_initializer=keras.initializers.Constant(1.0))(unit)
+    return keras.Model(inputs, out)
+
+
+@pytest.mark.slow
+def test_float16_job_marks_zero_maps_and_records_its_fidelity(ray_local, tmp_path):
+    images, labels = jobdata.digits(12)
+    brightness = np.sort(images.reshape(len(images), -1).sum(axis=1) / 255.0 * 1e-3)
+    gap = int(np.argmax(np.diff(brightness[3:-3]))) + 3  # a threshold between two images, away from both
+    threshold = float(brightness[gap:gap + 2].mean())
+    model = tmp_path / "gated.keras"
+    _gated_model(threshold).save(str(model))
+    jobdata.write_hf(tmp_path / "in.parquet", images, labels, name=[f"r{i}" for i in range(len(images))])
+    lines = []
+    summary = run(JobConfig(model=str(model), input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"),
+                            id_column="name", preprocessing="scale01", batch_size=8, precision="float16", map_dtype="float32"),
+                  echo=lines.append)
+    rows = pq.read_table(str(tmp_path / "out"), columns=["id", "error", "map"]).to_pylist()
+    darkness = images.reshape(len(images), -1).sum(axis=1) / 255.0 * 1e-3 < threshold
+    dark = [bool(darkness[int(row["id"][1:])]) for row in rows]
+    assert sum(dark) == gap + 1 and summary["errors_this_run"] == gap + 1
+    for is_dark, row in zip(dark, rows):
+        error, row_map = row["error"], row["map"]
+        if is_dark:
+            assert error.startswith("explain: map is exactly zero although the score depends on the input")
+            assert "precision='float32'" in error
+        else:
+            assert error is None and np.abs(np.asarray(row_map, np.float32)).max() > 0
+    fidelity = summary["fidelity"]
+    assert fidelity["precision"] == "float16" and fidelity["maps"] == 8  # the actor's first batch
+    assert fidelity["cosine_min"] > FIDELITY_BAR and not fidelity["below_bar"]
+    assert "fidelity of float16 to float32: cosine min" in lines[-1]
+    recorded = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert recorded["fidelity"] == fidelity
+
