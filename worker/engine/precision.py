@@ -9,7 +9,8 @@ whose gradient is not finite is computed again at a quarter of the scale, down t
 worked is kept (grown back x2 after :data:`GROW_AFTER` finite passes).  bfloat16 has float32's exponent range
 and loses mantissa bits instead, which no power of two restores: its scale stays 1.
 
-**Checks.** A map that is exactly zero everywhere although the score depends on the input, or one with a
+**Checks.** A map that is exactly zero everywhere although the score depends on the input (in a lower
+precision: any zero map, since the forward pass may itself have underflowed to a constant score), or one with a
 non-finite value, is not returned as a map: its row gets :func:`zero_map_problem` / :func:`non_finite_problem`.
 
 **Fidelity.** :func:`map_cosines` compares each map with the float32 one; a run below :data:`FIDELITY_BAR`
@@ -73,14 +74,12 @@ def non_finite_problem(precision: str) -> str:
 
 
 def zero_map_problem(precision: str, method: str) -> str:
-    if precision == "float16":
-        return ("map is exactly zero although the score depends on the input: the backward pass underflowed in "
-                "float16; run with precision='float32' (or 'bfloat16', which has float32's range)")
-    if precision == "bfloat16":
-        return ("map is exactly zero although the score depends on the input: the backward pass lost it in "
-                "bfloat16; run with precision='float32'")
-    return (f"map is exactly zero although the score depends on the input: no gradient reaches the input through "
-            f"{method}'s rules; try method='gradient' or activations='all'")
+    gated = f"no gradient reaches the input through {method}'s rules"
+    if precision != "float32":
+        return (f"map is exactly zero: the forward or backward pass underflowed in {precision}, or {gated}; run "
+                "with precision='float32', and if it stays zero, try method='gradient'")
+    return (f"map is exactly zero although the score depends on the input: {gated}; try method='gradient' or "
+            "activations='all'")
 
 
 @dataclass(frozen=True)

@@ -307,8 +307,9 @@ class Attribution:
 
     def _score_depends_on_input(self, images, target_class) -> np.ndarray:
         """(N,) bool: whether any target score of each image changes when the image does (inverted, or halved).
-        A layer target is taken to depend on its input."""
-        if self.target.kind == "layer":
+        A layer target is taken to depend on its input, and so is any score in a lower precision: there the
+        forward pass itself may have underflowed to a constant."""
+        if self.target.kind == "layer" or self.precision != "float32":
             return np.ones(len(images), bool)
         scores = [np.take_along_axis(self.predict(probe), target_class, axis=1)
                   for probe in (images, 255 - images, images // 2)]
