@@ -293,7 +293,8 @@ def run(config: JobConfig, *, echo=print) -> dict:
             "complete": int(len(ids)) == rows_in,
             "model_fingerprint": plan.identity["model_fingerprint"],
         }
-        fidelity, unmeasured = read_fidelity(out_fs, out_root, config.precision)
+        fidelity, unmeasured = retry.call(lambda: read_fidelity(out_fs, out_root, config.precision),
+                                          f"reading the fidelity records in {config.output}")
         if config.precision != "float32":
             summary["fidelity"] = {**dataclasses.asdict(fidelity), "below_bar": fidelity.below_bar} if fidelity \
                 else {"precision": config.precision, "maps": 0, "unmeasured": unmeasured}
