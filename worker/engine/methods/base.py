@@ -378,7 +378,8 @@ class Attribution:
             yield n, (chunks[0] if len(chunks) == 1 else chunks)
 
     def explain(self, images: np.ndarray, labels=None) -> Explanation:
-        """Explain ``images``: uint8 (N, H, W, 3); ``labels`` (N,) ints for ``target='label'``."""
+        """Explain ``images``: uint8 (N, H, W, 3); ``labels`` (N,) ints for ``target='label'``.  An image whose
+        map is exactly zero or not finite has its reason in ``problems`` (:mod:`worker.engine.precision`)."""
         images = self._check_images(images)
         if not len(images):  # nothing to explain: no labels are needed for it either
             return Explanation.empty(self.target.maps_per_image, self.map_shape, self.map_dtype, self.report)
