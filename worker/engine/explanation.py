@@ -4,6 +4,9 @@ Examples:
     >>> e = Explanation.empty(maps_per_image=1, map_shape=(4, 4), map_dtype="float16")
     >>> both = Explanation.concatenate([e, e]); len(both), both.maps.shape
     (0, (0, 1, 4, 4))
+    >>> two = Explanation.empty(1, (4, 4), "float32").take([])
+    >>> len(two), two.problems.shape
+    (0, (0,))
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ class Explanation:
     map_scale: (N, K) float32: the true map is ``maps * map_scale`` (1 for float32), see :meth:`as_float32`.
     predicted_class, predicted_prob: (N,).  target_class, target_score: (N, K);
     target_class is -1 for layer targets.
+    problems: (N,) object: why an image's maps are not maps (exactly zero although its score depends on the
+    image, or not finite: :mod:`worker.engine.precision`), None where they are; a caller writes it as the row's
+    error rather than the map.
     """
 
     maps: np.ndarray
@@ -31,6 +37,11 @@ class Explanation:
     target_class: np.ndarray
     target_score: np.ndarray
     report: dict = field(default_factory=dict, repr=False)
+    problems: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.problems is None:
+            self.problems = np.full(len(self.maps), None, object)
 
     def __len__(self) -> int:
         return len(self.maps)
@@ -46,6 +57,11 @@ class Explanation:
         k = maps_per_image
         return cls(np.zeros((0, k, *map_shape), map_dtype), np.zeros((0, k), np.float32), np.zeros(0, np.int32),
                    np.zeros(0, np.float32), np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), report or {})
+
+    def take(self, rows) -> "Explanation":
+        """The Explanation of ``rows`` (indices or a boolean mask) only."""
+        arrays = {f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self) if f.name != "report"}
+        return type(self)(**arrays, report=self.report)
 
     @classmethod
     def concatenate(cls, parts: list["Explanation"]) -> "Explanation":

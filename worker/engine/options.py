@@ -78,6 +78,8 @@ class MapOptions:
                               choices=RELU_POLICIES)
     smooth: int = option(0, "SmoothGrad: average over N noisy copies per image (0: off)")
     noise: float = option(0.15, "SmoothGrad's noise, a fraction of each image's input span")
+    pass_images: int = option(0, "most model inputs one compiled pass differentiates, SmoothGrad copies and top-k "
+                              "targets counted (0: the batch size)", group="resources")
     cam_layer: str | None = option(None, "gradcam / guided_gradcam: layer or scope name (default: the last "
                                    "convolutional activation)")
     activations: str = option("relu", "relu: the method's rule at ReLUs (capped, thresholded, leaky, PReLU); "
@@ -100,6 +102,8 @@ class EngineOptions(MapOptions):
         Target.parse(self.target)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.pass_images < 0:
+            raise ValueError(f"pass_images must be >= 0 (0: the batch size), got {self.pass_images}")
         choose("preprocessing preset", self.preprocessing, PRESETS)
         check_choices(reduction=self.reduction, map_dtype=self.map_dtype, score=self.score,
                       precision=self.precision, relu_policy=self.relu_policy, activations=self.activations)

@@ -36,7 +36,7 @@ from worker.data.lease import Lease
 from worker.job.config import JobConfig, build_engine
 from worker.job.progress import watch
 from worker.job.resources import connect, connect_beside, place_actors, starts_embedded
-from worker.job.stages import ExplainBatch, decode_stage, read_stage
+from worker.job.stages import ExplainBatch, decode_stage, read_fidelity, read_stage
 
 log = logging.getLogger(__name__)
 
@@ -293,10 +293,17 @@ def run(config: JobConfig, *, echo=print) -> dict:
             "complete": int(len(ids)) == rows_in,
             "model_fingerprint": plan.identity["model_fingerprint"],
         }
+        fidelity, unmeasured = retry.call(lambda: read_fidelity(out_fs, out_root, config.precision),
+                                          f"reading the fidelity records in {config.output}")
+        if config.precision != "float32":
+            summary["fidelity"] = {**dataclasses.asdict(fidelity), "below_bar": fidelity.below_bar} if fidelity \
+                else {"precision": config.precision, "maps": 0, "unmeasured": unmeasured}
         datasink.finish(summary)
         echo(f"done: {summary['rows_this_run']} rows ({summary['errors_this_run']} with errors) in "
              f"{summary['seconds']} s, {summary['rows_per_second']} rows/s; {summary['rows_out']}/{rows_in} rows in "
-             f"{config.output}")
+             f"{config.output}" + (f"; {fidelity.line()}" if fidelity else ""))
+        if fidelity and fidelity.below_bar:
+            echo(fidelity.warning())
         return summary
     finally:
         lease.release()

@@ -2,7 +2,10 @@
 
 ``read_stage`` and ``decode_stage`` are plain functions for Ray Data tasks;
 :class:`ExplainBatch` is the callable class of the actor pool: it builds the
-engine once in ``__init__`` and maps a pyarrow batch to output rows.
+engine once in ``__init__`` and maps a pyarrow batch to output rows.  A row whose map the engine reports as a
+problem (exactly zero, or not finite) is written with that problem as its ``error``.  Under a lower precision,
+each actor also explains its first batch in float32 and writes the per-map cosines to
+``_fidelity/<host>-<pid>.json``; :func:`read_fidelity` gathers them for the run's summary.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from worker.data.decode import DecodeError, decode_mask, image_cells
 from worker.data.storage import fetch_model
 from worker.engine.errors import describe_error
 from worker.engine.explanation import Explanation
+from worker.engine.precision import Fidelity, map_cosines
 from worker.engine.targets import label_problem
 from worker.job.config import JobConfig, build_engine
 
 log = logging.getLogger(__name__)
+
+FIDELITY_DIR = "_fidelity"  # per actor: the cosines of its first batch's maps to float32's
 
 
 def read_stage(batch: pa.Table, *, fs, columns, id_column, done) -> pa.Table:
@@ -79,6 +85,7 @@ class ExplainBatch:
         self.engine = build_engine(config, fetch_model(config.model))
         self.k = self.engine.target.maps_per_image
         self.metrics = JobMetrics()
+        self._fidelity_due = config.precision != "float32"
 
     def _record_worker(self, threads):
         """Write ``_workers/<host>-<pid>.json``: which devices this actor was pinned to."""
@@ -141,7 +148,11 @@ class ExplainBatch:
         if not len(images):  # every row of the batch already has its error
             return self._empty(), errors
         try:
-            return self.engine.explain(images, labels), errors
+            explanation = self.engine.explain(images, labels)
+            if self._fidelity_due:
+                self._fidelity_due = False
+                self._record_fidelity(images, labels, explanation)
+            return self._without_problems(explanation, valid, errors), errors
         except Exception as exc:  # noqa: BLE001 - isolate the row(s) that fail, keep the rest
             log.warning("batch failed (%s); explaining its %d rows one by one", exc, len(images))
         parts = []
@@ -151,10 +162,68 @@ class ExplainBatch:
             except Exception as exc:  # noqa: BLE001
                 errors[row] = f"explain: {describe_error(exc)}"
                 valid[row] = False
-        return (Explanation.concatenate(parts) if parts else self._empty()), errors
+        explanation = Explanation.concatenate(parts) if parts else self._empty()
+        return self._without_problems(explanation, valid, errors), errors
+
+    @staticmethod
+    def _without_problems(explanation: Explanation, valid, errors) -> Explanation:
+        """The rows whose maps the engine reports as a problem become error rows (``valid`` and ``errors`` are
+        updated in place); the Explanation of the others."""
+        bad = np.array([p is not None for p in explanation.problems], bool)
+        if not bad.any():
+            return explanation
+        rows = np.flatnonzero(valid)
+        for row, problem in zip(rows[bad], explanation.problems[bad]):
+            errors[row] = f"explain: {problem}"
+            valid[row] = False
+        return explanation.take(~bad)
+
+    def _record_fidelity(self, images, labels, explanation: Explanation) -> None:
+        """Explain ``images`` again in float32 and write the per-map cosines of ``explanation`` to them (a failure
+        to measure is written instead, and the job goes on)."""
+        import gc
+        import socket
+
+        record = {"precision": self.config.precision, "host": socket.gethostname(), "pid": os.getpid()}
+        try:
+            reference = build_engine(self.config, fetch_model(self.config.model), precision="float32")
+            expected = reference.explain(images, labels).as_float32()
+            del reference
+            gc.collect()
+            found = explanation.as_float32()
+            record["cosines"] = map_cosines(found.reshape(-1, *found.shape[2:]),
+                                            expected.reshape(-1, *expected.shape[2:])).round(6).tolist()
+        except Exception as exc:  # noqa: BLE001 - the figure is a check on the run, not part of its output
+            log.warning("fidelity to float32 not measured: %s", describe_error(exc))
+            record["error"] = describe_error(exc)
+        fs, root = storage.filesystem(self.config.output)
+        fs.create_dir(posixpath.join(root, FIDELITY_DIR), recursive=True)
+        name = f"{record['host']}-{record['pid']}.json"
+        with fs.open_output_stream(posixpath.join(root, FIDELITY_DIR, name)) as f:
+            f.write(json.dumps(record).encode())
 
     def _empty(self) -> Explanation:
         return Explanation.empty(self.k, self.map_shape, self.config.map_dtype, self.engine.report)
+
+
+def read_fidelity(fs, root: str, precision: str) -> tuple[Fidelity | None, list[str]]:
+    """The fidelity of a lower-precision run's maps to float32's over every actor's first batch in ``root``
+    (None for a float32 run, or where no actor measured one), and the errors of actors that failed to measure."""
+    import pyarrow.fs as pafs
+
+    if precision == "float32":
+        return None, []
+    selector = pafs.FileSelector(posixpath.join(root, FIDELITY_DIR), allow_not_found=True)
+    cosines, failures = [], []
+    for info in fs.get_file_info(selector):
+        if info.type != pafs.FileType.File or not info.path.endswith(".json"):
+            continue
+        with fs.open_input_stream(info.path) as f:
+            record = json.loads(f.read())
+        cosines.extend(record.get("cosines", []))
+        if "error" in record:
+            failures.append(record["error"])
+    return (Fidelity.of(precision, cosines) if cosines else None), failures
 
 
 class JobMetrics:

@@ -3,13 +3,17 @@
 A method says which gradient overrides its forward pass is traced with
 (:attr:`Attribution.gradient_overrides`, see :mod:`worker.engine.ops`) and, if it is not an input gradient,
 how a map is made from the traced pass (:meth:`Attribution._maps`, e.g. Grad-CAM).  The base does the rest
-inside one ``tf.function`` with a fixed batch shape: uint8 images in, preprocessing on the device (and
-SmoothGrad's noisy copies), forward pass, target selection, the maps, channel reduction on the device, and
-only the reduced maps back to the host.
+inside one ``tf.function`` with a fixed batch shape, a *pass*: uint8 images in, preprocessing on the device
+(and a slice of SmoothGrad's noisy copies), forward pass, target selection (a slice of top-k's targets), the
+float32 maps.  A batch takes as many passes as :mod:`worker.engine.passes` plans to keep each pass within its
+bound; their maps are summed on the device, reduced over channels there, and only the reduced maps come back to
+the host, each checked (:mod:`worker.engine.precision`): a map that is zero or not finite becomes its row's
+problem rather than a map.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import warnings
@@ -25,6 +29,8 @@ from worker.engine.explanation import Explanation
 from worker.engine.models import load_model
 from worker.engine.ops import FORWARD_CONV_GRADIENTS, PLAIN_UNIT, gradient_scope
 from worker.engine.options import check_choices, check_smoothing
+from worker.engine.passes import plan_passes
+from worker.engine.precision import LossScale, non_finite_problem, zero_map_problem
 from worker.engine.preprocessing import Preprocessing
 from worker.engine.runtime import configure_tensorflow, default_conv_gradients, default_jit_compile, native_bfloat16
 from worker.engine.scores import class_scores
@@ -51,7 +57,7 @@ class Attribution:
         score: ``logits`` (default; a final softmax is stripped) or ``probability``.
         relu_policy: ``error`` (default) refuses a model with an unguided or no ReLU; ``warn`` warns.
         precision: ``float32`` (default), ``bfloat16`` or ``float16`` compute; maps are float32 before
-            the final cast.
+            the final cast.  float16 scales the score against underflow (:mod:`worker.engine.precision`).
         jit_compile: ``auto`` (XLA on GPU, plain graph on CPU, where XLA measured slower), True or False.
         conv_gradients: how convolutions' input gradients are computed: ``forward`` (forward kernels with the
             flipped kernel, :data:`worker.engine.ops.FORWARD_CONV_GRADIENTS`), ``framework`` (TensorFlow's own
@@ -59,6 +65,8 @@ class Attribution:
             Both give the same maps up to float rounding.
         smooth, noise: SmoothGrad: average over ``smooth`` noisy copies per image (0: off), noise ``noise`` x the
             image's input span (see :mod:`worker.engine.smoothing`).
+        pass_images: the most model inputs one compiled pass differentiates, SmoothGrad's copies and top-k's
+            targets counted (:mod:`worker.engine.passes`); 0 (default): ``batch_size``.  Maps do not depend on it.
         cam_layer: Grad-CAM's layer or scope (default: the last convolutional activation, see
             :mod:`worker.engine.cam`); other methods ignore it.
         activations: which activations get the method's rule (:mod:`worker.engine.activations`): ``relu``
@@ -83,7 +91,8 @@ class Attribution:
     def __init__(self, model, *, target="predicted", batch_size: int = 16, preprocessing="none",
                  reduction: str = "max_abs", map_dtype: str = "float16", score: str = "logits",
                  relu_policy: str = "error", precision: str = "float32", jit_compile="auto",
-                 conv_gradients: str = "auto", smooth: int = 0, noise: float = 0.15, cam_layer: str | None = None,
+                 conv_gradients: str = "auto", smooth: int = 0, noise: float = 0.15, pass_images: int = 0,
+                 cam_layer: str | None = None,
                  activations: str = "relu", safe_mode: bool = True, allow_side_effects: bool = False,
                  output: int | None = None, signature: str | None = None, input_size=None,
                  threads: int | None = None, warmup: bool = False):
@@ -96,6 +105,9 @@ class Attribution:
         check_smoothing(smooth, noise)
         self.smooth, self.noise, self.cam_layer = int(smooth), float(noise), cam_layer
         self.target = Target.parse(target)
+        self.passes = plan_passes(int(batch_size), self.smooth, self.target.maps_per_image,
+                                  int(pass_images) or int(batch_size))
+        self.loss_scale = LossScale(precision)
         self.preprocessing = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing(preprocessing)
         self.batch_size = int(batch_size)
         self.reduction, self.map_dtype, self.score, self.relu_policy = reduction, map_dtype, score, relu_policy
@@ -114,9 +126,11 @@ class Attribution:
         self._cam_tensor: str | None = None
         self._concrete: dict[tuple[int, int], object] = {}
         self._concrete_for(self.source.input_size)
+        self._reduce = tf.function(self._reduce_maps, jit_compile=self.jit_compile, autograph=False)
         if warmup:
             h, w = self.source.input_size
-            self._run(np.zeros((self.batch_size, h, w, 3), np.uint8), np.zeros(self.batch_size, np.int32))
+            self._explain_pass_batch(np.zeros((self.passes.images, h, w, 3), np.uint8),
+                                     np.zeros(self.passes.images, np.int32))
 
     # -- what a method decides -------------------------------------------------------------
     #: op type -> registered gradient name, installed while the forward pass is traced
@@ -128,16 +142,21 @@ class Attribution:
 
     def _maps(self, x, scores, forward_ops, found: dict) -> list:
         """Per target k, the (rows, H, W, C) float32 map of ``scores[:, k]`` (one score per row of ``x``).
-        Gradient methods: the input gradient, through the overrides the forward pass was traced with."""
-        return [tf.cast(tf.gradients(tf.reduce_sum(scores[:, k]), x)[0], tf.float32) for k in range(scores.shape[1])]
+        Gradient methods: the input gradient, through the overrides the forward pass was traced with; the score
+        is multiplied by the loss scale ``found["loss_scale"]`` and the float32 gradient divided by it."""
+        scale = found["loss_scale"]
+        return [tf.cast(tf.gradients(tf.reduce_sum(scores[:, k]) * scale, x)[0], tf.float32) / scale
+                for k in range(scores.shape[1])]
 
     # -- the compiled function ---------------------------------------------------------------
-    def _compute(self, images, labels, found: dict):
-        """The traced function; what the trace finds (coverage, which score) goes into ``found``."""
+    def _compute(self, images, labels, copy_start, target_start, loss_scale, found: dict):
+        """The traced pass (``copy_start``/``target_start``: its first noisy copy and target); what the trace
+        finds (coverage, which score) goes into ``found``."""
+        plan = self.passes
         x = self.preprocessing.apply(images, self.source.input_size, self.source.channels)
-        copies = self.smooth + 1
-        if self.smooth:  # clean copy first, then the noisy ones, per image
-            x = noisy_copies(x, images, self.smooth, self.noise)
+        copies = plan.copies + 1
+        if self.smooth:  # clean copy first, then this pass's noisy ones, per image
+            x = noisy_copies(x, images, plan.copies, self.noise, first=copy_start)
         graph = tf.compat.v1.get_default_graph()
         first_op = len(graph.get_operations())
         overrides = {**self.gradient_overrides,
@@ -148,6 +167,7 @@ class Attribution:
         found["forward_ops"] = forward_ops
         output, activation, ruled = self._rule_activations(forward_ops, x, output, activation, found)
         found["coverage"] = inspect_ops(forward_ops, graph, self.gradient_overrides, ruled, self.activations)
+        found["loss_scale"] = loss_scale
 
         logits, differentiated, found["score"] = class_scores(output, self.score)
         clean = logits[::copies]  # the images themselves decide the prediction and the target
@@ -158,22 +178,33 @@ class Attribution:
             classes = classes[::copies]
         else:
             _, classes = self.target.select(clean, differentiated[::copies], labels)
+            # this pass's targets; the last pass repeats the last target where it has fewer left
+            pick = tf.minimum(target_start + tf.range(plan.targets), self.target.maps_per_image - 1)
+            classes = tf.gather(classes, pick, axis=1)
             scores = tf.gather(differentiated, tf.repeat(classes, copies, axis=0), batch_dims=1)
 
         per_target = self._maps(x, scores, forward_ops, found)
-        grads = tf.stack(per_target, axis=1)  # (rows, K, H, W, C)
-        if self.smooth:  # the mean over each image's noisy copies
-            grads = tf.reshape(grads, tf.concat([[-1, copies], tf.shape(grads)[1:]], 0))
-            grads = tf.reduce_mean(grads[:, 1:], axis=1)
-        maps, scale = reduction_ops.reduce_map(grads, self.reduction, self.map_dtype)
+        grads = tf.stack(per_target, axis=1)  # (rows, targets, H, W, C)
+        if self.smooth:  # the sum over each image's noisy copies; copies past the last one count 0
+            grads = tf.reshape(grads, tf.concat([[-1, copies], tf.shape(grads)[1:]], 0))[:, 1:]
+            kept = tf.cast(copy_start + tf.range(plan.copies) < self.smooth, tf.float32)
+            grads = tf.reduce_sum(grads * tf.reshape(kept, [1, -1, 1, 1, 1, 1]), axis=1)
         return {
-            "maps": maps,
-            "map_scale": scale,
+            "grads": grads,
+            "finite": tf.reduce_all(tf.math.is_finite(grads)),
             "predicted_class": predicted,
             "predicted_prob": predicted_prob,
             "target_class": classes,
             "target_score": scores[::copies],
         }
+
+    def _reduce_maps(self, grads):
+        """(images, targets, H, W, C) float32 maps -> reduced maps, their scale, and per map whether it is
+        exactly zero and whether it is finite."""
+        maps, scale = reduction_ops.reduce_map(grads, self.reduction, self.map_dtype)
+        axes = list(range(2, grads.shape.rank))
+        return (maps, scale, tf.reduce_all(tf.equal(grads, 0.0), axis=axes),
+                tf.reduce_all(tf.math.is_finite(grads), axis=axes))
 
     def _rule_activations(self, forward_ops, x, output, activation, found):
         """Give each activation unit of the traced pass its rule (:mod:`worker.engine.activations`); returns the
@@ -197,10 +228,11 @@ class Attribution:
             if self._concrete:
                 log.warning("tracing %s again for image size %s (model input %s)", self.method, size,
                             self.source.input_size)
-            spec = (tf.TensorSpec((self.batch_size, *size, 3), tf.uint8),
-                    tf.TensorSpec((self.batch_size,), tf.int32))
+            b = self.passes.images
+            spec = (tf.TensorSpec((b, *size, 3), tf.uint8), tf.TensorSpec((b,), tf.int32),
+                    tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.float32))
             found: dict = {}
-            function = tf.function(lambda images, labels: self._compute(images, labels, found),
+            function = tf.function(lambda *args: self._compute(*args, found),
                                    jit_compile=self.jit_compile, autograph=False)
             concrete = function.get_concrete_function(*spec)
             inventory = check_graph(concrete.graph, found.pop("forward_ops"),
@@ -228,9 +260,61 @@ class Attribution:
                 raise UnguidedReluError(message + " (pass relu_policy='warn' to explain it anyway)")
             warnings.warn(message, stacklevel=3)
 
-    def _run(self, images, labels):
-        out = self._concrete_for(images.shape[1:3])(tf.constant(images), tf.constant(labels))
-        return {k: v.numpy() for k, v in out.items()}
+    def _pass(self, function, images, labels, copy_start: int, target_start: int) -> dict:
+        """One pass; under a loss scale, again at a lower scale while its gradient is not finite."""
+        while True:
+            out = function(images, labels, tf.constant(copy_start, tf.int32), tf.constant(target_start, tf.int32),
+                           tf.constant(self.loss_scale.value, tf.float32))
+            if bool(out["finite"]):
+                self.loss_scale.passed()
+                return out
+            if not self.loss_scale.overflowed():
+                return out
+
+    def _explain_pass_batch(self, images, labels) -> dict:
+        """numpy results of ``passes.images`` images: their passes, each image's copies summed on the device."""
+        plan, function = self.passes, self._concrete_for(images.shape[1:3])
+        images, labels = tf.constant(images), tf.constant(labels)
+        parts = []
+        for target_pass in range(plan.target_passes):
+            total = None
+            for copy_pass in range(plan.copy_passes):
+                out = self._pass(function, images, labels, copy_pass * plan.copies, target_pass * plan.targets)
+                total = out["grads"] if total is None else total + out["grads"]
+            if self.smooth:
+                total = total / self.smooth
+            maps, scale, zero, finite = self._reduce(total)
+            parts.append({"maps": maps, "map_scale": scale, "zero": zero, "finite": finite,
+                          "target_class": out["target_class"], "target_score": out["target_score"],
+                          "predicted_class": out["predicted_class"], "predicted_prob": out["predicted_prob"]})
+        k = self.target.maps_per_image
+        result = {name: np.concatenate([p[name].numpy() for p in parts], axis=1)[:, :k]
+                  for name in ("maps", "map_scale", "zero", "finite", "target_class", "target_score")}
+        result.update(predicted_class=parts[0]["predicted_class"].numpy(),
+                      predicted_prob=parts[0]["predicted_prob"].numpy())
+        return result
+
+    def _problems(self, images, labels, zero, finite, target_class) -> np.ndarray:
+        """(N,) object: why a row's maps are not maps (None where they are)."""
+        problems = np.full(len(images), None, object)
+        broken = ~finite.all(axis=1)
+        problems[broken] = non_finite_problem(self.precision)
+        rows = np.flatnonzero(zero.any(axis=1) & ~broken)
+        if len(rows):
+            depends = self._score_depends_on_input(images[rows], target_class[rows])
+            problems[rows[depends]] = zero_map_problem(self.precision, self.method)
+        return problems
+
+    def _score_depends_on_input(self, images, target_class) -> np.ndarray:
+        """(N,) bool: whether any target score of each image changes when the image does (inverted, or halved).
+        A layer target is taken to depend on its input, and so is any score in a lower precision: there the
+        forward pass itself may have underflowed to a constant."""
+        if self.target.kind == "layer" or self.precision != "float32":
+            return np.ones(len(images), bool)
+        scores = [np.take_along_axis(self.predict(probe), target_class, axis=1)
+                  for probe in (images, 255 - images, images // 2)]
+        moved = [other != scores[0] for other in scores[1:]]  # a constant score is exactly the same
+        return np.logical_or(*moved).any(axis=1)
 
     # -- public --------------------------------------------------------------------------------
     @property
@@ -255,6 +339,8 @@ class Attribution:
             "jit_compile": self.jit_compile,
             "conv_gradients": self.conv_gradients,
             "smoothing": {"copies": self.smooth, "noise": self.noise} if self.smooth else None,
+            "passes": dataclasses.asdict(self.passes),
+            "loss_scale_start": self.loss_scale.top,
             "cam_tensor": self._cam_tensor,
             "activations": self.activations,
             "map_is_gradient_wrt": "model input (after resize and normalisation)",
@@ -281,10 +367,10 @@ class Attribution:
         out = [self._predict(tf.constant(chunk)).numpy()[:n] for n, chunk in self._padded(images)]
         return np.concatenate(out) if out else np.zeros((0, self.source.num_classes), np.float32)
 
-    def _padded(self, *arrays):
-        """(rows, chunks): each ``batch_size`` slice of ``arrays``, the last one padded with zeros to the
-        compiled batch (one array: the chunk itself rather than a tuple)."""
-        b = self.batch_size
+    def _padded(self, *arrays, size: int | None = None):
+        """(rows, chunks): each ``size`` (default ``batch_size``) slice of ``arrays``, the last one padded with
+        zeros to the compiled batch (one array: the chunk itself rather than a tuple)."""
+        b = size or self.batch_size
         for start in range(0, len(arrays[0]), b):
             chunks = [a[start:start + b] for a in arrays]
             n = len(chunks[0])
@@ -292,15 +378,19 @@ class Attribution:
             yield n, (chunks[0] if len(chunks) == 1 else chunks)
 
     def explain(self, images: np.ndarray, labels=None) -> Explanation:
-        """Explain ``images``: uint8 (N, H, W, 3); ``labels`` (N,) ints for ``target='label'``."""
+        """Explain ``images``: uint8 (N, H, W, 3); ``labels`` (N,) ints for ``target='label'``.  An image whose
+        map is exactly zero or not finite has its reason in ``problems`` (:mod:`worker.engine.precision`)."""
         images = self._check_images(images)
         if not len(images):  # nothing to explain: no labels are needed for it either
             return Explanation.empty(self.target.maps_per_image, self.map_shape, self.map_dtype, self.report)
         labels = self._check_labels(labels, len(images))
         parts = []
-        for n, (chunk, chunk_labels) in self._padded(images, labels):
-            parts.append({k: v[:n] for k, v in self._run(chunk, chunk_labels).items()})
-        return Explanation.concatenate([Explanation(**p, report=self.report) for p in parts])
+        for n, (chunk, chunk_labels) in self._padded(images, labels, size=self.passes.images):
+            parts.append({k: v[:n] for k, v in self._explain_pass_batch(chunk, chunk_labels).items()})
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        zero, finite = out.pop("zero"), out.pop("finite")
+        problems = self._problems(images, labels, zero, finite, out["target_class"])
+        return Explanation(**out, problems=problems, report=self.report)
 
     def _check_images(self, images) -> np.ndarray:
         images = np.asarray(images)
