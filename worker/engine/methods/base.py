@@ -28,7 +28,7 @@ from worker.engine.coverage import CoverageReport, inspect_ops
 from worker.engine.explanation import Explanation
 from worker.engine.models import load_model
 from worker.engine.ops import FORWARD_CONV_GRADIENTS, PLAIN_UNIT, gradient_scope
-from worker.engine.options import check_choices, check_smoothing
+from worker.engine.options import EngineOptions, check_choices, check_smoothing
 from worker.engine.passes import plan_passes
 from worker.engine.precision import LossScale, non_finite_problem, zero_map_problem
 from worker.engine.preprocessing import Preprocessing
@@ -49,6 +49,9 @@ class Attribution:
 
     Args:
         model: a ``keras.Model``, a ``.keras``/``.h5`` path or a SavedModel directory.
+        options: an :class:`~worker.engine.options.EngineOptions`; each of its fields may also be given as a
+            keyword, over ``options`` (``GuidedBackprop(model, target="top:3")``). Its fields and their defaults
+            are written there once; they are:
         target: what to differentiate, see :mod:`worker.engine.targets` (default ``predicted``).
         batch_size: the fixed compiled batch; a short batch is padded, the padding dropped.
         preprocessing: a preset name or :class:`~worker.engine.preprocessing.Preprocessing`.
@@ -88,38 +91,39 @@ class Attribution:
     method = "base"
     requires_relu = False
 
-    def __init__(self, model, *, target="predicted", batch_size: int = 16, preprocessing="none",
-                 reduction: str = "max_abs", map_dtype: str = "float16", score: str = "logits",
-                 relu_policy: str = "error", precision: str = "float32", jit_compile="auto",
-                 conv_gradients: str = "auto", smooth: int = 0, noise: float = 0.15, pass_images: int = 0,
-                 cam_layer: str | None = None,
-                 activations: str = "relu", safe_mode: bool = True, allow_side_effects: bool = False,
-                 output: int | None = None, signature: str | None = None, input_size=None,
-                 threads: int | None = None, warmup: bool = False):
+    def __init__(self, model, *, options: EngineOptions | None = None, jit_compile="auto",
+                 conv_gradients: str = "auto", output: int | None = None, signature: str | None = None,
+                 input_size=None, threads: int | None = None, warmup: bool = False, **values):
         configure_tensorflow(threads)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        check_choices(score=score, relu_policy=relu_policy, reduction=reduction, map_dtype=map_dtype,
-                      conv_gradients=conv_gradients, activations=activations)
-        self.activations = activations
-        check_smoothing(smooth, noise)
-        self.smooth, self.noise, self.cam_layer = int(smooth), float(noise), cam_layer
-        self.target = Target.parse(target)
-        self.passes = plan_passes(int(batch_size), self.smooth, self.target.maps_per_image,
-                                  int(pass_images) or int(batch_size))
-        self.loss_scale = LossScale(precision)
-        self.preprocessing = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing(preprocessing)
-        self.batch_size = int(batch_size)
-        self.reduction, self.map_dtype, self.score, self.relu_policy = reduction, map_dtype, score, relu_policy
-        self.precision = precision
-        self.allow_side_effects = bool(allow_side_effects)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(EngineOptions)})
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; the options are EngineOptions' fields "
+                            f"{[f.name for f in dataclasses.fields(EngineOptions)]}")
+        o = dataclasses.replace(options or EngineOptions(), **values)  # each default written once, there
+        if o.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {o.batch_size}")
+        check_choices(score=o.score, relu_policy=o.relu_policy, reduction=o.reduction, map_dtype=o.map_dtype,
+                      conv_gradients=conv_gradients, activations=o.activations, precision=o.precision)
+        self.activations = o.activations
+        check_smoothing(o.smooth, o.noise)
+        self.smooth, self.noise, self.cam_layer = int(o.smooth), float(o.noise), o.cam_layer
+        self.target = Target.parse(o.target)
+        self.passes = plan_passes(int(o.batch_size), self.smooth, self.target.maps_per_image,
+                                  int(o.pass_images) or int(o.batch_size))
+        self.loss_scale = LossScale(o.precision)
+        self.preprocessing = (o.preprocessing if isinstance(o.preprocessing, Preprocessing)
+                              else Preprocessing(o.preprocessing))
+        self.batch_size = int(o.batch_size)
+        self.reduction, self.map_dtype, self.score, self.relu_policy = o.reduction, o.map_dtype, o.score, o.relu_policy
+        self.precision = precision = o.precision
+        self.allow_side_effects = bool(o.allow_side_effects)
         if precision == "bfloat16" and native_bfloat16() is False:
             warnings.warn("precision='bfloat16' on a CPU without avx512_bf16/amx_bf16: TensorFlow emulates it, "
                           "so it is slower than float32 here (measured 0.73x on ResNet50)", stacklevel=2)
         self.jit_compile = default_jit_compile() if jit_compile == "auto" else bool(jit_compile)
         self.conv_gradients = default_conv_gradients() if conv_gradients == "auto" else conv_gradients
-        self.source = load_model(model, safe_mode=safe_mode, output=output, signature=signature,
-                                 input_size=input_size, precision=precision, allow_side_effects=allow_side_effects)
+        self.source = load_model(model, safe_mode=o.safe_mode, output=output, signature=signature,
+                                 input_size=input_size, precision=precision, allow_side_effects=o.allow_side_effects)
         self.target.check_classes(self.source.num_classes)
         self.coverage: CoverageReport | None = None  # what the first trace found
         self._score_note = ""
