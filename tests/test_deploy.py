@@ -21,12 +21,12 @@ import tomllib
 import yaml
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
-README = (DEPLOY.parent / "README.md").read_text()
+GUIDE = (DEPLOY.parent / "docs" / "guide" / "deploy.md").read_text()  # what an operator is told
 PYPROJECT = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
 PATHS = ["rayjob", "raycronjob", "cronjob"]
 # the node types the manifests name: vCPUs, memory (GiB), GPUs
 NODE_TYPES = {"g6e.4xlarge": (16, 128, 1), "m6i.xlarge": (4, 16, 0)}
-DECODE_CPUS_PER_GPU = 8  # README, Sizing (GPU): 8-12 decode CPUs per GPU, plus 1 for its actor
+DECODE_CPUS_PER_GPU = 8  # docs, Performance and sizing: 8-12 decode CPUs per GPU, plus 1 for its actor
 
 
 def pinned(name):
@@ -404,9 +404,8 @@ def test_run_deadlines_end_before_the_next_trigger():
 
 
 def _submit_lines():
-    """Every `ray job submit` an operator is told to run: the README's deploy section and cluster.yaml's header."""
-    section = README[README.index("## Scheduled runs and deploying"):]
-    section = section[:section.index("\n## ", 10)]
+    """Every `ray job submit` an operator is told to run: the deploy guide and cluster.yaml's header."""
+    section = (DEPLOY.parent / "docs" / "guide" / "deploy.md").read_text()
     lines = [m.strip("`") for m in re.findall(r"`[^`]*ray job submit [^`]* -- [^`]*`", section)]
     header = "".join(ln.lstrip("# ") for ln in (DEPLOY / "cluster.yaml").read_text().splitlines(keepends=True)
                      if ln.startswith("#")).replace("\\\n", " ")
@@ -500,7 +499,7 @@ def test_pods_are_admitted_under_the_restricted_pod_security_standard():
 
 def test_gpu_workers_fit_the_node_type_they_select():
     """Issue #28, 8: a request of all of a node's vCPUs fits no node (allocatable is less); the CPUs per GPU
-    follow the README's sizing; the launcher's workers are the same node type."""
+    follow the docs' sizing; the launcher's workers are the same node type."""
     types = set()
     for path in PATHS:
         for name, spec in _ray_cluster_specs(render(path)):
@@ -526,12 +525,12 @@ def test_gpu_workers_fit_the_node_type_they_select():
 
 
 def test_schedules_are_read_in_utc():
-    """Issue #28, 8: the README promises 02:30 UTC. The CronJob says so (timeZone); the RayCronJob is read in the
+    """Issue #28, 8: the deploy guide promises 02:30 UTC. The CronJob says so (timeZone); the RayCronJob is read in the
     operator's zone (UTC in KubeRay's image), with no TZ= prefix, which later KubeRay versions reject."""
     plain = _one(render("cronjob"), "CronJob")["spec"]
     assert plain["timeZone"] in ("Etc/UTC", "UTC")
     assert "TZ" not in _one(render("raycronjob"), "RayCronJob")["spec"]["schedule"]
-    assert "02:30 UTC" in README
+    assert "02:30 UTC" in GUIDE
 
 
 @pytest.mark.parametrize("version", ["1.33", "1.37"])
