@@ -412,8 +412,8 @@ def test_audit_never_acts_on_the_unsafe_opt_in_of_the_run_record(received, tmp_p
     assert not canary.exists()
     assert any("--allow-unsafe-deserialization, --allow-side-effects" in line and "only the opt-ins on its own"
                in line for line in lines)
-    assert "--allow-unsafe-deserialization" in result["skipped"] and "\n" not in result["skipped"]
-    assert "controls" not in result and (tmp_path / "report" / "report.html").exists()
+    assert "--allow-unsafe-deserialization" in result.skipped and "\n" not in result.skipped
+    assert result.controls is None and (tmp_path / "report" / "report.html").exists()
 
 
 def test_unsafe_opt_in_is_not_taken_from_a_run_record(tmp_path):
