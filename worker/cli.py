@@ -34,6 +34,10 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--model", required=True, help=".keras, .h5 or SavedModel directory; local, s3:// or gs://")
     io.add_argument("--input", required=True, help="Parquet file, directory or glob; local, s3:// or gs://")
     io.add_argument("--output", required=True, help="output directory (Parquet parts + _job.json + _summary.json)")
+    io.add_argument("--input-format", default="auto", choices=["auto", "parquet", "images", "tfrecord"],
+                    help="parquet, images (a folder tree of image files) or tfrecord; auto: from the files found")
+    io.add_argument("--image-feature", default="image/encoded", help="TFRecord input: the encoded image's feature")
+    io.add_argument("--label-feature", default="image/class/label", help="TFRecord input: the class index's feature")
     io.add_argument("--image-column", default="image")
     io.add_argument("--id-column", help="stable row id; default: the input's 'id' column if it has one, "
                                         "else <file>#<row>")

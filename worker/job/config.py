@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from worker.data import schema
+from worker.data import dataset, schema
 from worker.data.decode import DEFAULT_MAX_PIXELS, DecodeOptions
 from worker.engine.options import METHODS, EngineOptions, MapOptions, check_choices
 
@@ -33,6 +33,9 @@ class JobConfig(MapOptions):
     model: str
     input: str
     output: str
+    input_format: str = "auto"  # parquet, images (a folder of image files) or tfrecord; auto: from the files found
+    image_feature: str = "image/encoded"  # TFRecord input: the tf.train.Example feature of the encoded image
+    label_feature: str = "image/class/label"  # TFRecord input: the feature of the class index
     image_column: str = "image"
     id_column: str | None = None
     label_column: str | None = None
@@ -88,6 +91,8 @@ class JobConfig(MapOptions):
 
     def validate(self) -> None:
         check_choices(method=self.method)
+        if self.input_format not in dataset.FORMATS:
+            raise ValueError(f"unknown input format {self.input_format!r}; choose one of {dataset.FORMATS}")
         self.engine_options().check()
         if self.target == "label" and not self.label_column:
             raise ValueError("target 'label' needs label_column (CLI: --label-column)")
