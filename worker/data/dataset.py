@@ -69,7 +69,7 @@ class Unit:
     format: str = "parquet"
     offset: int = 0  # tfrecord: byte offset of the first record
     members: tuple[str, ...] = ()  # images: the files, relative to the input
-    labels: tuple[int, ...] = ()  # images: each file's class index, -1 for none
+    labels: tuple[int, ...] = ()  # images with class subfolders: each file's class index, -1 for none
     features: str = ""  # tfrecord: JSON {"image": key, "label": key, "columns": {name: kind}}
     broken: str = ""  # tfrecord: why this unit's one row (where the file breaks off) cannot be read
 
@@ -254,7 +254,7 @@ def _plan_images(listing: Listing, files: list[str], needed: list[str]) -> Input
     for start in range(0, len(rel), FILES_PER_UNIT):
         members = tuple(rel[start:start + FILES_PER_UNIT])
         units.append(Unit(files[start], members[0], start // FILES_PER_UNIT, start, len(members), "images",
-                          members=members, labels=tuple(labels[start:start + FILES_PER_UNIT])))
+                          members=members, labels=tuple(labels[start:start + FILES_PER_UNIT]) if classes else ()))
     return InputPlan(listing.fs, units, columns, "images", list(classes))
 
 
@@ -430,9 +430,11 @@ def _read_images(fs, unit: Unit, ids: pa.Array, keep: np.ndarray) -> pa.Table:
         if wanted:
             with fs.open_input_stream(root + rel) as handle:
                 cells.append(handle.read())
-    labels = [v if v >= 0 else None for v, wanted in zip(unit.labels, keep) if wanted]
-    return pa.table({"id": ids.filter(pa.array(keep)), "image": pa.array(cells, pa.binary()),
-                     "label": pa.array(labels, pa.int64())})
+    columns = {"id": ids.filter(pa.array(keep)), "image": pa.array(cells, pa.binary())}
+    if unit.labels:  # the input has class subfolders
+        columns["label"] = pa.array([v if v >= 0 else None for v, wanted in zip(unit.labels, keep) if wanted],
+                                    pa.int64())
+    return pa.table(columns)
 
 
 _ARROW_KINDS = {"bytes": pa.binary(), "float": pa.float32(), "int64": pa.int64()}

@@ -170,8 +170,12 @@ def _plan(config: JobConfig, echo) -> _Plan:
                                 input_format=config.input_format, image_feature=config.image_feature,
                                 label_feature=config.label_feature)
     in_fs, units, in_columns = source.fs, source.units, source.columns
-    if source.format != "parquet" and config.label_column is None and "label" in in_columns:
-        config = dataclasses.replace(config, label_column="label")
+    if source.format != "parquet" and config.label_column is None:
+        if "label" not in in_columns and config.target == "label":
+            raise storage.InputError(f"target 'label' needs labels: the image folder {config.input} has no class "
+                                     "subfolders (put each class's images in a folder named after it)")
+        if "label" in in_columns:
+            config = dataclasses.replace(config, label_column="label")
     config.validate()
     if config.id_column is None and "id" in in_columns and source.format == "parquet":
         config = dataclasses.replace(config, id_column="id")
