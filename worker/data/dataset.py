@@ -51,8 +51,9 @@ from worker.data.storage import InputError, filesystem
 
 FORMATS = ("auto", "parquet", "images", "tfrecord")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-FILES_PER_UNIT = 128  # image files per unit of work
-RECORDS_PER_UNIT = 256  # TFRecord records per unit of work
+FILES_PER_UNIT = 128  # image files per unit of work (at most; fewer where that gives MIN_UNITS units)
+RECORDS_PER_UNIT = 256  # TFRecord records per unit of work (likewise)
+MIN_UNITS = 64  # a small input still streams in pieces: parts commit (and a killed run resumes) as it goes
 DEFAULT_IMAGE_FEATURE = "image/encoded"
 DEFAULT_LABEL_FEATURE = "image/class/label"
 
@@ -241,6 +242,15 @@ def _check_columns(what: str, needed: list[str], columns: list[str], fix: str) -
         raise InputError(f"{what} have no column(s) {missing}; their columns are {columns}{fix}")
 
 
+def _unit_size(rows: int, most: int) -> int:
+    """Rows per unit: ``most``, or fewer (down to 8) where that makes :data:`MIN_UNITS` units.
+
+    >>> _unit_size(240, 128), _unit_size(10**6, 128), _unit_size(5, 128)
+    (8, 128, 8)
+    """
+    return max(8, min(most, -(-rows // MIN_UNITS)))
+
+
 def _plan_images(listing: Listing, files: list[str], needed: list[str]) -> InputPlan:
     classes = listing.class_names
     columns = ["image", "label"] if classes else ["image"]
@@ -251,21 +261,33 @@ def _plan_images(listing: Listing, files: list[str], needed: list[str]) -> Input
     rel = [f[cut:] for f in files]
     labels = [index.get(r.split("/", 1)[0], -1) if "/" in r else -1 for r in rel]
     units = []
-    for start in range(0, len(rel), FILES_PER_UNIT):
-        members = tuple(rel[start:start + FILES_PER_UNIT])
-        units.append(Unit(files[start], members[0], start // FILES_PER_UNIT, start, len(members), "images",
-                          members=members, labels=tuple(labels[start:start + FILES_PER_UNIT]) if classes else ()))
+    step = _unit_size(len(rel), FILES_PER_UNIT)
+    for start in range(0, len(rel), step):
+        members = tuple(rel[start:start + step])
+        units.append(Unit(files[start], members[0], start // step, start, len(members), "images",
+                          members=members, labels=tuple(labels[start:start + step]) if classes else ()))
     return InputPlan(listing.fs, units, columns, "images", list(classes))
 
 
-def _scan_tfrecord(fs, path: str) -> tuple[list[int], str | None]:
+def _scan_tfrecord(fs, path: str) -> tuple[list[int], str | None, dict]:
+    """The file's record offsets, why it breaks off (else None) and its first record's features ({} if none)."""
     try:
         size = fs.get_file_info(path).size
         if isinstance(fs, pafs.LocalFileSystem):
             with fs.open_input_file(path) as handle:
-                return tfrecord.scan(handle, size, seekable=True)
-        with fs.open_input_stream(path) as handle:
-            return tfrecord.scan(handle, size, seekable=False)
+                offsets, broken = tfrecord.scan(handle, size, seekable=True)
+        else:
+            with fs.open_input_stream(path) as handle:
+                offsets, broken = tfrecord.scan(handle, size, seekable=False)
+        first = {}
+        if offsets:
+            with fs.open_input_file(path) as handle:
+                record = next(tfrecord.read_records(handle, 1))
+            try:
+                first = tfrecord.parse_example(record) if isinstance(record, bytes) else {}
+            except tfrecord.RecordError:
+                pass
+        return offsets, broken, first
     except OSError as exc:
         raise InputError(f"{path} cannot be read: {exc}") from exc
 
@@ -276,33 +298,35 @@ def _column_kind(kind: str, values: list) -> str:
 
 def _plan_tfrecord(listing: Listing, files: list[str], needed: list[str], image_feature: str,
                    label_feature: str) -> InputPlan:
+    """Every file's framing, and the passed-through features with their types from each file's first record (a
+    feature with other than one value in any of them is a list)."""
     fs, root = listing.fs, listing.root
-    with ThreadPoolExecutor(8) as pool:  # object stores: the files' framing is read in parallel
+    with ThreadPoolExecutor(8) as pool:  # object stores: the files are read in parallel
         scans = list(pool.map(lambda f: _scan_tfrecord(fs, f), files))
-    first = next((f for f, (offsets, _) in zip(files, scans) if offsets), None)
+    firsts = [first for _, _, first in scans if first]
+    if firsts and not any(image_feature in first for first in firsts):
+        found = sorted({k for first in firsts for k in first})
+        raise InputError(f"{listing.root}: no file's first tf.train.Example has the feature {image_feature!r} (name "
+                         f"the image feature with --image-feature); their features are {found}")
     others: dict[str, str] = {}
-    if first is not None:
-        with fs.open_input_file(first) as handle:
-            record = next(tfrecord.read_records(handle, 1))
-        try:
-            found = tfrecord.parse_example(record) if isinstance(record, bytes) else {}
-        except tfrecord.RecordError:
-            found = {}
-        if found and image_feature not in found:
-            raise InputError(f"{first}: its first tf.train.Example has no feature {image_feature!r} (name the image "
-                             f"feature with --image-feature); its features are {sorted(found)}")
-        others = {k: _column_kind(kind, v) for k, (kind, v) in sorted(found.items())
-                  if k not in (image_feature, label_feature)}
+    for first in firsts:
+        for key, (kind, values) in sorted(first.items()):
+            if key in (image_feature, label_feature):
+                continue
+            seen = others.setdefault(key, _column_kind(kind, values))
+            if seen == kind and len(values) != 1:
+                others[key] = kind + "[]"
     requested = [c for c in needed if c not in ("image", "label")]
     if requested:  # only the named features pass through
-        _check_columns("the TFRecord files' first tf.train.Example", requested, list(others), "")
+        _check_columns("the TFRecord files' first tf.train.Examples", requested, list(others), "")
         others = {k: v for k, v in others.items() if k in requested}
     spec = json.dumps({"image": image_feature, "label": label_feature, "columns": others}, sort_keys=True)
     units: list[Unit] = []
-    for path, (offsets, broken) in zip(files, scans):
+    step = _unit_size(sum(len(offsets) for offsets, _, _ in scans), RECORDS_PER_UNIT)
+    for path, (offsets, broken, _) in zip(files, scans):
         rel = posixpath.relpath(path, root) if root else path
-        for start in range(0, len(offsets), RECORDS_PER_UNIT):
-            rows = min(RECORDS_PER_UNIT, len(offsets) - start)
+        for start in range(0, len(offsets), step):
+            rows = min(step, len(offsets) - start)
             units.append(Unit(path, rel, len(units), start, rows, "tfrecord", offset=offsets[start], features=spec))
         if broken:
             units.append(Unit(path, rel, len(units), len(offsets), 1, "tfrecord", features=spec, broken=broken))
