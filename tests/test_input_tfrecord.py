@@ -122,10 +122,10 @@ def test_feature_keys_are_configurable(ray_local, job_model, tmp_path):
 def test_tfrecord_run_killed_and_resumed(ray_local, job_model, tmp_path):
     from tests.images import digits_images
 
-    images, labels = digits_images(32, limit=240)
+    images, labels = digits_images(32, limit=160)
     data = tmp_path / "records"
     shards(data, images, labels, per_file=100)
     out = tmp_path / "out"
-    table = kill_and_resume(_command(job_model, data, out), out, 240, tmp_path)
-    assert table["error"].null_count == 240
-    assert sorted(table["image/filename"].to_pylist()) == sorted(f"img{i}.png".encode() for i in range(240))
+    table = kill_and_resume(_command(job_model, data, out), out, 160, tmp_path)
+    assert table["error"].null_count == 160
+    assert sorted(table["image/filename"].to_pylist()) == sorted(f"img{i}.png".encode() for i in range(160))
