@@ -155,7 +155,7 @@ def test_listing_an_s3_folder_finds_its_classes(tmp_path):
 def test_a_folder_without_images_or_classes_fails_before_any_cluster_time(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "readme.txt").write_text("x")
-    with pytest.raises(ValueError, match="no Parquet, TFRecord or image files found at .*--input-format"):
+    with pytest.raises(ValueError, match="no Parquet files found at .*, nor TFRecord or image files .*--input-format"):
         run(JobConfig(model="absent.keras", input=str(tmp_path / "docs"), output=str(tmp_path / "o")))
     flat = tmp_path / "flat"
     flat.mkdir()

@@ -154,7 +154,7 @@ def list_input(uri: str, input_format: str = "auto") -> Listing:
     if chosen == "auto":
         chosen = next((k for k in ("parquet", "tfrecord", "images") if k in kinds), None)
         if chosen is None:
-            raise InputError(f"no Parquet, TFRecord or image files found at {uri} (image files end in "
+            raise InputError(f"no Parquet files found at {uri}, nor TFRecord or image files (image files end in "
                              f"{', '.join(IMAGE_EXTENSIONS)}; name the format with --input-format)")
     if chosen == "parquet":
         files = [f for f in files if f.endswith(".parquet") and not posixpath.basename(f).startswith(("_", "."))]
