@@ -54,7 +54,8 @@ def test_features_as_tensorflow_parses_them(tmp_path):
     source = plan_input(str(tmp_path), ["image", "label"])
     assert source.format == "tfrecord" and source.rows == 4
     table = read_unit(source.fs, source.units[0], ["image", "label"], None)
-    spec = {"image/encoded": tf.io.FixedLenFeature([], tf.string), "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+    spec = {"image/encoded": tf.io.FixedLenFeature([], tf.string),
+            "image/class/label": tf.io.FixedLenFeature([], tf.int64),
             "image/filename": tf.io.FixedLenFeature([], tf.string),
             "image/object/bbox/xmin": tf.io.VarLenFeature(tf.float32)}
     theirs = [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset(str(tmp_path / "a.tfrecords"))]

@@ -312,7 +312,7 @@ class Attribution:
             images = images[..., None]
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise ValueError(f"images must have shape (N, H, W, 3), (N, H, W, 1) or (N, H, W); got {images.shape}")
-        if images.shape[-1] == 1:  # gray as RGB, as the job decodes it: the luminance a 1-channel model takes is the gray again
+        if images.shape[-1] == 1:  # gray as RGB, as the job decodes it (a 1-channel model's luminance is the gray)
             images = np.repeat(images, 3, axis=-1)
         return images
 
