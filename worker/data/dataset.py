@@ -130,6 +130,7 @@ def list_input(uri: str, input_format: str = "auto") -> Listing:
         raise InputError(f"unknown input format {input_format!r}; choose one of {', '.join(FORMATS)}")
     wildcard = any(ch in uri for ch in "*?[")
     directories: list[str] = []
+    single = False
     if wildcard:
         first = min(uri.index(ch) for ch in "*?[" if ch in uri)
         head = posixpath.dirname(uri[:first])
@@ -142,7 +143,7 @@ def list_input(uri: str, input_format: str = "auto") -> Listing:
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"input {uri} does not exist")
         if info.type == pafs.FileType.File:
-            root, files = posixpath.dirname(root), [root]
+            root, files, single = posixpath.dirname(root), [root], True
         else:
             files = []
             for i in _walk(fs, root):
@@ -151,6 +152,9 @@ def list_input(uri: str, input_format: str = "auto") -> Listing:
     cut = len(root) + 1 if root else 0
     kinds = {k for k in map(_kind, files) if k}
     chosen = input_format
+    if single:  # the file named is the input, whatever its name (a file with no known suffix: Parquet)
+        chosen = chosen if chosen != "auto" else _kind(files[0]) or "parquet"
+        return Listing(fs, root, chosen, files)
     if chosen == "auto":
         chosen = next((k for k in ("parquet", "tfrecord", "images") if k in kinds), None)
         if chosen is None:
@@ -164,7 +168,8 @@ def list_input(uri: str, input_format: str = "auto") -> Listing:
         files = [f for f in files if not _hidden(f[cut:])]
     files.sort()
     if not files:
-        raise InputError(f"no {'image' if chosen == 'images' else chosen.capitalize()} files found at {uri}")
+        name = {"parquet": "Parquet", "tfrecord": "TFRecord", "images": "image"}[chosen]
+        raise InputError(f"no {name} files found at {uri}")
     classes = []
     if chosen == "images":  # the class subfolders as keras.utils.image_dataset_from_directory finds them
         classes = sorted(d[cut:] for d in directories if "/" not in d[cut:] and not d[cut:].startswith("."))
