@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -57,36 +58,7 @@ def keras_labels(root) -> tuple[list[str], dict[str, int]]:
     return ds.class_names, {os.path.relpath(p, whole): y for p, y in zip(ds.file_paths, labels)}
 
 
-def test_folder_job_labels_in_keras_order_and_bad_files_as_error_rows(ray_local, job_model, tmp_path):
-    tree = tmp_path / "photos"
-    files = photo_tree(tree)
-    out = tmp_path / "out"
-    summary = run(JobConfig(model=job_model, input=str(tree), output=str(out), preprocessing="scale01",
-                            batch_size=8, target="label"))
-    assert summary["rows_in"] == summary["rows_out"] == len(files) and summary["complete"]
-    assert summary["duplicate_ids"] == 0 and summary["errors_this_run"] == 2
-    table = pq.read_table(str(out)).sort_by("id")
-    assert sorted(table["id"].to_pylist()) == sorted(files)
-    errors = {i: e for i, e in zip(table["id"].to_pylist(), table["error"].to_pylist()) if e}
-    assert sorted(errors) == ["coffee/broken.jpg", "rocket/notes.txt"]
-    assert all(e.startswith("decode: ") for e in errors.values())
-
-    class_names, expected = keras_labels(tree)
-    ours = dict(zip(table["id"].to_pylist(), table["label"].to_pylist()))
-    assert set(expected) <= set(ours)  # Keras lists fewer formats (no WebP, no TIFF)
-    assert {rel: ours[rel] for rel in expected} == expected
-    assert {rel for rel in ours if rel.endswith((".webp", ".tiff"))} and len(set(expected.values())) == 4
-    meta = read_metadata(table.schema)
-    assert meta["input"]["class_names"] == class_names and meta["input"]["format"] == "images"
-    assert meta["config"]["label_column"] == "label"
-    assert table.filter(table["error"].is_null())["target_class"].to_pylist() == [
-        ours[i] for i, e in zip(table["id"].to_pylist(), table["error"].to_pylist()) if e is None]
-    # the same folder again: nothing to do (no actors start)
-    assert run(JobConfig(model=job_model, input=str(tree), output=str(out), preprocessing="scale01",
-                         batch_size=8, target="label"))["rows_this_run"] == 0
-
-
-def gray_model(path, size=25, classes=3):
+def gray_model(path, size=25, classes=5):
     """A small 1-channel CNN (seeded, untrained): conv-ReLU blocks, a ReLU dense layer, softmax."""
     import keras
     from keras import layers
@@ -107,28 +79,56 @@ def lfw_faces(n):
     return (lfw_subset()[:n] * 255).round().astype(np.uint8)
 
 
-def test_one_channel_model_on_grayscale_files_and_arrays(ray_local, tmp_path):
+def test_folder_job_labels_in_keras_order_and_bad_files_as_error_rows(ray_local, tmp_path):
+    """Colour photos and a grayscale file through a 1-channel model: the job's map of the grayscale file is the
+    engine's of its (N, H, W) gray pixels."""
     from worker import GuidedBackprop
+    from worker.data.decode import decode_image
 
     model = gray_model(tmp_path / "gray.keras")
-    faces = lfw_faces(6)
-    tree = tmp_path / "faces"
-    tree.mkdir()
-    for i, face in enumerate(faces):
-        Image.fromarray(face).save(tree / f"face_{i}.png")  # mode L, no class folders
+    tree = tmp_path / "photos"
+    files = photo_tree(tree)
     out = tmp_path / "out"
-    summary = run(JobConfig(model=model, input=str(tree), output=str(out), preprocessing="scale01", batch_size=4,
-                            reduction="none", map_dtype="float32"))
-    assert summary["rows_out"] == 6 and summary["errors_this_run"] == 0
+    options = dict(preprocessing="scale01", batch_size=8, target="label", reduction="none", map_dtype="float32")
+    summary = run(JobConfig(model=model, input=str(tree), output=str(out), **options))
+    assert summary["rows_in"] == summary["rows_out"] == len(files) and summary["complete"]
+    assert summary["duplicate_ids"] == 0 and summary["errors_this_run"] == 2
     table = pq.read_table(str(out)).sort_by("id")
-    assert "label" not in table.column_names
+    assert sorted(table["id"].to_pylist()) == sorted(files)
+    errors = {i: e for i, e in zip(table["id"].to_pylist(), table["error"].to_pylist()) if e}
+    assert sorted(errors) == ["coffee/broken.jpg", "rocket/notes.txt"]
+    assert all(e.startswith("decode: ") for e in errors.values())
 
-    engine = GuidedBackprop(model, batch_size=4, preprocessing="scale01", reduction="none", map_dtype="float32")
+    class_names, expected = keras_labels(tree)
+    ours = dict(zip(table["id"].to_pylist(), table["label"].to_pylist()))
+    assert set(expected) <= set(ours)  # Keras lists fewer formats (no WebP, no TIFF)
+    assert {rel: ours[rel] for rel in expected} == expected
+    assert {rel for rel in ours if rel.endswith((".webp", ".tiff"))} and len(set(expected.values())) == 4
+    meta = read_metadata(table.schema)
+    assert meta["input"]["class_names"] == class_names and meta["input"]["format"] == "images"
+    assert meta["config"]["label_column"] == "label"
+    assert table.filter(table["error"].is_null())["target_class"].to_pylist() == [
+        ours[i] for i, e in zip(table["id"].to_pylist(), table["error"].to_pylist()) if e is None]
+
+    gray = decode_image((tree / "coffee" / "gray.png").read_bytes(), (25, 25))[None, ..., 0]
+    engine = GuidedBackprop(model, batch_size=1, **{k: v for k, v in options.items() if k != "batch_size"})
+    want = engine.explain(gray, [ours["coffee/gray.png"]]).as_float32()
+    got = read_maps(table.filter(pc.equal(table["id"], "coffee/gray.png")))
+    np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+    # the same folder again: nothing to do (no actors start)
+    assert run(JobConfig(model=model, input=str(tree), output=str(out), **options))["rows_this_run"] == 0
+
+
+def test_the_engine_takes_grayscale_batches_for_a_one_channel_model(tmp_path):
+    from worker import GuidedBackprop
+
+    engine = GuidedBackprop(gray_model(tmp_path / "gray.keras"), batch_size=4, preprocessing="scale01",
+                            reduction="none", map_dtype="float32")
+    faces = lfw_faces(4)
     plain = engine.explain(faces).as_float32()
-    for batch in (faces[..., None], np.repeat(faces[..., None], 3, axis=-1)):
+    for batch in (faces[..., None], np.repeat(faces[..., None], 3, axis=-1)):  # the RGB as the job decodes gray
         np.testing.assert_allclose(engine.explain(batch).as_float32(), plain, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(read_maps(table).reshape(plain.shape), plain, rtol=1e-3,
-                               atol=1e-4 * np.abs(plain).max())
     with pytest.raises(ValueError, match=r"\(N, H, W, 1\) or \(N, H, W\); got \(25, 25, 3\)"):
         engine.explain(np.zeros((25, 25, 3), np.uint8))  # one RGB image, not a batch of gray ones
 

@@ -104,19 +104,19 @@ def test_tfrecord_job_with_bad_records_and_files(ray_local, job_model, tmp_path)
     assert read_metadata(table.schema)["input"]["format"] == "tfrecord"
 
 
-def test_feature_keys_are_configurable(ray_local, job_model, tmp_path):
+def test_feature_keys_are_configurable(tmp_path):
     photos = real_rgb(size=(32, 32))
     write(tmp_path / "x.tfrecord", [example(encode(p), i, f"p{i}", image_key="jpeg", label_key="class")
                                     for i, p in enumerate(photos)])
-    cfg = dict(model=job_model, input=str(tmp_path / "x.tfrecord"), output=str(tmp_path / "o"),
-               preprocessing="scale01", target="label")
-    with pytest.raises(ValueError, match="the feature .image/encoded. .*--image-feature.*.jpeg."):
-        run(JobConfig(**cfg))
-    summary = run(JobConfig(**cfg, image_feature="jpeg", label_feature="class", columns=("image/filename",)))
-    assert summary["rows_out"] == 4 and summary["errors_this_run"] == 0
-    table = pq.read_table(str(tmp_path / "o")).sort_by("id")
-    assert table["target_class"].to_pylist() == [0, 1, 2, 3]
-    assert "image/height" not in table.column_names and "image/filename" in table.column_names
+    with pytest.raises(ValueError, match="the feature .image/encoded. .*--image-feature.*'jpeg'"):
+        run(JobConfig(model="absent.keras", input=str(tmp_path), output=str(tmp_path / "o"), target="label"))
+    source = plan_input(str(tmp_path / "x.tfrecord"), ["image", "label", "image/filename"], image_feature="jpeg",
+                        label_feature="class")
+    table = read_unit(source.fs, source.units[0], [], None)
+    assert table.column_names == ["id", "image", "label", "image/filename", "__read_error"]
+    assert table["label"].to_pylist() == [0, 1, 2, 3] and table["image"].to_pylist() == [encode(p) for p in photos]
+    with pytest.raises(ValueError, match=r"no column\(s\) \['image/width'\]"):
+        plan_input(str(tmp_path), ["image", "image/width"], image_feature="jpeg")
 
 
 @pytest.mark.slow  # two jobs in fresh Ray clusters

@@ -87,14 +87,32 @@ def explain_dataset(data, model: str, output: str, *, labels=None, staging: str 
         if name in options:
             raise ValueError(f"explain_dataset sets {name} itself (the staged input); leave it out")
     staging = (staging or output.rstrip("/") + "-input").rstrip("/")
-    if staging == output.rstrip("/"):
-        raise ValueError("staging must be another directory than output")
-    columns = _stage(lambda: _chunks(data, labels), staging, output, overwrite)
+    staged = stage_input(data, staging, labels=labels, output=output, overwrite=overwrite)
     config = JobConfig(model=model, input=staging, output=output, input_format="parquet",
-                       label_column="label" if "label" in columns else None,
-                       columns=tuple(c for c in columns if c not in ("image", "label")),
+                       label_column="label" if "label" in staged.columns else None,
+                       columns=tuple(c for c in staged.columns if c not in ("image", "label")),
                        overwrite=overwrite, **options)
     return Output(output, _run(config, echo))
+
+
+@dataclass(frozen=True)
+class StagedInput:
+    """``data`` as Parquet under ``path`` (:func:`stage_input`)."""
+
+    path: str
+    columns: list[str]
+    rows: int
+    digest: str  # sha256 of the staged columns' buffers: the same data stages to the same digest
+
+
+def stage_input(data, staging: str, *, labels=None, output: str | None = None, overwrite: bool = False
+                ) -> StagedInput:
+    """Write ``data`` (what :func:`explain_dataset` takes) as the job's Parquet input under ``staging``, once: where
+    the same data is staged there already it is left as it is.  Other data is refused while ``output`` holds maps
+    of the staged data, unless ``overwrite`` (then the output is emptied and the data staged anew)."""
+    if output is not None and staging.rstrip("/") == output.rstrip("/"):
+        raise ValueError("staging must be another directory than output")
+    return _stage(lambda: _chunks(data, labels), staging.rstrip("/"), output, overwrite)
 
 
 def _run(config: JobConfig, echo) -> dict:
@@ -228,7 +246,7 @@ def _digest(table: pa.Table, running) -> None:
         running.update(str(column.type).encode())
 
 
-def _stage(make_chunks, staging: str, output: str, overwrite: bool) -> list[str]:
+def _stage(make_chunks, staging: str, output: str | None, overwrite: bool) -> StagedInput:
     """Write the chunks of ``make_chunks()`` under ``staging`` (or, where the same data is staged already, check
     that it is); the columns.  Other data than ``staging`` holds is refused while ``output`` has maps of it, unless
     ``overwrite``: then the staging and the output are both replaced."""
@@ -253,8 +271,8 @@ def _stage(make_chunks, staging: str, output: str, overwrite: bool) -> list[str]
                 pq.write_table(table, handle, row_group_size=256)
     digest = running.hexdigest()
     if existing is not None and existing["digest"] != digest:
-        out_fs, out_root = storage.filesystem(output)
-        if out_fs.get_file_info(out_root).type != pafs.FileType.NotFound:
+        out_fs, out_root = storage.filesystem(output) if output else (None, None)
+        if out_fs is not None and out_fs.get_file_info(out_root).type != pafs.FileType.NotFound:
             if not overwrite:
                 raise ValueError(f"{output} holds maps of other data than this (staged in {staging}); choose "
                                  "another output, or pass overwrite=True to replace both")
@@ -264,4 +282,4 @@ def _stage(make_chunks, staging: str, output: str, overwrite: bool) -> list[str]
     if existing is None:
         with fs.open_output_stream(record_path) as handle:
             handle.write(json.dumps({"digest": digest, "rows": rows, "columns": columns}).encode())
-    return columns
+    return StagedInput(staging, columns, rows, digest)
