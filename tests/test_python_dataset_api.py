@@ -69,7 +69,7 @@ def test_a_tf_data_dataset_stages_as_its_arrays_do(tmp_path):
 
 
 def test_a_hugging_face_dataset_stages_its_images_and_labels(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     from PIL import Image
 
     from tests.images import real_rgb
