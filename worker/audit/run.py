@@ -55,7 +55,8 @@ def decoded_rows(config, options, with_labels: bool = False, ids=None, with_mask
     with ``ids``, only those rows (derived ids open only the row groups they name)."""
     label, mask = config.label_column if with_labels else None, config.mask_column if with_masks else None
     columns = [c for c in (config.image_column, label, mask) if c]
-    fs, units, _ = plan(config.input, columns)
+    fs, units, _ = plan(config.input, columns, input_format=config.input_format, image_feature=config.image_feature,
+                        label_feature=config.label_feature)
     only = None if ids is None else done_index(list(ids))
     for unit in units if ids is None else units_holding(units, ids, config.id_column):
         table = read_unit(fs, unit, columns, config.id_column, only=only)
