@@ -152,6 +152,17 @@ def test_listing_an_s3_folder_finds_its_classes(tmp_path):
         assert sorted(listed) == sorted(files) and {rel: listed[rel] for rel in expected} == expected
 
 
+def test_the_audit_reads_folder_rows_by_id(tmp_path):
+    from worker.audit.run import decoded_rows
+    from worker.data.decode import DecodeOptions
+
+    photo_tree(tmp_path / "photos")
+    config = JobConfig(model="m.keras", input=str(tmp_path / "photos"), output="o", label_column="label")
+    rows = decoded_rows(config, DecodeOptions((8, 8)), with_labels=True, ids=["rocket/png_0.png", "coffee/gray.png"])
+    assert [(row_id, image.shape, label) for row_id, image, label, _ in rows] == [
+        ("coffee/gray.png", (8, 8, 3), 2), ("rocket/png_0.png", (8, 8, 3), 4)]  # Zebra astronaut coffee empty rocket
+
+
 def test_a_folder_without_images_or_classes_fails_before_any_cluster_time(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "readme.txt").write_text("x")
