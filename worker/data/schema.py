@@ -41,6 +41,7 @@ RESULT_COLUMNS = ("predicted_class", "predicted_prob", "target_class", "target_s
 IMAGE_COLUMN = "__image"  # decoded pixels between the decode and explain stages
 MASK_COLUMN = "__mask"  # decoded ground-truth masks between the same stages
 ERROR_COLUMN = "error"
+READ_ERROR_COLUMN = "__read_error"  # why a row of the input could not be read (a broken TFRecord record)
 
 
 def map_type(shape, dtype: str) -> pa.DataType:

@@ -20,7 +20,7 @@ import numpy as np
 
 from worker.audit.colormap import hot
 from worker.audit.pictures import enlarge, overlay
-from worker.data.dataset import done_index, plan, read_unit, units_holding
+from worker.data.dataset import done_index, read_unit, units_holding
 from worker.data.decode import DecodeError, image_cells
 
 SIZES = {"small": 128, "large": 384}  # pixels on screen, the longer side
@@ -68,7 +68,7 @@ class Pictures:
     def _input(self):
         with self._lock:
             if self._plan is None:  # listed once, on the first picture: the server starts at once
-                self._plan = plan(self.config.input, [self.config.image_column])
+                self._plan = self.config.plan_input([self.config.image_column])
             return self._plan
 
     def prefetch(self, rows: list[dict]) -> None:
@@ -79,7 +79,8 @@ class Pictures:
             self._read(wanted, shapes)
 
     def _read(self, ids: list[str], shapes: dict) -> None:
-        fs, units, _ = self._input()
+        source = self._input()
+        fs, units = source.fs, source.units
         only = done_index(ids)
         found: dict[str, np.ndarray | None] = {row_id: None for row_id in ids}
         for unit in units_holding(units, ids, self.config.id_column):

@@ -8,7 +8,8 @@ scheduled runs.  Uses the engine and the data side; neither knows of it.
 
 import importlib
 
-_EXPORTS = {"JobConfig": "worker.job.config", "run": "worker.job.driver", "scheduled_run": "worker.job.schedule"}
+_EXPORTS = {"JobConfig": "worker.job.config", "run": "worker.job.driver", "scheduled_run": "worker.job.schedule",
+            "explain_dataset": "worker.job.frames", "Output": "worker.job.frames"}
 __all__ = sorted(_EXPORTS)
 
 

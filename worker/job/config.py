@@ -20,9 +20,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from worker.data import schema
+from worker.data import dataset, schema
 from worker.data.decode import DEFAULT_MAX_PIXELS, RESIZE_POLICIES, DecodeOptions
-from worker.engine.options import METHODS, EngineOptions, MapOptions, check_choices, option
+from worker.engine.options import METHODS, EngineOptions, MapOptions, check_choices, choose, option
 
 
 @dataclass(kw_only=True)
@@ -31,8 +31,16 @@ class JobConfig(MapOptions):
     :class:`~worker.engine.options.MapOptions`, then the job's own)."""
 
     model: str = option(help=".keras, .h5 or SavedModel directory; local, s3:// or gs://", group="data")
-    input: str = option(help="Parquet file, directory or glob; local, s3:// or gs://", group="data")
+    input: str = option(help="Parquet file, directory or glob, a folder of image files or TFRecord files; local, "
+                        "s3:// or gs://", group="data")
     output: str = option(help="output directory (Parquet parts + _job.json + _summary.json)", group="data")
+    input_format: str = option("auto", "parquet, images (a folder tree of image files, one subfolder per class) "
+                               "or tfrecord (tf.train.Example records); auto: from the files found",
+                               choices=dataset.FORMATS, group="data")
+    image_feature: str = option(dataset.DEFAULT_IMAGE_FEATURE, "TFRecord input: the feature holding the encoded image",
+                                group="data")
+    label_feature: str = option(dataset.DEFAULT_LABEL_FEATURE, "TFRecord input: the feature holding the class index",
+                                group="data")
     image_column: str = option("image", "the input's image column (encoded bytes, HF image structs or "
                                "tensors)", group="data")
     id_column: str | None = option(None, "stable row id; default: the input's 'id' column if it has one, else "
@@ -92,6 +100,13 @@ class JobConfig(MapOptions):
         cols = [self.image_column, self.id_column, self.label_column, self.mask_column, *self.columns]
         return list(dict.fromkeys(c for c in cols if c))
 
+    def plan_input(self, columns: list[str] | None = None, files: list[str] | None = None) -> dataset.InputPlan:
+        """The input listed and checked in this run's format (:func:`~worker.data.dataset.plan_input`) for its
+        ``columns`` (default: the run's :meth:`needed_columns`), only ``files`` of it where given."""
+        return dataset.plan_input(self.input, self.needed_columns() if columns is None else columns, files=files,
+                                  input_format=self.input_format, image_feature=self.image_feature,
+                                  label_feature=self.label_feature)
+
     def engine_options(self) -> EngineOptions:
         """The engine this run explains with (its method aside)."""
         return EngineOptions(**self.map_options(), safe_mode=not self.allow_unsafe_deserialization,
@@ -102,6 +117,7 @@ class JobConfig(MapOptions):
 
     def validate(self) -> None:
         check_choices(method=self.method)
+        choose("input_format", self.input_format, dataset.FORMATS)
         self.engine_options().check()
         if self.target == "label" and not self.label_column:
             raise ValueError("target 'label' needs label_column (CLI: --label-column)")

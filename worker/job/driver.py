@@ -50,6 +50,10 @@ def job_identity(config: JobConfig, report: dict) -> dict:
         ident.update(smooth=config.smooth, noise=config.noise, cam_layer=config.cam_layer)
     if config.activations != "relu":
         ident["activations"] = config.activations
+    if config.input_format != "auto" or (config.image_feature, config.label_feature) != (
+            dataset.DEFAULT_IMAGE_FEATURE, dataset.DEFAULT_LABEL_FEATURE):
+        ident.update(input_format=config.input_format, image_feature=config.image_feature,
+                     label_feature=config.label_feature)
     ident["columns"] = list(ident["columns"])
     ident["model_fingerprint"] = report["model"]["fingerprint"]
     ident["fingerprint"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -160,9 +164,18 @@ class _Plan:
 
 def _plan(config: JobConfig, echo) -> _Plan:
     """Check the configuration, list the input, build the probe engine, and write down the run record."""
+    # all but a missing label column first (cheap); an image folder's or TFRecord's labels are known once listed
+    dataclasses.replace(config, label_column=config.label_column or "label").validate()
+    source = config.plan_input(files=config.files)
+    in_fs, units, in_columns = source.fs, source.units, source.columns
+    if source.format != "parquet" and config.label_column is None:
+        if "label" not in in_columns and config.target == "label":
+            raise storage.InputError(f"target 'label' needs labels: the image folder {config.input} has no class "
+                                     "subfolders (put each class's images in a folder named after it)")
+        if "label" in in_columns:
+            config = dataclasses.replace(config, label_column="label")
     config.validate()
-    in_fs, units, in_columns = dataset.plan(config.input, config.needed_columns(), files=config.files)
-    if config.id_column is None and "id" in in_columns:
+    if config.id_column is None and "id" in in_columns and source.format == "parquet":
         config = dataclasses.replace(config, id_column="id")
         echo("the input has an 'id' column: it is used as the row id (choose another with --id-column)")
     out_fs, out_root = storage.filesystem(config.output)
@@ -183,7 +196,8 @@ def _plan(config: JobConfig, echo) -> _Plan:
     # incremental run is left out: it can be long, and it is in the schedule's manifest)
     record = {**config.to_dict(), "files": None}
     metadata = {**report, "versions": versions, "job": identity, "config": record,
-                "decode": dataclasses.asdict(decode_options), **config.extra_metadata}
+                "decode": dataclasses.asdict(decode_options), "input": source.describe(),
+                **({"class_names": list(source.class_names)} if source.class_names else {}), **config.extra_metadata}
     return _Plan(config, in_fs, units, out_fs, out_root, num_classes, target_kind, map_shape, decode_options,
                  identity, metadata)
 

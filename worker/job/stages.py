@@ -49,6 +49,9 @@ def decode_stage(table: pa.Table, *, image_column, label_column, needs_label, nu
     n = table.num_rows
     pixels = np.zeros((n, *options.size, 3), np.uint8)
     errors: list[str | None] = [None] * n
+    if schema.READ_ERROR_COLUMN in table.column_names:  # rows the read could not read (TFRecord inputs)
+        errors = table[schema.READ_ERROR_COLUMN].to_pylist()
+        table = table.drop_columns([schema.READ_ERROR_COLUMN])
     labels = table[label_column].to_pylist() if needs_label else None
     if mask_column:
         masks = np.zeros((n, *options.size), np.uint8)

@@ -382,8 +382,9 @@ class Attribution:
             yield n, (chunks[0] if len(chunks) == 1 else chunks)
 
     def explain(self, images: np.ndarray, labels=None) -> Explanation:
-        """Explain ``images``: uint8 (N, H, W, 3); ``labels`` (N,) ints for ``target='label'``.  An image whose
-        map is exactly zero or not finite has its reason in ``problems`` (:mod:`worker.engine.precision`)."""
+        """Explain ``images``: uint8 (N, H, W, 3), or grayscale (N, H, W, 1) or (N, H, W); ``labels`` (N,) ints for
+        ``target='label'``.  An image whose map is exactly zero or not finite has its reason in ``problems``
+        (:mod:`worker.engine.precision`)."""
         images = self._check_images(images)
         if not len(images):  # nothing to explain: no labels are needed for it either
             return Explanation.empty(self.target.maps_per_image, self.map_shape, self.map_dtype, self.report)
@@ -401,8 +402,12 @@ class Attribution:
         if images.dtype != np.uint8:
             raise TypeError(f"images must be uint8 (N, H, W, 3); got dtype {images.dtype} "
                             "(convert float images with np.clip(x, 0, 255).astype(np.uint8))")
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must have shape (N, H, W, 3); got {images.shape}")
+        if images.ndim == 3 and images.shape[-1] not in (3, 4):  # (N, H, W) grayscale, not one (H, W, 3) image
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"images must have shape (N, H, W, 3), (N, H, W, 1) or (N, H, W); got {images.shape}")
+        if images.shape[-1] == 1:  # gray as RGB, as the job decodes it (a 1-channel model's luminance is the gray)
+            images = np.repeat(images, 3, axis=-1)
         return images
 
     def _check_labels(self, labels, n) -> np.ndarray:
