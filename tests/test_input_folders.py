@@ -116,6 +116,15 @@ def test_folder_job_labels_in_keras_order_and_bad_files_as_error_rows(ray_local,
     got = read_maps(table.filter(pc.equal(table["id"], "coffee/gray.png")))
     np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
 
+    # the explorer names the folder's classes and finds a row's image in the tree by its id
+    from worker.explore.pictures import Pictures
+    from worker.explore.slices import Output
+
+    opened = Output(str(out))
+    assert opened.class_names == class_names and opened.class_name(ours["coffee/gray.png"]) == "coffee"
+    shown = Pictures(opened.config).image({"id": "coffee/gray.png", "map": got.reshape(25, 25)})
+    np.testing.assert_array_equal(shown[..., 0], gray[0])
+
     # the same folder again: nothing to do (no actors start)
     assert run(JobConfig(model=model, input=str(tree), output=str(out), **options))["rows_this_run"] == 0
 
@@ -153,7 +162,7 @@ def test_listing_an_s3_folder_finds_its_classes(tmp_path):
 
 
 def test_the_audit_reads_folder_rows_by_id(tmp_path):
-    from worker.audit.run import decoded_rows
+    from worker.audit.sample import decoded_rows
     from worker.data.decode import DecodeOptions
 
     photo_tree(tmp_path / "photos")
