@@ -23,8 +23,9 @@ def gbp():
 def test_wrong_dtype_and_shape(gbp):
     with pytest.raises(TypeError, match="uint8"):
         gbp.explain(np.zeros((2, 6, 6, 3), np.float32), labels=[0, 1])
-    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
-        gbp.explain(np.zeros((2, 6, 6), np.uint8), labels=[0, 1])
+    for shape in ((2, 6, 6, 2), (6, 6, 3), (2, 1, 6, 6, 3)):  # two channels; one image, not a batch; 5-D
+        with pytest.raises(ValueError, match=r"\(N, H, W, 3\), \(N, H, W, 1\) or \(N, H, W\)"):
+            gbp.explain(np.zeros(shape, np.uint8), labels=[0, 1])
 
 
 def test_labels_missing_or_out_of_range(gbp):
