@@ -119,20 +119,62 @@ def test_audit_of_a_job_output(ray_local, job_model, tmp_path):
     assert grids.shape == (true_rows.num_rows, 16, 16) and np.allclose(grids.sum((1, 2)), 1.0, atol=1e-4)
     assert "border_enrichment_mean" in classes.column_names
 
+    # each map's cluster in every group the audit split: as many as each cluster counts, each map once per group
+    members = pq.read_table(str(tmp_path / "report" / "cluster_members.parquet")).to_pylist()
+    split = {g: cs for g, cs in result.clusters.items() if len(cs) > 1}
+    counted = {}
+    for m in members:
+        counted.setdefault((m["kind"], m["class_index"], m["cluster"]), set()).add(m["id"])
+    assert {k: len(v) for k, v in counted.items()} == {(g.kind, g.cls, c.cluster): c.count
+                                                       for g, cs in split.items() for c in cs}
+    assert len(members) == len({(m["id"], m["kind"]) for m in members}) == sum(c.count for cs in split.values()
+                                                                                for c in cs)
 
-def test_clusters_find_the_planted_subgroup_out_of_core():
-    from worker.audit.aggregate import assignment_partials, merge_assignments
-    from worker.audit.clusters import cluster_groups, with_examples
 
+def _planted(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Maps of one class on its object in the centre, but for a tenth of them on a corner mark; and which."""
     rng = np.random.default_rng(2)
-    n = 300
-    labels = np.zeros(n, int)
     maps = rng.random((n, 32, 32)) * 0.05
     yy, xx = np.mgrid[:32, :32]
     maps += np.exp(-((yy - 16) ** 2 + (xx - 16) ** 2) / 40.0)  # the object, in the centre
     shortcut = rng.random(n) < 0.1  # 10 % of the class: the model looks at a corner mark instead
     maps[shortcut] = rng.random((shortcut.sum(), 32, 32)) * 0.05
     maps[shortcut, :4, -4:] += 3.0
+    return maps, shortcut
+
+
+def test_the_audit_writes_each_maps_cluster(ray_local, tmp_path):
+    """Through the audit's two passes over output files: the report's cluster_members.parquet puts the planted
+    maps in one cluster and the others in another, in each group the audit split (the true class among them)."""
+    import pyarrow.parquet as pq
+
+    n = 300
+    maps, shortcut = _planted(n)
+    table = _output_table(maps, np.zeros(n, int), np.zeros(n, int))
+    (tmp_path / "out").mkdir()
+    for start in range(0, n, 64):
+        pq.write_table(table.slice(start, 64), str(tmp_path / "out" / f"part-{start:04d}.parquet"))
+    result = run_audit(str(tmp_path / "out"), str(tmp_path / "report"))
+    members = pq.read_table(str(tmp_path / "report" / "cluster_members.parquet")).to_pylist()
+    found: dict = {}
+    for m in members:
+        found.setdefault((m["kind"], m["class_index"]), {}).setdefault(m["cluster"], set()).add(m["id"])
+    ids = np.array(table["id"].to_pylist())
+    assert set(found) == {(g.kind, g.cls) for g, cs in result.clusters.items() if len(cs) > 1} >= {("true", 0)}
+    for group, clusters in found.items():
+        assert sorted(clusters.values(), key=len) == [set(ids[shortcut]), set(ids[~shortcut])], group
+        counts = {c.cluster: c.count for c in result.clusters[Group(*group)]}
+        assert counts == {c: len(v) for c, v in clusters.items()}
+    assert not (tmp_path / "report" / "cluster_members.parquet.partial").exists()
+
+
+def test_clusters_find_the_planted_subgroup_out_of_core():
+    from worker.audit.aggregate import assignment_partials, cluster_members, merge_assignments
+    from worker.audit.clusters import cluster_groups, with_examples
+
+    n = 300
+    maps, shortcut = _planted(n)
+    labels = np.zeros(n, int)
     table = _output_table(maps, labels, labels)
     blocks = [table.slice(i, 64) for i in range(0, n, 64)]
     merged = merge_partials(pa.concat_tables([partial_aggregates(b, "label") for b in blocks]))
@@ -140,9 +182,17 @@ def test_clusters_find_the_planted_subgroup_out_of_core():
     fitted = cluster_groups(merged)[Group("true", 0)]
     assert fitted.k == 2
     centroids = {Group("true", 0): fitted.centroids.tolist()}
-    assigned = merge_assignments(pa.concat_tables([assignment_partials(b, centroids, "label") for b in blocks]))
+    partials = pa.concat_tables([assignment_partials(b, centroids, "label") for b in blocks])
+    assigned = merge_assignments(partials)
     sizes = sorted(c.count for c in assigned[Group("true", 0)])
     assert sizes == sorted([int(shortcut.sum()), int(n - shortcut.sum())])
+    members = cluster_members(partials)  # each map's cluster: the planted maps are one cluster, the rest the other
+    ids = np.array(table["id"].to_pylist())
+    found: dict = {}
+    for row_id, kind, cluster in zip(*(members[k].to_pylist() for k in ("id", "kind", "cluster"))):
+        found.setdefault((kind, cluster), set()).add(row_id)
+    assert sorted(found.values(), key=len) == [set(ids[shortcut]), set(ids[~shortcut])]
+    assert {kind for kind, _ in found} == {"true"}
     shown = with_examples(merged, {Group("true", 0): fitted}, assigned)
     small = min(shown[Group("true", 0)], key=lambda c: c.count)
     assert len(small.examples) == 3 and all(e[:3, -3:].sum() > 0.5 for e in small.examples)

@@ -3,6 +3,8 @@ the page in real headless Chromium, driven as a person drives it and checked on 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import subprocess
 import sys
@@ -138,6 +140,60 @@ def test_bad_queries_get_one_line(job, query, says):
     assert "\n" not in str(err.value)
 
 
+@pytest.fixture(scope="module")
+def audited(job, tmp_path_factory):
+    """A report directory over the job's output as the audit writes its clusters: each true class split in two
+    (each map to the nearer of two of its class's maps), every map's cluster streamed by ``ClusterMembers``."""
+    from worker.audit.aggregate import Group, _explained_grids, assignment_partials, merge_assignments
+    from worker.audit.report import ClusterMembers
+
+    out, _, _ = job
+    table = _in_part_order(out)
+    explained, grids = _explained_grids(table)
+    labels = explained["label"].to_numpy()
+    centroids = {Group("true", int(k)): grids[np.flatnonzero(labels == k)[:2]].reshape(2, -1).tolist()
+                 for k in np.unique(labels) if (labels == k).sum() >= 2}
+    report = tmp_path_factory.mktemp("report")
+    members = ClusterMembers(str(report))
+    partials = list(members.tee(iter([assignment_partials(table.slice(i, 16), centroids, "label")
+                                      for i in range(0, table.num_rows, 16)])))
+    members.close()
+    names = [f"digit {i}" for i in range(10)]
+    clusters = [{**g.columns(names), "clusters": [c.to_dict() for c in cs]}
+                for g, cs in merge_assignments(partials).items()]
+    (report / "audit.json").write_text(json.dumps({"groups": [], "findings": [], "clusters": clusters}))
+    return report
+
+
+def test_cluster_slices_are_the_audits_members(job, audited):
+    from worker.explore.findings import Audit
+
+    out, _, _ = job
+    audit = Audit(str(audited))
+    output, table = Output(str(out), members=audit.members), _in_part_order(out)
+    members = pq.read_table(str(audited / "cluster_members.parquet"))
+    chosen = audit.clusters()
+    assert len({c["value"] for c in chosen}) == len(chosen) >= 2
+    rng = np.random.default_rng(rotation.draw("explorer cluster slices", range(10_000), 1)[0])
+    for c in chosen:
+        kind, cls, number = c["value"].split(":")
+        mask = ((np.array(members["kind"].to_pylist()) == kind) & (members["class_index"].to_numpy() == int(cls))
+                & (members["cluster"].to_numpy() == int(number)))
+        own = members.filter(pa.array(mask))["id"]
+        assert output.page(Slice(cluster=c["value"])).total == c["count"] == len(own)
+        s = _random_slice(rng, table)
+        s = Slice(**{**s.__dict__, "cluster": c["value"]})
+        inside = table.filter(pa.compute.is_in(table["id"], value_set=own.combine_chunks()))
+        assert [r["id"] for r in output.page(s).rows] == reference(inside, s)[1], s
+    for value, says in (("true:3", "is not kind:class:number"), ("colour:3:1", "kind one of predicted, true"),
+                        ("true:3:9", "has no cluster 9 in true class 3")):
+        with pytest.raises(QueryError, match=re.escape(says)) as err:
+            output.page(Slice(cluster=value))
+        assert "\n" not in str(err.value)
+    with pytest.raises(QueryError, match="--audit REPORT_DIR"):
+        Output(str(out)).page(Slice(cluster=chosen[0]["value"]))
+
+
 def test_an_output_that_is_not_one_is_refused_in_one_line(tmp_path):
     with pytest.raises(QueryError, match="holds no part files of a job's output"):
         Output(str(tmp_path))
@@ -151,11 +207,10 @@ def _get(url: str) -> tuple[int, bytes, str]:
         return exc.code, exc.read(), exc.headers["Content-Type"]
 
 
-@pytest.fixture
-def explorer(job):
-    """``python -m jobs.view OUTPUT --port 0`` as a person starts it; the address it prints."""
-    out, _, _ = job
-    process = subprocess.Popen([sys.executable, "-m", "jobs.view", str(out), "--port", "0"],
+@contextlib.contextmanager
+def serving(*args):
+    """``python -m jobs.view ARGS --port 0`` as a person starts it; the address it prints."""
+    process = subprocess.Popen([sys.executable, "-m", "jobs.view", *map(str, args), "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
@@ -165,6 +220,12 @@ def explorer(job):
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+@pytest.fixture
+def explorer(job):
+    with serving(job[0]) as url:
+        yield url
 
 
 def test_the_server_reads_nothing_outside_what_it_was_given(explorer):
@@ -252,6 +313,36 @@ def test_a_person_filters_sorts_pages_and_opens_a_row(job, explorer, tmp_path):
             bad = _screen(browser)
             assert bad["error"] == "error" and "\n" not in bad["status"].strip() and not bad["cards"]
             assert "Traceback" not in browser.evaluate("document.body.innerText")
+
+
+def test_a_person_shows_a_cluster_from_the_form_and_from_the_audit(job, audited, tmp_path):
+    from worker.explore.findings import Audit
+
+    out, _, _ = job
+    clusters = Audit(str(audited)).clusters()
+    with serving(out, "--audit", audited) as url, Browser(tmp_path / "profile") as browser:
+        browser.goto(url)
+        _settled(browser)
+        offered = browser.evaluate("[...document.getElementById('cluster').options].map(o => o.value)")
+        assert offered == [""] + [c["value"] for c in clusters]
+        chosen = clusters[-1]
+        browser.evaluate(f"""(() => {{ document.getElementById('cluster').value = {chosen['value']!r};
+            document.getElementById('apply').click(); }})()""")
+        browser.wait(f"location.hash.includes('cluster=')")
+        shown = _settled(browser)
+        assert shown["status"].startswith(f"{chosen['count']} rows match")
+        assert all(f"true {chosen['class_name']}" in c["text"] for c in shown["cards"])
+
+        browser.evaluate("location.hash = ''")
+        _settled(browser)
+        browser.evaluate("document.getElementById('tab-audit').click()")
+        browser.wait("document.querySelectorAll('#audit a[data-slice^=\"cluster=\"]').length > 0")
+        first = clusters[0]
+        browser.evaluate("document.querySelector('#audit a[data-slice^=\"cluster=\"]').click()")
+        browser.wait("location.hash.includes('cluster=')")
+        shown = _settled(browser)
+        assert shown["status"].startswith(f"{first['count']} rows match")
+        assert browser.evaluate("document.getElementById('cluster').value") == first["value"]
 
 
 @pytest.mark.slow

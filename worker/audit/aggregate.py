@@ -45,7 +45,10 @@ PARTIAL_SCHEMA = pa.schema([
     ("sample_key", _F64), ("sample_grid", _F32),  # grids flattened, GRID * GRID values each
     ("worst_value", _F64), ("worst_id", pa.list_(pa.string())), ("worst_grid", _F32), ("direction", pa.string()),
 ])
-ASSIGNMENT_SCHEMA = pa.schema([*GROUP_FIELDS, ("cluster", pa.int64()), ("count", pa.int64()), ("grid_sum", _F64)])
+ASSIGNMENT_SCHEMA = pa.schema([*GROUP_FIELDS, ("cluster", pa.int64()), ("count", pa.int64()), ("grid_sum", _F64),
+                               ("ids", pa.list_(pa.string()))])
+#: cluster_members.parquet: every explained map's cluster in each group split into clusters
+MEMBER_SCHEMA = pa.schema([("id", pa.string()), *GROUP_FIELDS, ("cluster", pa.int64())])
 KINDS = ("predicted", "true", "correct", "wrong")
 
 
@@ -465,6 +468,7 @@ def assignment_partials(table: pa.Table, centroids: dict, label_column: str | No
     table, grids = _explained_grids(table)
     rows_out = []
     if table.num_rows:
+        ids = table["id"].to_numpy(zero_copy_only=False)
         for group, rows in group_members(table, label_column, names).items():
             if group not in centroids:
                 continue
@@ -472,8 +476,16 @@ def assignment_partials(table: pa.Table, centroids: dict, label_column: str | No
             for c in np.unique(labels):
                 chosen = rows[labels == c]
                 rows_out.append({**group.columns(), "cluster": int(c), "count": len(chosen),
-                                 "grid_sum": grids[chosen].sum(0)})
+                                 "grid_sum": grids[chosen].sum(0), "ids": ids[chosen]})
     return _table(rows_out, ASSIGNMENT_SCHEMA)
+
+
+def cluster_members(partials: pa.Table) -> pa.Table:
+    """The rows of :data:`MEMBER_SCHEMA` in partials of :func:`assignment_partials`: one per (map, group)."""
+    parents = pa.compute.list_parent_indices(partials["ids"])
+    return pa.table({"id": pa.compute.list_flatten(partials["ids"]),
+                     **{name: partials[name].take(parents) for name in MEMBER_SCHEMA.names[1:]}},
+                    schema=MEMBER_SCHEMA)
 
 
 def merge_assignments(partials) -> dict:

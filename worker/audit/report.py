@@ -3,8 +3,8 @@
 (:func:`render_html`, from the Jinja2 template :data:`~worker.audit.template.PAGE`) that leads with its answer
 (the confirmed shortcuts, with their pictures; or why the model steps were skipped), then per class the mean
 image, mean map and contrast, worst cases, controls, the comparison of methods, interventions, clusters, every
-finding and the run card.  The renderers return text and tables; :func:`write_report` is the one place that
-writes files.  Pictures: :mod:`worker.audit.pictures`.
+finding and the run card.  The renderers return text and tables; :func:`write_report` writes them, and
+:class:`ClusterMembers` streams the one table too long to hold (each map's cluster).  Pictures: :mod:`worker.audit.pictures`.
 
 Examples:
     >>> from worker.audit.result import AuditResult
@@ -54,6 +54,36 @@ def tables(result) -> dict[str, pa.Table]:
     if result.method_comparison is not None:
         out["method_comparison"] = pa.Table.from_pylist(result.method_comparison.rows)
     return {name: table for name, table in out.items() if table.num_columns}
+
+
+MEMBERS = "cluster_members.parquet"
+
+
+class ClusterMembers:
+    """``report_dir/cluster_members.parquet`` (:data:`~worker.audit.aggregate.MEMBER_SCHEMA`): each map's SpRAy
+    cluster in every group the audit split, streamed from the assignment pass (:meth:`tee`) so that no number of
+    rows is held; written under a temporary name and in place only once :meth:`close` is called (a group that is
+    not split has no rows: its maps are all one cluster)."""
+
+    def __init__(self, report_dir: str):
+        from worker.audit.aggregate import MEMBER_SCHEMA
+
+        os.makedirs(report_dir, exist_ok=True)
+        self.path = os.path.join(report_dir, MEMBERS)
+        self._writer = pq.ParquetWriter(self.path + ".partial", MEMBER_SCHEMA, compression="zstd")
+
+    def tee(self, partials):
+        """Yield ``partials`` (of :func:`~worker.audit.aggregate.assignment_partials`), writing their members."""
+        from worker.audit.aggregate import cluster_members
+
+        for table in partials:
+            if table.num_rows:
+                self._writer.write_table(cluster_members(table))
+            yield table
+
+    def close(self) -> None:
+        self._writer.close()
+        os.replace(self.path + ".partial", self.path)
 
 
 def write_report(result, report_dir: str) -> None:

@@ -43,7 +43,7 @@ from worker.audit.findings import findings, intervention_findings
 from worker.audit.findings import order as finding_order
 from worker.audit.intervene import FILLS, PLACEMENTS, Example, ProbedRegion, Version, fill, probe_region
 from worker.audit.localise import candidates
-from worker.audit.report import write_report
+from worker.audit.report import ClusterMembers, write_report
 from worker.audit.result import AuditResult, Interventions, MethodComparison
 from worker.audit.sample import Draw, draw, images_by_id
 from worker.data import sink, storage
@@ -199,9 +199,10 @@ def reduce_maps(job: JobOutput) -> tuple[dict, dict]:
             {g.statistic: v for g, v in merged.items() if isinstance(g, Worst)})
 
 
-def cluster_maps(job: JobOutput, groups: dict) -> tuple[dict, dict]:
+def cluster_maps(job: JobOutput, groups: dict, members: ClusterMembers | None = None) -> tuple[dict, dict]:
     """The cluster step: SpRAy on each group's sample, then every map assigned to its nearest cluster (a second
-    pass over the maps, only where some group splits); ({Group: [Cluster]}, {Group: Clustering})."""
+    pass over the maps, only where some group splits), each map's cluster written to ``members`` where given;
+    ({Group: [Cluster]}, {Group: Clustering})."""
     fitted = cluster_groups(groups)
     centroids = {g: c.centroids.tolist() for g, c in fitted.items() if c.k > 1}
     clusters = {g: [Cluster(0, groups[g].count, 1.0, groups[g].mean_map)] for g, c in fitted.items() if c.k == 1}
@@ -209,8 +210,11 @@ def cluster_maps(job: JobOutput, groups: dict) -> tuple[dict, dict]:
         assigned = _read_outputs(job.fs, job.files).map_batches(
             assignment_partials, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"centroids": centroids, "label_column": job.label_column, "names": job.names})
+        partials = assigned.iter_batches(batch_format="pyarrow", batch_size=None)
         with watch("audit: assigning clusters", len(job.files), "_read_files", unit="files"):
-            clusters.update(merge_assignments(assigned.iter_batches(batch_format="pyarrow", batch_size=None)))
+            clusters.update(merge_assignments(members.tee(partials) if members else partials))
+    if members:
+        members.close()
     return with_examples(groups, fitted, dict(sorted(clusters.items()))), fitted
 
 
@@ -416,7 +420,7 @@ def run_audit(output: str, report_dir: str | None = None, label_column: str | No
     job = read_job(output, label_column, allow_unsafe_deserialization, allow_side_effects, echo)
     connect(logging_level="ERROR")
     groups, worst = reduce_maps(job)
-    clusters, fitted = cluster_maps(job, groups)
+    clusters, fitted = cluster_maps(job, groups, ClusterMembers(report_dir) if report_dir else None)
     make_engine = skipped = None
     if asked:
         make_engine, skipped = model_engines(job, model)

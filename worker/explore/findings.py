@@ -18,17 +18,26 @@ import numpy as np
 
 from worker.audit.colormap import hot
 from worker.audit.pictures import enlarge, with_box
+from worker.audit.report import MEMBERS
 from worker.data import storage
 
 #: the statistic that shows each kind of finding, sorted from the most
 SHOWN_BY = {"border-heavy": "border_mass", "off-centre": "border_enrichment", "outside-mask": "relevance_mass"}
 
 
-def finding_slice(finding: dict) -> str:
-    """The query string of the rows behind a finding: its class (as it was grouped), sorted by what it is about."""
+def cluster_value(kind: str, cls, cluster: int) -> str:
+    """The ``cluster=`` value of a group's cluster (:attr:`~worker.explore.slices.Slice.cluster`)."""
+    return f"{kind}:{cls}:{cluster}"
+
+
+def finding_slice(finding: dict, clusters: bool = False) -> str:
+    """The query string of the rows behind a finding: its class (as it was grouped) or, with the audit's
+    ``clusters`` at hand, its SpRAy cluster; sorted by what it is about."""
     kind, cls = finding.get("kind"), finding.get("class_index")
     key = {"true": "true", "predicted": "predicted"}.get(kind, "true")
     parts = [f"{key}={cls}"] if cls is not None else []
+    if clusters and finding.get("cluster") is not None and cls is not None:
+        parts.append(f"cluster={cluster_value(kind, cls, finding['cluster'])}")
     stat = next((v for k, v in SHOWN_BY.items() if str(finding.get("finding", "")).startswith(k)), None)
     if stat:
         parts.append(f"sort=-{stat}")
@@ -59,6 +68,26 @@ class Audit:
                                     "wrote (--report)")
         with fs.open_input_stream(path) as handle:
             self.result = json.loads(handle.read())
+        found = fs.get_file_info(posixpath.join(root, MEMBERS)).type.name == "File"
+        #: the report's cluster_members.parquet (audits before it have none)
+        self.members = report_dir.rstrip("/") + "/" + MEMBERS if found else None
+
+    def clusters(self) -> list[dict]:
+        """The clusters of each group the audit split (none without its members file): the ``cluster=`` value,
+        the group's kind and class, the cluster's number, count and share."""
+        if self.members is None:
+            return []
+        out = []
+        for g in self.result.get("clusters", []):
+            found = g.get("clusters") or []
+            cls = g.get("class_index") if g.get("class_index") is not None else g.get("class_name")
+            if len(found) < 2 or cls is None:
+                continue
+            for c in found:
+                out.append({"value": cluster_value(g.get("kind"), cls, c.get("cluster")), "kind": g.get("kind"),
+                            "class_name": g.get("class_name") or str(cls), "cluster": c.get("cluster"),
+                            "count": c.get("count"), "share": c.get("share")})
+        return out
 
     def view(self) -> dict:
         """Classes with their mean maps, findings and confirmed shortcuts, each with the slice that shows it
@@ -74,9 +103,10 @@ class Audit:
                     "kind": g.get("kind"), "count": g.get("count"), "mean_map": _mean_map(g["mean_map"]),
                     "slice": f"{'true' if g.get('kind') == 'true' else 'predicted'}={g.get('class_index')}"}
                    for g in groups if g.get("mean_map") is not None]
+        split = self.members is not None
         findings = [{**{k: f.get(k) for k in ("kind", "class_name", "severity", "finding", "detail", "verdict",
                                               "cluster")},
-                     "slice": finding_slice(f)} for f in self.result.get("findings", [])]
+                     "slice": finding_slice(f, split)} for f in self.result.get("findings", [])]
         grids = {(g.get("kind"), g.get("class_index")): g.get("mean_map") for g in self.result.get("groups", [])}
         shortcuts = []
         names = {g.get("class_index"): g.get("class_name") for g in self.result.get("groups", [])}
@@ -93,4 +123,5 @@ class Audit:
                               "box": region.get("box"), "effect": region.get("effect"),
                               "picture": _mean_map(grid, box) if grid is not None else None,
                               "slice": finding_slice({"kind": "true", "class_index": cls})})
-        return {"classes": classes, "findings": findings, "shortcuts": shortcuts}
+        clusters = [{**c, "slice": f"cluster={c['value']}"} for c in self.clusters()]
+        return {"classes": classes, "findings": findings, "shortcuts": shortcuts, "clusters": clusters}

@@ -54,9 +54,9 @@ class Explorer:
     """What the server serves: an output, its pictures and, when given, its audit."""
 
     def __init__(self, output: str, audit: str | None = None):
-        self.output = Output(output)
-        self.pictures = Pictures(self.output.config)
         self.audit = Audit(audit) if audit else None
+        self.output = Output(output, members=self.audit and self.audit.members)
+        self.pictures = Pictures(self.output.config)
         self._recent: dict[tuple[int, str], dict] = {}  # the rows of the last pages, for their pictures
         self._lock = threading.Lock()
 
@@ -89,6 +89,8 @@ class Explorer:
                 "classes": o.class_names or [str(i) for i in range((o.metadata.get("model") or {}).get("num_classes") or 0)],
                 "numeric": o.numeric, "method": o.metadata.get("method"),
                 "model": o.config.model, "input": o.config.input, "audit": self.audit is not None,
+                "clusters": [[c["value"], f"{c['class_name']} ({c['kind']}): cluster {c['cluster']}, {c['count']} maps"]
+                             for c in (self.audit.clusters() if self.audit else [])],
                 "derived_ids": not o.config.id_column}
 
     def slice(self, query: dict) -> dict:

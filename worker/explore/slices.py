@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from worker.audit.aggregate import KINDS
 from worker.data import schema, storage
 from worker.data.sink import committed_files
 from worker.job.config import JobConfig
@@ -92,6 +95,7 @@ class Slice:
     correct: bool | None = None  # predicted == true
     errors: bool | None = None  # True: only rows with an error; False: only rows with a map
     file: str | None = None  # the input file a row came from (derived ids: ``<file>#<row>``)
+    cluster: str | None = None  # an audit's SpRAy cluster, ``kind:class:number`` (``true:3:1``)
     ranges: tuple[Range, ...] = ()
     sort: str | None = None  # a numeric column; None: the output's own order
     descending: bool = True
@@ -107,7 +111,7 @@ class Slice:
         if unknown:
             raise QueryError(f"unknown query key(s) {unknown}; known: {sorted(known)}")
         one = {k: (v[-1] if isinstance(v, list) else v) for k, v in query.items()}
-        values: dict = {k: one[k] or None for k in ("true", "predicted", "target", "file") if k in one}
+        values: dict = {k: one[k] or None for k in ("true", "predicted", "target", "file", "cluster") if k in one}
         if one.get("correct"):
             values["correct"] = _flag("correct", one["correct"])
         if one.get("error"):
@@ -164,8 +168,11 @@ class Output:
 
     Nothing of the rows is held: each :meth:`page` scans what it needs."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, members: str | None = None):
         self.uri = uri
+        self.members = members  # an audit's cluster_members.parquet: each map's cluster (the cluster= filter)
+        self._clusters: OrderedDict[str, pa.Array] = OrderedDict()
+        self._lock = threading.Lock()
         self.fs, self.root = storage.filesystem(uri)
         self.parts = committed_files(self.fs, self.root)
         self._number = {part: i for i, part in enumerate(self.parts)}
@@ -224,6 +231,32 @@ class Output:
         field = pc.field(name)
         return pc.list_element(field, 0) if pa.types.is_list(self.schema.field(name).type) else field
 
+    def _cluster_ids(self, cluster: str) -> pa.Array:
+        """The ids of an audit's cluster ``kind:class:number`` (the class an index or a name), read once from its
+        cluster_members.parquet and kept for the next few asks."""
+        if self.members is None:
+            raise QueryError("cluster= needs an audit's clusters: start the explorer with --audit REPORT_DIR")
+        with self._lock:
+            if cluster in self._clusters:
+                return self._clusters[cluster]
+        kind, _, rest = cluster.partition(":")
+        cls, _, number = rest.rpartition(":")
+        if kind not in KINDS or not cls or not number.isdigit():
+            raise QueryError(f"cluster={cluster} is not kind:class:number (e.g. true:3:1), kind one of "
+                             f"{', '.join(KINDS)}")
+        by_class = ("class_index", "=", int(cls)) if cls.lstrip("-").isdigit() else ("class_name", "=", cls)
+        fs, path = storage.filesystem(self.members)
+        ids = pq.read_table(path, filesystem=fs, columns=["id"], filters=[
+            ("kind", "=", kind), by_class, ("cluster", "=", int(number))])["id"].combine_chunks()
+        if not len(ids):
+            raise QueryError(f"the audit has no cluster {number} in {kind} class {cls} (the Audit tab lists "
+                             "its clusters)")
+        with self._lock:
+            self._clusters[cluster] = ids
+            while len(self._clusters) > 4:
+                self._clusters.popitem(last=False)
+        return ids
+
     def expression(self, s: Slice) -> pc.Expression | None:
         """The pyarrow filter of a slice, checked against this output's columns."""
         terms = []
@@ -246,6 +279,8 @@ class Output:
                 raise QueryError(f"file= needs ids made of the input file and row; this run's ids come from the "
                                  f"column {self.config.id_column!r}")
             terms.append(pc.starts_with(pc.field("id"), s.file.lstrip("/") + "#"))
+        if s.cluster is not None:
+            terms.append(pc.field("id").isin(self._cluster_ids(s.cluster)))
         for r in s.ranges:
             column = self._column(r.column, "range:")
             terms.append((column >= r.low) & (column <= r.high))
