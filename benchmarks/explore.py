@@ -1,7 +1,8 @@
 """The explorer at scale: a slice's time to first screen over 1 and 10 million rows, cold and warm, and the
 server's memory.
 
-    python -m benchmarks.explore [--sizes 1000000 10000000] [--rounds 3] [--workdir DIR]
+    python -m benchmarks.explore [--sizes 1000000 10000000] [--rounds 3] [--part-rows 1024]
+                                 [--row-group-rows 1024 [0 ...]] [--workdir DIR]
 
 For each size, a job's output as the job lays it out (part files of 1 024 rows, 16 x 16 float16 maps, every
 statistic column, 0.1 % error rows, labels and class names) and its input (files of 250 000 rows of scikit-learn's
@@ -12,7 +13,10 @@ picture of the page (image, map, overlay), six at a time as a browser fetches th
 from the slice's request to the last picture. *Cold* is the slice's first ask in a fresh server process (the
 part files' footers not yet read; the operating system's file cache is not dropped, so the disk's own cold read
 is not in it), *warm* the same ask again. Rounds restart the server. The server's peak resident memory is its
-``VmHWM``. Writes benchmarks/results/explore.{json,md}.
+``VmHWM``. ``--row-group-rows`` lays the part files out in row groups of that many rows (the job's
+``worker.data.sink.ROW_GROUP_ROWS``; 0: one row group per part file, as the job wrote them before); several
+values are measured side by side, their rounds interleaved. Writes benchmarks/results/explore.{json,md}
+(``explore_parts_N`` for another ``--part-rows``).
 """
 
 from __future__ import annotations
@@ -89,7 +93,17 @@ def _templates(rng, count: int, rows: int, metadata: dict) -> list[pa.Table]:
     return out
 
 
-def write_run(root: str, rows: int, part_rows: int = PART_ROWS, seed: int = 0) -> str:
+def regroup(source: str, root: str, row_group_rows: int) -> str:
+    """A copy of the output ``source`` (same input) with its part files in row groups of ``row_group_rows``."""
+    out = os.path.join(root, "maps")
+    os.makedirs(out)
+    for name in sorted(os.listdir(source)):
+        table = pq.read_table(os.path.join(source, name))
+        pq.write_table(table, os.path.join(out, name), compression="zstd", row_group_size=row_group_rows or None)
+    return out
+
+
+def write_run(root: str, rows: int, part_rows: int = PART_ROWS, seed: int = 0, row_group_rows: int = 0) -> str:
     """An input and a job's output of ``rows`` rows under ``root``; the output's directory. The output's parts
     cycle through 16 random part tables (the ids are each row's own), so that ten million rows are written in
     minutes."""
@@ -110,7 +124,8 @@ def write_run(root: str, rows: int, part_rows: int = PART_ROWS, seed: int = 0) -
         table = templates[number % len(templates)].slice(0, n)
         labels[start:start + n] = table["label"].to_numpy()
         ids = pa.array([f"part-{(start + i) // INPUT_ROWS:04d}.parquet#{(start + i) % INPUT_ROWS}" for i in range(n)])
-        pq.write_table(table.add_column(0, "id", ids), os.path.join(out, f"part-{number:08x}.parquet"))
+        pq.write_table(table.add_column(0, "id", ids), os.path.join(out, f"part-{number:08x}.parquet"),
+                       row_group_size=row_group_rows or None)
     pngs = _digits_png()
     for start in range(0, rows, INPUT_ROWS):
         n = min(INPUT_ROWS, rows - start)
@@ -186,34 +201,72 @@ def _fmt(values) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
 
 
+def _layout(rows: int, part_rows: int, row_group_rows: int) -> str:
+    whole = not row_group_rows or row_group_rows >= part_rows  # one row group per part file
+    return f"{rows}-{part_rows}" if whole else f"{rows}-{part_rows}-rg{row_group_rows}"
+
+
+def _output(base: str, rows: int, part_rows: int, row_group_rows: int) -> tuple[str, float]:
+    """The output of one layout under ``base``: kept from an earlier run, regrouped from another layout's, or
+    written; and the seconds that took."""
+    started = time.perf_counter()
+    root = os.path.join(base, _layout(rows, part_rows, row_group_rows))
+    if os.path.isdir(os.path.join(root, "maps")):  # a --workdir kept from an earlier run: measured again
+        return os.path.join(root, "maps"), 0.0
+    others = [os.path.join(base, d, "maps") for d in sorted(os.listdir(base))
+              if d.startswith(f"{rows}-{part_rows}") and os.path.isdir(os.path.join(base, d, "maps"))]
+    output = regroup(others[0], root, row_group_rows) if others else write_run(root, rows, part_rows,
+                                                                                row_group_rows=row_group_rows)
+    return output, time.perf_counter() - started
+
+
+def _merge(into: dict, more: dict) -> dict:
+    if not into:
+        return more
+    for name, s in more["slices"].items():
+        for key, values in s.items():
+            into["slices"][name][key] += values
+    into["open"] += more["open"]
+    into["peak_mb"] += more["peak_mb"]
+    return into
+
+
 def main() -> None:
+    from worker.data.sink import ROW_GROUP_ROWS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--part-rows", type=int, default=PART_ROWS, help="rows per output part file (the job's "
                    "--rows-per-file; default 1024, the job's default)")
+    p.add_argument("--row-group-rows", type=int, nargs="+", default=[ROW_GROUP_ROWS],
+                   help="rows per row group of the part files, each measured (0: one row group per part file)")
     p.add_argument("--workdir", help="where the runs are written and kept, to be measured again by the same "
                    "command (default: a temporary directory, removed)")
     args = p.parse_args()
     base = args.workdir or tempfile.mkdtemp(prefix="explore-")
     results = {"machine": machine(), "revision": git_revision(), "date": datetime.date.today().isoformat(),
-               "command": "python -m benchmarks.explore " + " ".join(sys.argv[1:]), "sizes": {}}
+               "command": "python -m benchmarks.explore " + " ".join(sys.argv[1:]), "part_rows": args.part_rows,
+               "sizes": {}}
     try:
         for rows in args.sizes:
-            root = os.path.join(base, f"{rows}-{args.part_rows}")
-            started = time.perf_counter()
-            if os.path.isdir(os.path.join(root, "maps")):  # a --workdir kept from an earlier run: measured again
-                output = os.path.join(root, "maps")
-            else:
-                output = write_run(root, rows, args.part_rows)
-            written = time.perf_counter() - started
-            load = os.getloadavg()[0]
-            results["part_rows"] = args.part_rows
-            results["sizes"][str(rows)] = {**measure(output, args.rounds), "written_s": written,
-                                           "parts": len(os.listdir(output)), "load_before": load,
-                                           "load_after": os.getloadavg()[0]}
+            layouts = {}
+            for group_rows in args.row_group_rows:
+                output, written = _output(base, rows, args.part_rows, group_rows)
+                layouts[group_rows] = {"output": output, "written_s": written, "parts": len(os.listdir(output)),
+                                       "load_before": os.getloadavg()[0]}
+            measured: dict = {g: {} for g in layouts}
+            for _ in range(args.rounds):  # the layouts' rounds interleaved
+                for group_rows, layout in layouts.items():
+                    measured[group_rows] = _merge(measured[group_rows], measure(layout["output"], 1))
+            for group_rows, layout in layouts.items():
+                key = str(rows) if len(layouts) == 1 else f"{rows} rg{group_rows}"
+                results["sizes"][key] = {**measured[group_rows], "row_group_rows": group_rows, "rows": rows,
+                                         **{k: v for k, v in layout.items() if k != "output"},
+                                         "load_after": os.getloadavg()[0]}
             if not args.workdir:
-                shutil.rmtree(root)
+                for layout in layouts.values():
+                    shutil.rmtree(os.path.dirname(layout["output"]))
     finally:
         if not args.workdir:
             shutil.rmtree(base, ignore_errors=True)
@@ -221,8 +274,10 @@ def main() -> None:
              "A slice's time to first screen: the slice (24 rows) and its 72 pictures, seconds, median (min–max) over "
              f"{args.rounds} rounds, each a fresh server process. Cold: the slice's first ask in that process; warm: "
              f"the same ask again. The part files hold {args.part_rows:,} rows each (the job's --rows-per-file).", ""]
-    for rows, r in results["sizes"].items():
-        lines += [f"## {int(rows):,} rows ({r['parts']:,} part files)", "",
+    for r in results["sizes"].values():
+        groups = (f"row groups of {r['row_group_rows']:,} rows" if 0 < r["row_group_rows"] < args.part_rows
+                  else "one row group per part file")
+        lines += [f"## {r['rows']:,} rows ({r['parts']:,} part files, {groups})", "",
                   f"Server start to its first answer: {_fmt(r['open'])} s; the server's peak resident memory "
                   f"{_fmt(r['peak_mb'])} MB; load average {r['load_before']:.1f} before, {r['load_after']:.1f} after.",
                   "", "| slice | rows matching | first screen, cold | first screen, warm | slice alone, cold | "

@@ -125,6 +125,25 @@ def test_slices_match_the_reference_over_the_whole_table(job):
     assert output.page(Slice(file="b.parquet")).total == 24
 
 
+def test_rows_are_read_from_their_row_groups_alone(job, tmp_path):
+    """Part files of many row groups (a job's large --rows-per-file): a page's rows, read from the row groups that
+    hold them, are the rows the whole files hold."""
+    out, _, _ = job
+    (tmp_path / "maps").mkdir()
+    for part in sorted(out.glob("part-*.parquet")):
+        pq.write_table(pq.read_table(str(part)), str(tmp_path / "maps" / part.name), row_group_size=3)
+    whole, grouped = Output(str(out)), Output(str(tmp_path / "maps"))
+    assert pq.ParquetFile(grouped.parts[0]).num_row_groups > 1
+    for s in (Slice(sort="gini", limit=60), Slice(true="3", limit=7), Slice(sort="mass", descending=False, offset=9)):
+        expected, found = whole.page(s).rows, grouped.page(s).rows
+        assert [r["id"] for r in found] == [r["id"] for r in expected] and found
+        plain = lambda row: json.dumps({k: v for k, v in row.items() if k != "map"}, sort_keys=True)  # noqa: E731
+        for a, b in zip(found, expected):
+            assert plain(a) == plain(b) and (a["map"] is None) == (b["map"] is None)
+            if a["map"] is not None:
+                np.testing.assert_array_equal(a["map"], b["map"])
+
+
 @pytest.mark.parametrize("query, says", [
     ({"sort": "colour"}, "'colour' is not a column of this output; numeric columns: "),
     ({"range": "gini:0.9:0.1"}, "runs backwards"),

@@ -40,6 +40,9 @@ JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 TMP_DIR = "_tmp"
 WORKERS_DIR = "_workers"
+#: rows per row group of a part file: a reader after a few rows (the explorer's page, the audit's worst cases)
+#: reads their row groups, not the whole part, however many rows the job puts in one file
+ROW_GROUP_ROWS = 1024
 
 
 class OutputExistsError(RuntimeError):
@@ -206,7 +209,7 @@ class AtomicParquetDatasink(Datasink):
             if self.atomic_rename:
                 self.fs.create_dir(posixpath.dirname(target), recursive=True)
             try:
-                pq.write_table(table, target, filesystem=self.fs, compression="zstd")
+                pq.write_table(table, target, filesystem=self.fs, compression="zstd", row_group_size=ROW_GROUP_ROWS)
             except BaseException:  # a full volume: give the half-written file's space back
                 if self.atomic_rename and self.fs.get_file_info(target).type == pafs.FileType.File:
                     self.fs.delete_file(target)

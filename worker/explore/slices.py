@@ -352,9 +352,18 @@ class Output:
         return [found[row_id] for _, row_id in chosen if row_id in found]
 
     def _read_part(self, part: str, ids: list[str]) -> dict[str, dict]:
+        """The rows ``ids`` of one part file: its ids first, then only the row groups holding those rows."""
+        wanted = pa.array(ids, pa.string())
         with self.fs.open_input_file(part) as handle:
-            table = pq.ParquetFile(handle).read()
-        table = table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
+            f = pq.ParquetFile(handle)
+            if f.num_row_groups > 1:
+                hits = np.flatnonzero(pc.is_in(f.read(columns=["id"])["id"], value_set=wanted).to_numpy(
+                    zero_copy_only=False))
+                starts = np.cumsum([f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
+                table = f.read_row_groups(sorted(set(np.searchsorted(starts, hits, side="right").tolist())))
+            else:
+                table = f.read()
+        table = table.filter(pc.is_in(table["id"], value_set=wanted))
         maps = schema.read_maps(table) if "map" in table.column_names else None
         found = {}
         for i, row in enumerate(table.drop_columns(["map"] if maps is not None else []).to_pylist()):
