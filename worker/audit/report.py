@@ -4,7 +4,8 @@
 (the confirmed shortcuts, with their pictures; or why the model steps were skipped), then per class the mean
 image, mean map and contrast, worst cases, controls, the comparison of methods, interventions, clusters, every
 finding and the run card.  The renderers return text and tables; :func:`write_report` writes them, and
-:class:`ClusterMembers` streams the one table too long to hold (each map's cluster).  Pictures: :mod:`worker.audit.pictures`.
+:class:`ClusterMembers` streams the one table too long to hold (each map's cluster).  Pictures:
+:mod:`worker.audit.pictures`.
 
 Examples:
     >>> from worker.audit.result import AuditResult

@@ -40,7 +40,7 @@ JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 TMP_DIR = "_tmp"
 WORKERS_DIR = "_workers"
-#: rows per row group of a part file: a reader after a few rows (the explorer's page, the audit's worst cases)
+#: rows per row group of a part file: a reader after a few rows (the explorer's page)
 #: reads their row groups, not the whole part, however many rows the job puts in one file
 ROW_GROUP_ROWS = 1024
 

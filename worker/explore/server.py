@@ -86,7 +86,8 @@ class Explorer:
     def run(self) -> dict:
         o = self.output
         return {"output": o.uri, "rows": o.rows(), "parts": len(o.parts), "label": o.label,
-                "classes": o.class_names or [str(i) for i in range((o.metadata.get("model") or {}).get("num_classes") or 0)],
+                "classes": o.class_names or [str(i) for i in
+                                             range((o.metadata.get("model") or {}).get("num_classes") or 0)],
                 "numeric": o.numeric, "method": o.metadata.get("method"),
                 "model": o.config.model, "input": o.config.input, "audit": self.audit is not None,
                 "clusters": [[c["value"], f"{c['class_name']} ({c['kind']}): cluster {c['cluster']}, {c['count']} maps"]
