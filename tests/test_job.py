@@ -25,7 +25,10 @@ def read(out):
     return pq.read_table(str(out)).sort_by("id")
 
 
-def test_hf_directory_end_to_end(ray_local, job_model, tmp_path):
+def test_hf_directory_end_to_end(ray_local, job_model, tmp_path, monkeypatch):
+    from worker.job import driver
+
+    monkeypatch.setattr(driver, "MAX_UNIT_BLOCKS", 1)  # every unit in one block, as a large input's share blocks
     data = tmp_path / "data"
     data.mkdir()
     images, labels = jobdata.digits(40)

@@ -80,6 +80,11 @@ def _probe_and_start(config: JobConfig, out_fs, out_root: str):
     return probe()
 
 
+#: the most blocks the input's units become: Ray Data puts every block in the object store as the dataset is made
+#: (about 2 ms a block on a 2-core host), and a read task takes its block's units one by one
+MAX_UNIT_BLOCKS = 1024
+
+
 def read_with_retry(batch: pa.Table, **kwargs) -> pa.Table:
     """:func:`~worker.job.stages.read_stage` under the storage retry policy (:mod:`worker.data.retry`); an input
     file that vanished or is no longer whole mid-run is a one-line error naming it."""
@@ -216,7 +221,8 @@ def _explain_remaining(plan: _Plan, datasink, done: np.ndarray, files_before: li
     plan.metadata["actors"] = placed.describe()
     starting = time.time() - started
     done_ref = ray.put(dataset.done_index(done))
-    ds = ray.data.from_items([dataclasses.asdict(u) for u in plan.units], override_num_blocks=max(1, len(plan.units)))
+    units = [dataclasses.asdict(u) for u in plan.units]
+    ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), MAX_UNIT_BLOCKS)))
     ds.context.raise_original_map_exception = True  # a read's StorageError, not Ray's UserCodeException
     ds = ds.map_batches(read_with_retry, batch_size=1, batch_format="pyarrow", num_cpus=placed.decode_cpus_per_task,
                         fn_kwargs={"fs": plan.in_fs, "columns": config.needed_columns(),
