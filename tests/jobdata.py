@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,3 +53,33 @@ def write_tensor_files(directory):
     ray.data.from_numpy(photos).rename_columns({"data": "image"}).repartition(1).write_parquet(
         str(directory / "ray_tensor"))
     return photos
+
+
+def explain_command(model, data, out) -> list[str]:
+    """``python -m jobs.explain`` as a person runs it: 4 images a batch, 8 rows a part file."""
+    return [sys.executable, "-m", "jobs.explain", "--model", str(model), "--input", str(data), "--output", str(out),
+            "--preprocessing", "scale01", "--batch-size", "4", "--rows-per-file", "8"]
+
+
+def kill_and_resume(command, out, rows: int) -> pa.Table:
+    """Run ``command`` in a Ray of its own, kill it once it has committed parts (readers then see only whole part
+    files), run it again: every row once. The rows as read."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(command, cwd=root, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 3 and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < pq.read_table(str(out)).num_rows < rows
+    assert not any(p.name.endswith(".parquet") and not p.name.startswith("part-") for p in out.iterdir())
+    rerun = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming:" in rerun.stdout
+    table = pq.read_table(str(out))
+    ids = table["id"].to_pylist()
+    assert len(ids) == rows and len(set(ids)) == rows
+    return table

@@ -347,7 +347,7 @@ def test_a_person_shows_a_cluster_from_the_form_and_from_the_audit(job, audited,
         chosen = clusters[-1]
         browser.evaluate(f"""(() => {{ document.getElementById('cluster').value = {chosen['value']!r};
             document.getElementById('apply').click(); }})()""")
-        browser.wait(f"location.hash.includes('cluster=')")
+        browser.wait("location.hash.includes('cluster=')")
         shown = _settled(browser)
         assert shown["status"].startswith(f"{chosen['count']} rows match")
         assert all(f"true {chosen['class_name']}" in c["text"] for c in shown["cards"])

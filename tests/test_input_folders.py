@@ -2,10 +2,6 @@
 a 1-channel model on grayscale files, listings on a real S3-compatible server, a killed run resumed."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow.compute as pc
@@ -13,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from tests import jobdata
 from tests.conftest import moto_server, s3_environment
 from tests.images import encode, real_rgb
 from worker.data.dataset import plan_input
@@ -184,33 +181,6 @@ def test_a_folder_without_images_or_classes_fails_before_any_cluster_time(tmp_pa
         run(JobConfig(model="absent.keras", input=str(flat), output=str(tmp_path / "o"), target="label"))
 
 
-def _command(model, data, out):
-    return [sys.executable, "-m", "jobs.explain", "--model", model, "--input", str(data), "--output", str(out),
-            "--preprocessing", "scale01", "--batch-size", "4", "--rows-per-file", "8"]
-
-
-def kill_and_resume(command, out, rows: int, tmp_path):
-    """Run ``command``, kill it once it has committed parts, run it again: every row once. The rows as read."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(command, cwd=root, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 3 and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 0 < pq.read_table(str(out)).num_rows < rows
-    rerun = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming:" in rerun.stdout
-    table = pq.read_table(str(out))
-    ids = table["id"].to_pylist()
-    assert len(ids) == rows and len(set(ids)) == rows
-    return table
-
-
 @pytest.mark.slow  # two jobs in fresh Ray clusters
 def test_folder_run_killed_and_resumed(ray_local, job_model, tmp_path):
     from tests.images import digits_images
@@ -221,7 +191,7 @@ def test_folder_run_killed_and_resumed(ray_local, job_model, tmp_path):
         (tree / f"d{label}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(image[..., 0]).save(tree / f"d{label}" / f"{i:04d}.png")
     out = tmp_path / "out"
-    table = kill_and_resume(_command(job_model, tree, out), out, 160, tmp_path)
+    table = jobdata.kill_and_resume(jobdata.explain_command(job_model, tree, out), out, 160)
     assert table["error"].null_count == 160
     assert sorted(table["id"].to_pylist()) == sorted(f"d{y}/{i:04d}.png" for i, y in enumerate(labels))
     # a file added to the folder: the next run explains only it

@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests import jobdata
 from tests.images import encode, real_rgb
-from tests.test_input_folders import _command, kill_and_resume
 from worker.data import tfrecord
 from worker.data.dataset import plan_input, read_unit
 from worker.data.schema import read_metadata
@@ -127,6 +127,6 @@ def test_tfrecord_run_killed_and_resumed(ray_local, job_model, tmp_path):
     data = tmp_path / "records"
     shards(data, images, labels, per_file=100)
     out = tmp_path / "out"
-    table = kill_and_resume(_command(job_model, data, out), out, 160, tmp_path)
+    table = jobdata.kill_and_resume(jobdata.explain_command(job_model, data, out), out, 160)
     assert table["error"].null_count == 160
     assert sorted(table["image/filename"].to_pylist()) == sorted(f"img{i}.png".encode() for i in range(160))
