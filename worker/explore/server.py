@@ -90,8 +90,8 @@ class Explorer:
                                              range((o.metadata.get("model") or {}).get("num_classes") or 0)],
                 "numeric": o.numeric, "method": o.metadata.get("method"),
                 "model": o.config.model, "input": o.config.input, "audit": self.audit is not None,
-                "clusters": [[c["value"], f"{c['class_name']} ({c['kind']}): cluster {c['cluster']}, {c['count']} maps"]
-                             for c in (self.audit.clusters() if self.audit else [])],
+                "clusters": [[c["value"], f"{c['class_name']} ({c['kind']}): cluster {c['cluster']}, "
+                                          f"{c['count']} maps"] for c in (self.audit.clusters() if self.audit else [])],
                 "derived_ids": not o.config.id_column}
 
     def slice(self, query: dict) -> dict:

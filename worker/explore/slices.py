@@ -8,11 +8,12 @@ store, in two passes:
 1. a scan of only the columns the filter and the sort need, the filter pushed down to pyarrow (which skips row
    groups by their statistics), keeping the count and the best ``offset + limit`` rows (memory bounded by the page,
    not the run);
-2. the page's rows read whole, maps included, from the part files that hold them.
+2. the page's rows read whole, maps included, from the row groups that hold them.
 
 Examples:
-    >>> Slice.from_query({"true": "3", "correct": "false", "sort": "-border_mass", "limit": "50"})
-    Slice(true='3', predicted=None, target=None, correct=False, errors=None, file=None, ranges=(), sort='border_mass', descending=True, offset=0, limit=50)
+    >>> s = Slice.from_query({"true": "3", "correct": "false", "sort": "-border_mass", "limit": "50"})
+    >>> (s.true, s.correct, s.sort, s.descending, s.offset, s.limit)
+    ('3', False, 'border_mass', True, 0, 50)
     >>> Slice.from_query({"range": "gini:0.9:0.2"})
     Traceback (most recent call last):
     ...
