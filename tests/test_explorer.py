@@ -18,6 +18,9 @@ import pytest
 
 from tests import jobdata, rotation
 from tests.browser import Browser
+from worker.audit.pictures import png
+from worker.audit.report import PROBES, intervention_pictures
+from worker.audit.result import AuditResult
 from worker.data.schema import read_maps
 from worker.explore.slices import Output, QueryError, Slice
 from worker.job import JobConfig, run
@@ -180,8 +183,29 @@ def audited(job, tmp_path_factory):
     names = [f"digit {i}" for i in range(10)]
     clusters = [{**g.columns(names), "clusters": [c.to_dict() for c in cs]}
                 for g, cs in merge_assignments(partials).items()]
-    (report / "audit.json").write_text(json.dumps({"groups": [], "findings": [], "clusters": clusters}))
+    interventions = _probed(table)
+    (report / PROBES).mkdir()
+    for name, picture in intervention_pictures(AuditResult(str(out), {}, {}, interventions=interventions)).items():
+        (report / PROBES / name).write_bytes(png(picture))
+    (report / "audit.json").write_text(json.dumps({"groups": [], "findings": [], "clusters": clusters,
+                                                   "interventions": interventions.to_dict()}))
     return report
+
+
+def _probed(table: pa.Table):
+    """An intervention section as the audit makes it, with one example: the first row with a map, as the original
+    (class 3 kept) and after a fill that moves it to class 5."""
+    from worker.audit.intervene import Example, ProbedRegion, Version
+    from worker.audit.result import Interventions
+
+    row_id = table.filter(table["error"].is_null())["id"][0].as_py()
+    image = np.full((32, 32, 3), 90, np.uint8)
+    filled = image.copy()
+    filled[:8, :8] = 0
+    versions = {"original": Version(image, 3, 2.5), "mean": Version(filled, 5, -1.25)}
+    probe = {"class": 3, "box": [0, 0, 0.25, 0.25], "pixels": [0, 0, 8, 8], "verdict": "needed", "shortcut": False}
+    region = ProbedRegion(probe, None, 0.4, image, np.zeros((16, 16)), (Example(np.zeros((32, 32)), versions, row_id),))
+    return Interventions(8, [region], 1.0, "a few forward passes")
 
 
 def test_cluster_slices_are_the_audits_members(job, audited):
@@ -362,6 +386,21 @@ def test_a_person_shows_a_cluster_from_the_form_and_from_the_audit(job, audited,
         shown = _settled(browser)
         assert shown["status"].startswith(f"{first['count']} rows match")
         assert browser.evaluate("document.getElementById('cluster').value") == first["value"]
+
+        # the row the audit probed: its image as the original and after the fill, with the model's classes
+        probed = _probed(_in_part_order(out)).regions[0].examples[0].id
+        browser.evaluate("location.hash = ''")
+        assert probed in [c["id"] for c in _settled(browser)["cards"]]
+        browser.evaluate(f"document.querySelector('.card[data-id=\"{probed}\"]').click()")
+        browser.wait("document.getElementById('detail').open && document.querySelectorAll('#detail .probe img')"
+                     ".length === 2 && [...document.querySelectorAll('#detail .probe img')].every(i => i.complete)")
+        fills = browser.evaluate("[...document.querySelectorAll('#detail .probe figure')].map(f => "
+                                 "[f.innerText, f.querySelector('img').naturalWidth])")
+        assert [text for text, _ in fills] == ["original: predicted digit 3, logit 2.50",
+                                               "mean: predicted digit 5, logit -1.25"]
+        assert all(width > 0 for _, width in fills)
+        assert "intervention on this image: digit 3 (needed)" in browser.evaluate(
+            "document.getElementById('detail').innerText")
 
 
 @pytest.mark.slow

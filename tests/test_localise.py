@@ -83,7 +83,13 @@ def test_a_cluster_region_is_probed_on_the_images_whose_maps_fall_in_it():
     for members_of, expected in ((1, len(samples[0])), (0, None)):
         centroids = np.stack([near, far] if members_of == 0 else [far, near])
         fitted = {TRUE_0: Clustering(np.zeros(0, int), 2, np.zeros(0), centroids)}
-        probed = _interventions(groups, {TRUE_0: clusters}, fitted, engine, samples)
+        ids = {c: np.array([f"{c}#{i}" for i in range(len(v))], object) for c, v in samples.items()}
+        probed = _interventions(groups, {TRUE_0: clusters}, fitted, engine, samples, ids)
+        for p in probed:  # each example names its row, and is that row's image
+            assert p.examples and all(np.array_equal(e.versions["original"].image,
+                                                     samples[0][int(e.id.split("#")[1])]) for e in p.examples)
+            assert all(e.id.startswith("0#") for e in p.examples) and p.to_dict()["examples"][0]["id"] == \
+                p.examples[0].id
         from_cluster = [p for p in probed if p.cluster is not None]
         if expected is None:  # every map in cluster 0: cluster 1's region has no images, so it is not probed
             assert not from_cluster and len(samples[0]) >= MIN_IMAGES

@@ -65,10 +65,17 @@ class Version:
 
 @dataclass(frozen=True)
 class Example:
-    """One of a class's images with its ``map``, and its :class:`Version` s: ``original`` and one per fill."""
+    """One of a class's images with its ``map``, and its :class:`Version` s: ``original`` and one per fill; ``id``:
+    its row's id in the job's input and output."""
 
     map: np.ndarray
     versions: dict[str, Version]
+    id: str | None = None
+
+    def to_dict(self) -> dict:
+        """The row's id and, per version, the model's class and the probed class's logit (audit.json)."""
+        return {"id": self.id, "versions": {name: {"predicted": v.predicted, "logit": v.logit}
+                                            for name, v in self.versions.items()}}
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,8 @@ class ProbedRegion:
         return bool(self.probe["shortcut"])
 
     def to_dict(self) -> dict:
-        return {**self.probe, "cluster": self.cluster, "share": self.share}
+        return {**self.probe, "cluster": self.cluster, "share": self.share,
+                "examples": [e.to_dict() for e in self.examples]}
 
 
 def bootstrap_interval(values: np.ndarray, seed: int = 0, level: float = 0.95) -> tuple[float, float]:

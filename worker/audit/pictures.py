@@ -54,13 +54,18 @@ def with_box(picture: np.ndarray, box, scale: int = 1) -> np.ndarray:
     return np.asarray(out)
 
 
-def png64(picture: np.ndarray) -> str:
-    """A uint8 RGB array as base64 PNG, for a ``data:`` URL."""
+def png(picture: np.ndarray) -> bytes:
+    """A uint8 RGB array as PNG bytes."""
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(picture, np.uint8)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
+
+
+def png64(picture: np.ndarray) -> str:
+    """A uint8 RGB array as base64 PNG, for a ``data:`` URL."""
+    return base64.b64encode(png(picture)).decode()
 
 
 def flip_chart(probed, width: int = 256, height: int = 192) -> np.ndarray:

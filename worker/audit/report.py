@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from worker.audit.aggregate import GRID, SAMPLE_SIZE, Group
-from worker.audit.pictures import enlarge, heat, overlay, png64, shortcut_panels, with_box
+from worker.audit.pictures import enlarge, heat, overlay, png, png64, shortcut_panels, with_box
 
 
 def tables(result) -> dict[str, pa.Table]:
@@ -87,12 +87,40 @@ class ClusterMembers:
         os.replace(self.path + ".partial", self.path)
 
 
+#: the folder of a report's intervention pictures: :func:`intervention_picture` names each
+PROBES = "interventions"
+
+
+def intervention_picture(region: int, example: int, version: str) -> str:
+    """The file, under :data:`PROBES`, of a probed region's example image as one of its versions (the original or
+    a fill), with the region outlined."""
+    return f"{region}-{example}-{version}.png"
+
+
+def intervention_pictures(result) -> dict[str, np.ndarray]:
+    """{:func:`intervention_picture`: the picture} of every probed region's examples (none without interventions):
+    what the explorer shows of a row the audit probed."""
+    out = {}
+    for r, p in enumerate(result.interventions.regions if result.interventions else ()):
+        for e, example in enumerate(p.examples):
+            for name, version in example.versions.items():
+                out[intervention_picture(r, e, name)] = _boxed(version.image, p.pixels, _scale(version.image))
+    return out
+
+
 def write_report(result, report_dir: str) -> None:
     """Write the report of ``result`` (an :class:`~worker.audit.result.AuditResult`) into ``report_dir``: audit.json,
-    one Parquet file per table of :func:`tables`, and report.html (:func:`render_html`)."""
+    one Parquet file per table of :func:`tables`, the intervention pictures (:func:`intervention_pictures`) and
+    report.html (:func:`render_html`)."""
     os.makedirs(report_dir, exist_ok=True)
     for name, table in tables(result).items():
         pq.write_table(table, os.path.join(report_dir, f"{name}.parquet"))
+    pictures = intervention_pictures(result)
+    if pictures:
+        os.makedirs(os.path.join(report_dir, PROBES), exist_ok=True)
+    for name, picture in pictures.items():
+        with open(os.path.join(report_dir, PROBES, name), "wb") as f:
+            f.write(png(picture))
     with open(os.path.join(report_dir, "audit.json"), "w") as f:
         f.write(result.to_json())
     with open(os.path.join(report_dir, "report.html"), "w") as f:

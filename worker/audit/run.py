@@ -289,8 +289,9 @@ def intervene(make_engine, job: JobOutput, groups: dict, clusters: dict, fitted:
                          "run the job with extra_metadata={'class_names': [...]} in the model's class order")
     started = time.perf_counter()
     engine = make_engine(map_dtype="float32", reduction="max_abs", target="predicted")
-    samples = sample.per_class(n).by_class()
-    probed = _interventions(groups, clusters, fitted, engine, samples)
+    drawn = sample.per_class(n)
+    samples = drawn.by_class()
+    probed = _interventions(groups, clusters, fitted, engine, samples, drawn.ids_by_class())
     section = Interventions(n, probed, round(time.perf_counter() - started, 1),
                             f"per region {n} x (1 + {PLACEMENTS}) x {len(FILLS)} + about {3 * n} forward passes")
     return section, _cluster_members(engine, samples, fitted, clusters)
@@ -320,11 +321,11 @@ def _classes_of(groups: dict, kind: str) -> list:
 MIN_IMAGES = 5  # a region is probed on at least this many of its class's (or cluster's) images
 
 
-def _interventions(groups: dict, clusters: dict, fitted: dict, engine, samples: dict,
+def _interventions(groups: dict, clusters: dict, fitted: dict, engine, samples: dict, ids: dict,
                    seed: int = 0) -> list[ProbedRegion]:
     """Localise each labelled class's regions, and its SpRAy clusters' (:func:`~worker.audit.localise.candidates`),
     and probe them (:mod:`~worker.audit.intervene`): a cluster's region on the sampled images whose maps fall in
-    that cluster."""
+    that cluster. ``samples``: {class: images}; ``ids``: {class: their rows' ids}."""
     results = []
     for cls, images in samples.items():
         key = Group("true", cls)
@@ -334,18 +335,18 @@ def _interventions(groups: dict, clusters: dict, fitted: dict, engine, samples: 
         others = others[np.random.default_rng(seed).permutation(len(others))[:max(len(images), 8)]]
         members = None
         for cluster, region in candidates(groups, key, clusters.get(key)):
-            chosen, mean_map = images, groups[key].mean_map
+            chosen, chosen_ids, mean_map = images, ids[cls], groups[key].mean_map
             if cluster is not None:
                 if members is None:  # the sample's own maps, assigned as the audit assigned every map
                     grids = downsample(engine.explain(images).as_float32()[:, 0])
                     members = assign(grids.reshape(len(images), -1), fitted[key].centroids)
-                chosen = images[members == cluster]
+                chosen, chosen_ids = images[members == cluster], ids[cls][members == cluster]
                 mean_map = next(c.mean_map for c in clusters[key] if c.cluster == cluster)
                 if len(chosen) < MIN_IMAGES:
                     continue
             probed = probe_region(engine.predict, cls, region, chosen, others, seed)
             results.append(ProbedRegion(probed, cluster, region["share"], chosen.mean(0).astype(np.uint8), mean_map,
-                                        _examples(engine, cls, probed, chosen, others)))
+                                        _examples(engine, cls, probed, chosen, chosen_ids, others)))
     return results
 
 
@@ -371,14 +372,15 @@ def _cluster_members(engine, samples: dict, fitted: dict, clusters: dict, n: int
     return out
 
 
-def _examples(engine, cls, probed, images, others, n: int = 2) -> tuple[Example, ...]:
-    """A few of the class's images with their maps, and the same images after each fill, with the model's
-    class and logit: what the report shows beside the numbers."""
+def _examples(engine, cls, probed, images, ids, others, n: int = 2) -> tuple[Example, ...]:
+    """A few of the class's images (``ids``: their rows') with their maps, and the same images after each fill,
+    with the model's class and logit: what the report shows beside the numbers."""
     rng = np.random.default_rng(1)
     mean_image = np.concatenate([images, others]).mean(0).astype(np.uint8)
     # first the images the region's mean fill moves off the class: the evidence, when there is some
     moved = engine.predict(fill(images, tuple(probed["pixels"]), "mean", mean_image, others, rng)).argmax(1) != cls
-    chosen = images[np.argsort(~moved, kind="stable")[:n]]
+    order = np.argsort(~moved, kind="stable")[:n]
+    chosen = images[order]
     maps = engine.explain(chosen).as_float32()[:, 0]
     out = []
     for i, image in enumerate(chosen):
@@ -387,7 +389,7 @@ def _examples(engine, cls, probed, images, others, n: int = 2) -> tuple[Example,
                          for how in FILLS})
         logits = engine.predict(np.concatenate(list(versions.values())))
         out.append(Example(maps[i], {name: Version(v[0], int(logits[j].argmax()), float(logits[j, cls]))
-                                     for j, (name, v) in enumerate(versions.items())}))
+                                     for j, (name, v) in enumerate(versions.items())}, str(ids[order[i]])))
     return tuple(out)
 
 

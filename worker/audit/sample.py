@@ -68,6 +68,13 @@ class InputSample:
             found.setdefault(cls, []).append(image)
         return {cls: np.stack(images) for cls, images in found.items()}
 
+    def ids_by_class(self) -> dict:
+        """{class: its rows' ids}, in the order of :meth:`by_class`."""
+        found: dict = {}
+        for cls, row_id in zip(self.classes or [], self.ids):
+            found.setdefault(cls, []).append(row_id)
+        return {cls: np.array(ids, object) for cls, ids in found.items()}
+
 
 class Draw:
     """One pass over the job's input, kept: the first ``first`` decodable rows, and the first ``per_class`` rows of

@@ -18,7 +18,7 @@ import numpy as np
 
 from worker.audit.colormap import hot
 from worker.audit.pictures import enlarge, with_box
-from worker.audit.report import MEMBERS
+from worker.audit.report import MEMBERS, PROBES, intervention_picture
 from worker.data import storage
 
 #: the statistic that shows each kind of finding, sorted from the most
@@ -62,6 +62,7 @@ class Audit:
 
     def __init__(self, report_dir: str):
         fs, root = storage.filesystem(report_dir)
+        self.fs, self.root = fs, root
         path = posixpath.join(root, "audit.json")
         if fs.get_file_info(path).type.name != "File":
             raise FileNotFoundError(f"{report_dir} has no audit.json: give the directory guided-saliency audit "
@@ -71,6 +72,32 @@ class Audit:
         found = fs.get_file_info(posixpath.join(root, MEMBERS)).type.name == "File"
         #: the report's cluster_members.parquet (audits before it have none)
         self.members = report_dir.rstrip("/") + "/" + MEMBERS if found else None
+
+    def probes(self, row_id: str) -> list[dict]:
+        """Where the audit's interventions probed the row ``row_id``: per region its class, verdict and cluster, and
+        the row's image in each version (the original and each fill, the region outlined) with the model's class
+        and the probed class's logit."""
+        if getattr(self, "_probed", None) is None:
+            self._probed: dict[str, list] = {}
+            for r, region in enumerate((self.result.get("interventions") or {}).get("regions", [])):
+                for e, example in enumerate(region.get("examples") or []):
+                    self._probed.setdefault(example.get("id"), []).append((r, e, region, example))
+        out = []
+        for r, e, region, example in self._probed.get(row_id, []):
+            versions = [{"name": name, "predicted": v.get("predicted"), "logit": v.get("logit"),
+                         "picture": self._picture(intervention_picture(r, e, name))}
+                        for name, v in (example.get("versions") or {}).items()]
+            out.append({"class": region.get("class"), "verdict": region.get("verdict"),
+                        "cluster": region.get("cluster"), "versions": versions})
+        return out
+
+    def _picture(self, name: str) -> str | None:
+        """A report picture under :data:`~worker.audit.report.PROBES` as a ``data:`` URL (None if it is gone)."""
+        path = posixpath.join(self.root, PROBES, name)
+        if self.fs.get_file_info(path).type.name != "File":
+            return None
+        with self.fs.open_input_stream(path) as handle:
+            return "data:image/png;base64," + base64.b64encode(handle.read()).decode()
 
     def clusters(self) -> list[dict]:
         """The clusters of each group the audit split (none without its members file): the ``cluster=`` value,

@@ -12,27 +12,17 @@ Examples:
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import OrderedDict
 
 import numpy as np
 
 from worker.audit.colormap import hot
-from worker.audit.pictures import enlarge, overlay
+from worker.audit.pictures import enlarge, overlay, png
 from worker.data.dataset import done_index, read_unit, units_holding
 from worker.data.decode import DecodeError, image_cells
 
 SIZES = {"small": 128, "large": 384}  # pixels on screen, the longer side
-
-
-def png(picture: np.ndarray) -> bytes:
-    """A uint8 RGB array as PNG bytes."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(picture, np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def magnitude(saliency: np.ndarray, channels_last: bool = False) -> np.ndarray:

@@ -109,11 +109,14 @@ class Explorer:
         plane = self.pictures.plane(row) if row.get("map") is not None else None
         scale = None if plane is None else {"low": 0.0, "high": _plain(float(plane.max())),
                                             "unit": "|gradient| at the model's input"}
-        notes = []
+        notes, probes = [], []
         if self.audit is not None:
             name = self._summary(row)["true_name"]
             notes = [f for f in self.audit.view()["findings"] if f.get("class_name") == name and name is not None]
-        return {**self._summary(row), "columns": columns, "scale": scale, "audit": notes}
+            probes = [{**p, "class_name": self.output.class_name(p["class"]),
+                       "versions": [{**v, "predicted_name": self.output.class_name(v["predicted"])}
+                                    for v in p["versions"]]} for p in self.audit.probes(row_id)]
+        return {**self._summary(row), "columns": columns, "scale": scale, "audit": notes, "probes": probes}
 
     def picture(self, query: dict) -> bytes:
         part, row_id = self._address(query)
