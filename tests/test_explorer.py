@@ -403,6 +403,33 @@ def test_a_person_shows_a_cluster_from_the_form_and_from_the_audit(job, audited,
             "document.getElementById('detail').innerText")
 
 
+def test_an_output_and_its_audit_on_an_object_store(job, audited):
+    """The output and the audit's report on a real S3-compatible server: the same slices, cluster filter, probed
+    row and pictures as from the local disk."""
+    import pyarrow.fs as pafs
+
+    from tests.conftest import moto_server, s3_environment
+    from worker.explore.server import Explorer
+
+    out, _, _ = job
+    with moto_server() as port, s3_environment(f"http://127.0.0.1:{port}"):
+        s3 = pafs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", access_key="test", secret_key="test",
+                               region="us-east-1", allow_bucket_creation=True)
+        s3.create_dir("runs")
+        pafs.copy_files(str(out), "runs/maps", destination_filesystem=s3)
+        pafs.copy_files(str(audited), "runs/audit", destination_filesystem=s3)
+        local, remote = Explorer(str(out), str(audited)), Explorer("s3://runs/maps", "s3://runs/audit")
+        value = local.audit.clusters()[0]["value"]
+        for query in ({"sort": "-gini", "limit": "10"}, {"cluster": value}, {"true": "3", "correct": "false"}):
+            assert remote.slice(query)["rows"] == local.slice(query)["rows"], query
+        probed = _probed(_in_part_order(out)).regions[0].examples[0].id
+        row = next(r for r in local.slice({"limit": "60"})["rows"] if r["id"] == probed)
+        address = {"part": str(row["part"]), "id": probed}
+        assert remote.row(address)["probes"] == local.row(address)["probes"] and local.row(address)["probes"]
+        for kind in ("image", "map", "overlay"):
+            assert remote.picture({**address, "kind": kind}) == local.picture({**address, "kind": kind})
+
+
 @pytest.mark.slow
 def test_the_demos_audit_in_the_explorer_leads_to_its_shortcut(tmp_path):
     """The demo's output and audit as a person opens them: the confirmed shortcut is shown with its picture, and
