@@ -66,6 +66,8 @@ def reference(table: pa.Table, s: Slice) -> tuple[int, list[str]]:
         keep &= ((predicted == label) == s.correct) & ~errors
     if s.errors is not None:
         keep &= errors == s.errors
+    if s.id is not None:
+        keep &= np.array(table["id"].to_pylist()) == s.id
     for r in s.ranges:
         values = table[r.column].to_numpy(zero_copy_only=False).astype(float)
         keep &= (values >= r.low) & (values <= r.high)
@@ -94,6 +96,8 @@ def _random_slice(rng, table) -> Slice:
         query["correct"] = str(bool(rng.random() < 0.5)).lower()
     if rng.random() < 0.3:
         query["error"] = str(bool(rng.random() < 0.5)).lower()
+    if rng.random() < 0.1:
+        query["id"] = str(rng.choice(table["id"].to_pylist() + ["no such row"]))
     if rng.random() < 0.5:
         column = str(rng.choice(numeric))
         values = table[column].to_numpy(zero_copy_only=False).astype(float)

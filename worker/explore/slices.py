@@ -97,6 +97,7 @@ class Slice:
     errors: bool | None = None  # True: only rows with an error; False: only rows with a map
     file: str | None = None  # the input file a row came from (derived ids: ``<file>#<row>``)
     cluster: str | None = None  # an audit's SpRAy cluster, ``kind:class:number`` (``true:3:1``)
+    id: str | None = None  # one row, by its id
     ranges: tuple[Range, ...] = ()
     sort: str | None = None  # a numeric column; None: the output's own order
     descending: bool = True
@@ -112,7 +113,7 @@ class Slice:
         if unknown:
             raise QueryError(f"unknown query key(s) {unknown}; known: {sorted(known)}")
         one = {k: (v[-1] if isinstance(v, list) else v) for k, v in query.items()}
-        values: dict = {k: one[k] or None for k in ("true", "predicted", "target", "file", "cluster") if k in one}
+        values: dict = {k: one[k] or None for k in ("true", "predicted", "target", "file", "cluster", "id") if k in one}
         if one.get("correct"):
             values["correct"] = _flag("correct", one["correct"])
         if one.get("error"):
@@ -282,6 +283,8 @@ class Output:
             terms.append(pc.starts_with(pc.field("id"), s.file.lstrip("/") + "#"))
         if s.cluster is not None:
             terms.append(pc.field("id").isin(self._cluster_ids(s.cluster)))
+        if s.id is not None:
+            terms.append(pc.field("id") == s.id)
         for r in s.ranges:
             column = self._column(r.column, "range:")
             terms.append((column >= r.low) & (column <= r.high))
