@@ -97,7 +97,7 @@ def _random_slice(rng, table) -> Slice:
     if rng.random() < 0.3:
         query["error"] = str(bool(rng.random() < 0.5)).lower()
     if rng.random() < 0.1:
-        query["id"] = str(rng.choice(table["id"].to_pylist() + ["no such row"]))
+        query["id"] = str(rng.choice(table["id"].to_pylist()))
     if rng.random() < 0.5:
         column = str(rng.choice(numeric))
         values = table[column].to_numpy(zero_copy_only=False).astype(float)
@@ -158,6 +158,7 @@ def test_rows_are_read_from_their_row_groups_alone(job, tmp_path):
     ({"true": "cat"}, "neither a class index nor a class name; the classes are"),
     ({"offset": "-4"}, "not a whole number"),
     ({"colour": "red"}, "unknown query key"),
+    ({"id": "b.parquet#99"}, "no row of this output has the id 'b.parquet#99'"),
 ])
 def test_bad_queries_get_one_line(job, query, says):
     out, _, _ = job

@@ -306,6 +306,8 @@ class Output:
         if s.sort is not None:
             self._column(s.sort, "sort:")
         total, chosen = self._scan(where, s)
+        if s.id is not None and not total and not self.dataset.count_rows(filter=pc.field("id") == s.id):
+            raise QueryError(f"no row of this output has the id {s.id!r}")
         rows = self._rows(chosen[s.offset:s.offset + s.limit])
         return Page(total, s.offset, rows, time.perf_counter() - started)
 
