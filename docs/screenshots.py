@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,6 +37,17 @@ def main(demo: str) -> None:
             browser.wait("document.querySelectorAll('#audit img').length > 0 && "
                          "[...document.images].every(i => i.complete)")
             browser.screenshot(images / "explorer-audit.png")
+            probed = next(e["id"] for r in json.loads((pathlib.Path(demo) / "audit" / "audit.json").read_text())
+                          ["interventions"]["regions"] if r["shortcut"] for e in r["examples"])
+            browser.evaluate(f"location.hash = {json.dumps('id=' + urllib.parse.quote(probed, safe=''))}; "
+                             "document.getElementById('tab-rows').click()")
+            browser.wait(f"document.querySelector('.card[data-id={json.dumps(probed)}]') !== null")
+            browser.wait(SETTLED)
+            browser.evaluate(f"document.querySelector('.card[data-id={json.dumps(probed)}]').click()")
+            browser.wait("document.querySelectorAll('#detail .probe img').length > 0 && "
+                         "[...document.images].every(i => i.complete)")
+            browser.evaluate("document.querySelector('#detail .probe').scrollIntoView()")
+            browser.screenshot(images / "explorer-probe.png")
     finally:
         process.terminate()
 
