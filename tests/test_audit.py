@@ -182,7 +182,7 @@ def test_clusters_find_the_planted_subgroup_out_of_core():
     fitted = cluster_groups(merged)[Group("true", 0)]
     assert fitted.k == 2
     centroids = {Group("true", 0): fitted.centroids.tolist()}
-    partials = pa.concat_tables([assignment_partials(b, centroids, "label") for b in blocks])
+    partials = pa.concat_tables([assignment_partials(b, centroids, "label", with_ids=True) for b in blocks])
     assigned = merge_assignments(partials)
     sizes = sorted(c.count for c in assigned[Group("true", 0)])
     assert sizes == sorted([int(shortcut.sum()), int(n - shortcut.sum())])

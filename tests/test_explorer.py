@@ -182,8 +182,8 @@ def audited(job, tmp_path_factory):
                  for k in np.unique(labels) if (labels == k).sum() >= 2}
     report = tmp_path_factory.mktemp("report")
     members = ClusterMembers(str(report))
-    partials = list(members.tee(iter([assignment_partials(table.slice(i, 16), centroids, "label")
-                                      for i in range(0, table.num_rows, 16)])))
+    blocks = [table.slice(i, 16) for i in range(0, table.num_rows, 16)]
+    partials = list(members.tee(assignment_partials(b, centroids, "label", with_ids=True) for b in blocks))
     members.close()
     names = [f"digit {i}" for i in range(10)]
     clusters = [{**g.columns(names), "clusters": [c.to_dict() for c in cs]}

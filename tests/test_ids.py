@@ -32,11 +32,12 @@ def test_a_lookup_by_id_opens_only_the_row_groups_it_names(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from worker.data.dataset import done_index, plan, read_unit, units_holding
+    from worker.data.dataset import done_index, plan_input, read_unit, units_holding
 
     pq.write_table(pa.table({"x": list(range(30)), "key": [f"k{i}" for i in range(30)]}), str(tmp_path / "a.parquet"),
                    row_group_size=10)
-    fs, units, _ = plan(str(tmp_path), ["x"])
+    source = plan_input(str(tmp_path), ["x"])
+    fs, units = source.fs, source.units
     chosen = units_holding(units, ["a.parquet#3", "a.parquet#25"], None)
     assert [u.row_group for u in chosen] == [0, 2]
     rows = [read_unit(fs, u, ["x"], None, only=done_index(["a.parquet#3", "a.parquet#25"])) for u in chosen]

@@ -460,15 +460,16 @@ def merge_partials(partials, on_caps=None) -> dict:
     return result
 
 
-def assignment_partials(table: pa.Table, centroids: dict, label_column: str | None = None, names=None) -> pa.Table:
+def assignment_partials(table: pa.Table, centroids: dict, label_column: str | None = None, names=None,
+                        with_ids: bool = False) -> pa.Table:
     """Assign every map of a block to its group's nearest cluster (``centroids``: {group: (k, cells)}); per (group,
-    cluster) counts and sums."""
+    cluster) counts and sums, and with ``with_ids`` the members' ids (for :func:`cluster_members`)."""
     from worker.audit.clusters import assign
 
     table, grids = _explained_grids(table)
     rows_out = []
     if table.num_rows:
-        ids = table["id"].to_numpy(zero_copy_only=False)
+        ids = table["id"].to_numpy(zero_copy_only=False) if with_ids else None
         for group, rows in group_members(table, label_column, names).items():
             if group not in centroids:
                 continue
@@ -476,7 +477,7 @@ def assignment_partials(table: pa.Table, centroids: dict, label_column: str | No
             for c in np.unique(labels):
                 chosen = rows[labels == c]
                 rows_out.append({**group.columns(), "cluster": int(c), "count": len(chosen),
-                                 "grid_sum": grids[chosen].sum(0), "ids": ids[chosen]})
+                                 "grid_sum": grids[chosen].sum(0), "ids": None if ids is None else ids[chosen]})
     return _table(rows_out, ASSIGNMENT_SCHEMA)
 
 

@@ -10,11 +10,11 @@ Examples:
 from __future__ import annotations
 
 import base64
-import io
 
 import numpy as np
 
 from worker.audit.colormap import hot
+from worker.data.decode import encode_png as png
 
 BOX = (0, 255, 255)  # a region's outline: cyan, seen on the heat colours and on most images
 
@@ -52,15 +52,6 @@ def with_box(picture: np.ndarray, box, scale: int = 1) -> np.ndarray:
     for inset in (0, 1):
         draw.rectangle([x0 + inset, y0 + inset, x1 - 1 - inset, y1 - 1 - inset], outline=BOX)
     return np.asarray(out)
-
-
-def png(picture: np.ndarray) -> bytes:
-    """A uint8 RGB array as PNG bytes."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(picture, np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def png64(picture: np.ndarray) -> str:

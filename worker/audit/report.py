@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from worker.audit.aggregate import GRID, SAMPLE_SIZE, Group
+from worker.audit.aggregate import GRID, MEMBER_SCHEMA, SAMPLE_SIZE, Group, cluster_members
 from worker.audit.pictures import enlarge, heat, overlay, png, png64, shortcut_panels, with_box
 
 
@@ -67,16 +67,12 @@ class ClusterMembers:
     not split has no rows: its maps are all one cluster)."""
 
     def __init__(self, report_dir: str):
-        from worker.audit.aggregate import MEMBER_SCHEMA
-
         os.makedirs(report_dir, exist_ok=True)
         self.path = os.path.join(report_dir, MEMBERS)
         self._writer = pq.ParquetWriter(self.path + ".partial", MEMBER_SCHEMA, compression="zstd")
 
     def tee(self, partials):
         """Yield ``partials`` (of :func:`~worker.audit.aggregate.assignment_partials`), writing their members."""
-        from worker.audit.aggregate import cluster_members
-
         for table in partials:
             if table.num_rows:
                 self._writer.write_table(cluster_members(table))

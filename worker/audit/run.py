@@ -209,7 +209,8 @@ def cluster_maps(job: JobOutput, groups: dict, members: ClusterMembers | None = 
     if centroids:
         assigned = _read_outputs(job.fs, job.files).map_batches(
             assignment_partials, batch_format="pyarrow", batch_size=None,
-            fn_kwargs={"centroids": centroids, "label_column": job.label_column, "names": job.names})
+            fn_kwargs={"centroids": centroids, "label_column": job.label_column, "names": job.names,
+                       "with_ids": members is not None})
         partials = assigned.iter_batches(batch_format="pyarrow", batch_size=None)
         with watch("audit: assigning clusters", len(job.files), "_read_files", unit="files"):
             clusters.update(merge_assignments(members.tee(partials) if members else partials))

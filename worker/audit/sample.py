@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from worker.audit.aggregate import resolve
-from worker.data.dataset import done_index, read_unit, units_holding
 from worker.data.decode import DecodeError, decode_mask, image_cells
 
 
@@ -28,11 +27,7 @@ def decoded_rows(config, options, with_labels: bool = False, ids=None, with_mask
     with ``ids``, only those rows (derived ids open only the row groups they name)."""
     label, mask = config.label_column if with_labels else None, config.mask_column if with_masks else None
     columns = [c for c in (config.image_column, label, mask) if c]
-    source = config.plan_input(columns)
-    fs, units = source.fs, source.units
-    only = None if ids is None else done_index(list(ids))
-    for unit in units if ids is None else units_holding(units, ids, config.id_column):
-        table = read_unit(fs, unit, columns, config.id_column, only=only)
+    for table in config.plan_input(columns).read(columns, config.id_column, ids):
         empty = [None] * table.num_rows
         labels = table[label].to_pylist() if label else empty
         masks = image_cells(table[mask]) if mask else empty

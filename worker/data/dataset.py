@@ -100,6 +100,13 @@ class InputPlan:
     def rows(self) -> int:
         return sum(u.rows for u in self.units)
 
+    def read(self, columns: list[str], id_column: str | None, ids=None):
+        """Yield each unit's rows (:func:`read_unit`): every unit's, or with ``ids`` only those rows, from the units
+        that hold them."""
+        only = None if ids is None else done_index(list(ids))
+        for unit in self.units if ids is None else units_holding(self.units, ids, id_column):
+            yield read_unit(self.fs, unit, columns, id_column, only=only)
+
     def describe(self) -> dict:
         """For the run record."""
         out = {"format": self.format, "rows": self.rows, "units": len(self.units)}
@@ -176,21 +183,8 @@ def list_input(uri: str, input_format: str = "auto") -> Listing:
     return Listing(fs, root, chosen, files, classes)
 
 
-def list_files(uri: str, input_format: str = "auto") -> tuple[pafs.FileSystem, str, list[str]]:
-    """(filesystem, root, sorted file paths) for a file, directory or glob."""
-    listing = list_input(uri, input_format)
-    return listing.fs, listing.root, listing.files
-
-
 def _walk(fs, root):
     return fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-
-
-def plan(uri: str, needed: list[str], files: list[str] | None = None, input_format: str = "auto", **features
-         ) -> tuple[pafs.FileSystem, list[Unit], list[str]]:
-    """(filesystem, units, common columns) of :func:`plan_input`."""
-    source = plan_input(uri, needed, files, input_format, **features)
-    return source.fs, source.units, source.columns
 
 
 def plan_input(uri: str, needed: list[str], files: list[str] | None = None, input_format: str = "auto",

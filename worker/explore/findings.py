@@ -69,6 +69,11 @@ class Audit:
                                     "wrote (--report)")
         with fs.open_input_stream(path) as handle:
             self.result = json.loads(handle.read())
+        #: {row id: [(region number, example number, region, example)]}: the rows the interventions probed
+        self._probed: dict[str, list] = {}
+        for r, region in enumerate((self.result.get("interventions") or {}).get("regions", [])):
+            for e, example in enumerate(region.get("examples") or []):
+                self._probed.setdefault(example.get("id"), []).append((r, e, region, example))
         found = fs.get_file_info(posixpath.join(root, MEMBERS)).type.name == "File"
         #: the report's cluster_members.parquet (audits before it have none)
         self.members = report_dir.rstrip("/") + "/" + MEMBERS if found else None
@@ -77,11 +82,6 @@ class Audit:
         """Where the audit's interventions probed the row ``row_id``: per region its class, verdict and cluster, and
         the row's image in each version (the original and each fill, the region outlined) with the model's class
         and the probed class's logit."""
-        if getattr(self, "_probed", None) is None:
-            self._probed: dict[str, list] = {}
-            for r, region in enumerate((self.result.get("interventions") or {}).get("regions", [])):
-                for e, example in enumerate(region.get("examples") or []):
-                    self._probed.setdefault(example.get("id"), []).append((r, e, region, example))
         out = []
         for r, e, region, example in self._probed.get(row_id, []):
             versions = [{"name": name, "predicted": v.get("predicted"), "logit": v.get("logit"),

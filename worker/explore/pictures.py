@@ -19,7 +19,6 @@ import numpy as np
 
 from worker.audit.colormap import hot
 from worker.audit.pictures import enlarge, overlay, png
-from worker.data.dataset import done_index, read_unit, units_holding
 from worker.data.decode import DecodeError, image_cells
 
 SIZES = {"small": 128, "large": 384}  # pixels on screen, the longer side
@@ -69,12 +68,8 @@ class Pictures:
             self._read(wanted, shapes)
 
     def _read(self, ids: list[str], shapes: dict) -> None:
-        source = self._input()
-        fs, units = source.fs, source.units
-        only = done_index(ids)
         found: dict[str, np.ndarray | None] = {row_id: None for row_id in ids}
-        for unit in units_holding(units, ids, self.config.id_column):
-            table = read_unit(fs, unit, [self.config.image_column], self.config.id_column, only=only)
+        for table in self._input().read([self.config.image_column], self.config.id_column, ids):
             for row_id, cell in zip(table["id"].to_pylist(), image_cells(table[self.config.image_column])):
                 try:
                     found[row_id] = self.config.decode_options(shapes[row_id]).decode(cell)

@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import posixpath
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from worker.data import schema, storage
+from worker.data import schema, sink, storage
+from worker.data.decode import encode_png
 from worker.job.config import JobConfig
 
 ROWS_PER_STAGED_FILE = 1024
@@ -71,10 +71,7 @@ class Output:
     def metadata(self) -> dict:
         """The run record stored with the output (model, options, versions, input)."""
         fs, root = storage.filesystem(self.path)
-        part = next(i.path for i in fs.get_file_info(pafs.FileSelector(root))
-                    if posixpath.basename(i.path).startswith("part-"))
-        with fs.open_input_file(part) as handle:
-            return schema.read_metadata(pq.read_schema(handle))
+        return schema.read_metadata(pq.read_schema(sink.committed_files(fs, root)[0], filesystem=fs))
 
 
 def explain_dataset(data, model: str, output: str, *, labels=None, staging: str | None = None,
@@ -190,14 +187,7 @@ def _image_column(images) -> pa.Array:
     arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
     if len({a.shape for a in arrays}) == 1:
         return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(np.stack(arrays)))
-    from PIL import Image
-
-    def png(a):
-        buf = io.BytesIO()
-        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, "PNG")
-        return buf.getvalue()
-
-    return pa.array([png(a) for a in arrays], pa.binary())
+    return pa.array([encode_png(a) for a in arrays], pa.binary())
 
 
 def _table(columns: dict, start: int) -> pa.Table:
@@ -206,11 +196,16 @@ def _table(columns: dict, start: int) -> pa.Table:
     for name, values in columns.items():
         if name == "image":
             continue
-        if name in ("index", "id") or name in schema.RESULT_COLUMNS:
-            raise ValueError(f"column {name!r} is the output's own; rename it")
         values = np.asarray(values)
-        out[name] = pa.array(values.tolist() if values.dtype.kind in "SUO" else values)
+        out[_own(name)] = pa.array(values.tolist() if values.dtype.kind in "SUO" else values)
     return pa.table(out)
+
+
+def _own(name: str) -> str:
+    """``name``, a column of the data to pass through; refused where the output has a column of that name."""
+    if name in ("index", "id") or name in schema.RESULT_COLUMNS:
+        raise ValueError(f"column {name!r} is the output's own; rename it")
+    return name
 
 
 def _hf_chunks(dataset) -> Iterator[pa.Table]:
@@ -225,10 +220,8 @@ def _hf_chunks(dataset) -> Iterator[pa.Table]:
         table = pa.table({"index": pa.array(np.arange(start, start + batch.num_rows, dtype=np.int64)),
                           "image": image})
         for name in batch.column_names:
-            if name in ("index", "id") or name in schema.RESULT_COLUMNS:
-                raise ValueError(f"column {name!r} is the output's own; rename it")
             if name != "image":
-                table = table.append_column(name, batch[name])
+                table = table.append_column(_own(name), batch[name])
         start += batch.num_rows
         yield table
     if not start:

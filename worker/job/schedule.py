@@ -166,17 +166,18 @@ def scheduled_run(cfg: dict, date: str | None = None, echo=print, **opt_ins) -> 
 def _run_date(cfg: dict, date: str, echo, opt_ins: dict) -> dict:
     files = None
     manifest = {"files": {}}
+    config = job_config(cfg, date, **opt_ins)
     if cfg["incremental"]:
         fs, path = storage.filesystem(_manifest_path(cfg))
         if fs.get_file_info(path).type.name == "File":
             with fs.open_input_stream(path) as handle:
                 manifest = json.loads(handle.read())
-        _, _, listed = dataset.list_files(cfg["input"])
+        listed = dataset.list_input(config.input, config.input_format).files  # as the run will list it
         files = [f for f in listed if f not in manifest["files"]]
         echo(f"incremental: {len(files)} new of {len(listed)} input files")
         if not files:
             return {"output": output_for(cfg, date), "rows_this_run": 0, "new_files": 0, "complete": True}
-    summary = run(job_config(cfg, date, files, **opt_ins), echo=echo)
+    summary = run(dataclasses.replace(config, files=files), echo=echo)
     if cfg["incremental"] and summary["complete"]:
         for f in files:
             manifest["files"][f] = date
